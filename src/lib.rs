@@ -1,2 +1,24 @@
-//! dmd2: SDXL + DMD2 few-step text-to-image on candle.
+//! dmd2: SDXL images in 4 steps with DMD2 (Improved Distribution Matching Distillation,
+//! arXiv 2405.14867), on candle.
+//!
+//! The modules follow the pipeline: [`checkpoint`] (formats and key maps) and [`weights`]
+//! feed [`config`]ured models — [`clip`] text encoders, the [`unet`], the [`vae`] — which
+//! [`pipeline`] drives with the [`scheduler`] and the torch-compatible [`rng`]; [`cli`] and
+//! [`output`] face the user.
+
+pub mod checkpoint;
+pub mod cli;
+pub mod clip;
+pub mod config;
+pub mod device;
+pub mod error;
+pub mod nn;
+pub mod output;
+pub mod pipeline;
+pub mod random_weights;
 pub mod rng;
+pub mod scheduler;
+pub mod tokenizer;
+pub mod unet;
+pub mod vae;
+pub mod weights;

@@ -1,0 +1,157 @@
+//! CLIP text transformer (transformers' `CLIPTextModel` / `CLIPTextModelWithProjection`).
+//!
+//! Weight names are those of transformers without the `text_model.` prefix (the loader
+//! strips it), plus `text_projection.weight` for the second SDXL encoder.
+
+use crate::config::{Activation, ClipConfig};
+use crate::nn;
+use candle_core::{D, DType, IndexOp, Module, Result, Tensor};
+use candle_nn::{Embedding, LayerNorm, Linear, VarBuilder};
+
+struct Attention {
+    q: Linear,
+    k: Linear,
+    v: Linear,
+    out: Linear,
+    heads: usize,
+    scale: f64,
+}
+
+impl Attention {
+    fn new(c: &ClipConfig, vb: VarBuilder) -> Result<Self> {
+        let d = c.hidden_size;
+        Ok(Self {
+            q: nn::linear(d, d, vb.pp("q_proj"))?,
+            k: nn::linear(d, d, vb.pp("k_proj"))?,
+            v: nn::linear(d, d, vb.pp("v_proj"))?,
+            out: nn::linear(d, d, vb.pp("out_proj"))?,
+            heads: c.num_attention_heads,
+            scale: ((d / c.num_attention_heads) as f64).powf(-0.5),
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let q = nn::split_heads(&self.q.forward(x)?, self.heads)?;
+        let k = nn::split_heads(&self.k.forward(x)?, self.heads)?;
+        let v = nn::split_heads(&self.v.forward(x)?, self.heads)?;
+        let o = nn::attention(&q, &k, &v, self.scale, true)?;
+        self.out.forward(&nn::merge_heads(&o)?)
+    }
+}
+
+struct Layer {
+    ln1: LayerNorm,
+    attn: Attention,
+    ln2: LayerNorm,
+    fc1: Linear,
+    fc2: Linear,
+    act: Activation,
+}
+
+impl Layer {
+    fn new(c: &ClipConfig, vb: VarBuilder) -> Result<Self> {
+        Ok(Self {
+            ln1: nn::layer_norm(c.hidden_size, c.layer_norm_eps, vb.pp("layer_norm1"))?,
+            attn: Attention::new(c, vb.pp("self_attn"))?,
+            ln2: nn::layer_norm(c.hidden_size, c.layer_norm_eps, vb.pp("layer_norm2"))?,
+            fc1: nn::linear(c.hidden_size, c.intermediate_size, vb.pp("mlp.fc1"))?,
+            fc2: nn::linear(c.intermediate_size, c.hidden_size, vb.pp("mlp.fc2"))?,
+            act: c.activation,
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let x = (x + self.attn.forward(&self.ln1.forward(x)?)?)?;
+        let h = self.fc1.forward(&self.ln2.forward(&x)?)?;
+        let h = match self.act {
+            // x * sigmoid(1.702 x), as transformers' QuickGELUActivation
+            Activation::QuickGelu => (&h * candle_nn::ops::sigmoid(&(&h * 1.702)?)?)?,
+            Activation::Gelu => h.gelu_erf()?,
+        };
+        x + self.fc2.forward(&h)?
+    }
+}
+
+/// Output of one text encoder as SDXL uses it.
+pub struct TextEncoderOutput {
+    /// Hidden states after the penultimate layer (`hidden_states[-2]`), `[b, 77, hidden]`.
+    pub penultimate: Tensor,
+    /// `text_projection(final_layer_norm(last)[eos])`, `[b, proj]`; only with a projection.
+    pub pooled: Option<Tensor>,
+}
+
+pub struct ClipTextModel {
+    token_embedding: Embedding,
+    position_embedding: Tensor,
+    layers: Vec<Layer>,
+    final_layer_norm: LayerNorm,
+    text_projection: Option<Linear>,
+}
+
+impl ClipTextModel {
+    pub fn new(c: &ClipConfig, vb: VarBuilder) -> Result<Self> {
+        let token_embedding = candle_nn::embedding(
+            c.vocab_size,
+            c.hidden_size,
+            vb.pp("embeddings.token_embedding"),
+        )?;
+        let position_embedding = vb
+            .pp("embeddings.position_embedding")
+            .get((c.max_position_embeddings, c.hidden_size), "weight")?;
+        let layers = (0..c.num_hidden_layers)
+            .map(|i| Layer::new(c, vb.pp(format!("encoder.layers.{i}"))))
+            .collect::<Result<Vec<_>>>()?;
+        let final_layer_norm =
+            nn::layer_norm(c.hidden_size, c.layer_norm_eps, vb.pp("final_layer_norm"))?;
+        let text_projection = match c.projection_dim {
+            Some(p) => Some(nn::linear_no_bias(
+                c.hidden_size,
+                p,
+                vb.pp("text_projection"),
+            )?),
+            None => None,
+        };
+        Ok(Self {
+            token_embedding,
+            position_embedding,
+            layers,
+            final_layer_norm,
+            text_projection,
+        })
+    }
+
+    /// Encode token ids `[b, s]` (u32). The last layer only runs when a pooled output is wanted.
+    pub fn encode(&self, ids: &Tensor) -> Result<TextEncoderOutput> {
+        let (_, s) = ids.dims2()?;
+        let pos = self.position_embedding.i(..s)?;
+        let mut x = self.token_embedding.forward(ids)?.broadcast_add(&pos)?;
+        let n = self.layers.len();
+        for layer in &self.layers[..n - 1] {
+            x = layer.forward(&x)?;
+        }
+        let penultimate = x.clone();
+        let pooled = match &self.text_projection {
+            None => None,
+            Some(proj) => {
+                let last = self.layers[n - 1].forward(&x)?;
+                // transformers (eos_token_id == 2 configs, as SDXL's): the position of the
+                // largest id, i.e. the first <|endoftext|>.
+                let eos = ids
+                    .to_dtype(DType::F32)?
+                    .argmax(D::Minus1)?
+                    .to_vec1::<u32>()?;
+                let rows = eos
+                    .iter()
+                    .enumerate()
+                    .map(|(b, &p)| last.i((b, p as usize))?.unsqueeze(0))
+                    .collect::<Result<Vec<_>>>()?;
+                let rows = Tensor::cat(&rows, 0)?;
+                Some(proj.forward(&self.final_layer_norm.forward(&rows)?)?)
+            }
+        };
+        Ok(TextEncoderOutput {
+            penultimate,
+            pooled,
+        })
+    }
+}

@@ -1,0 +1,370 @@
+//! Model configurations: the UNet, the two CLIP text encoders and the VAE.
+//!
+//! They are read from diffusers' `config.json` files for folder models, and inferred from
+//! tensor shapes for single-file checkpoints (see `checkpoint::single_file`).
+
+use anyhow::{Context, Result, bail};
+use serde::Deserialize;
+use serde_json::Value;
+use std::path::Path;
+
+/// The SDXL UNet (diffusers' `UNet2DConditionModel` with `addition_embed_type = "text_time"`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct UNetConfig {
+    pub in_channels: usize,
+    pub out_channels: usize,
+    pub block_out_channels: Vec<usize>,
+    pub layers_per_block: usize,
+    /// Per down level: does it carry cross-attention transformers?
+    pub down_attention: Vec<bool>,
+    /// Per down level: transformer blocks in each `Transformer2DModel`.
+    pub down_transformer_depth: Vec<usize>,
+    /// Per up block, in forward order (the deepest level first).
+    pub up_attention: Vec<bool>,
+    pub up_transformer_depth: Vec<usize>,
+    /// `None` when the mid block has no attention.
+    pub mid_transformer_depth: Option<usize>,
+    /// Attention heads per down level (up blocks use the mirrored level).
+    pub heads: Vec<usize>,
+    pub cross_attention_dim: usize,
+    pub norm_num_groups: usize,
+    pub norm_eps: f64,
+    pub use_linear_projection: bool,
+    pub addition_time_embed_dim: usize,
+    pub projection_class_embeddings_input_dim: usize,
+    pub flip_sin_to_cos: bool,
+    pub freq_shift: f64,
+}
+
+impl UNetConfig {
+    pub fn time_embed_dim(&self) -> usize {
+        self.block_out_channels[0] * 4
+    }
+
+    /// Width of the pooled text embedding the added conditioning expects.
+    pub fn pooled_dim(&self) -> usize {
+        self.projection_class_embeddings_input_dim
+            .saturating_sub(6 * self.addition_time_embed_dim)
+    }
+
+    pub fn from_diffusers_json(path: &Path) -> Result<Self> {
+        let v = read_json(path)?;
+        Self::from_diffusers_value(&v)
+            .with_context(|| format!("{}: unsupported UNet config", path.display()))
+    }
+
+    pub fn from_diffusers_value(v: &Value) -> Result<Self> {
+        let block_out_channels: Vec<usize> = serde_json::from_value(
+            v.get("block_out_channels")
+                .cloned()
+                .context("missing block_out_channels")?,
+        )?;
+        let n = block_out_channels.len();
+        let down_types: Vec<String> = serde_json::from_value(
+            v.get("down_block_types")
+                .cloned()
+                .context("missing down_block_types")?,
+        )?;
+        let up_types: Vec<String> = serde_json::from_value(
+            v.get("up_block_types")
+                .cloned()
+                .context("missing up_block_types")?,
+        )?;
+        if down_types.len() != n || up_types.len() != n {
+            bail!("block type lists do not match block_out_channels");
+        }
+        match v.get("addition_embed_type").and_then(Value::as_str) {
+            Some("text_time") => {}
+            other => bail!("addition_embed_type is {other:?}, SDXL needs \"text_time\""),
+        }
+        let layers_per_block = usize_field(v, "layers_per_block", 2)?;
+        let depth = per_level(v.get("transformer_layers_per_block"), n, 1)?;
+        let up_depth = match v.get("reverse_transformer_layers_per_block") {
+            Some(Value::Null) | None => depth.iter().rev().copied().collect(),
+            Some(x) => {
+                let rows: Vec<Value> = serde_json::from_value(x.clone())?;
+                rows.iter()
+                    .map(|r| match r {
+                        Value::Array(a) => a.first().and_then(Value::as_u64).map(|x| x as usize),
+                        other => other.as_u64().map(|x| x as usize),
+                    })
+                    .collect::<Option<Vec<_>>>()
+                    .context("bad reverse_transformer_layers_per_block")?
+            }
+        };
+        // diffusers names the head count `attention_head_dim` for historical reasons;
+        // `num_attention_heads` wins when present.
+        let heads_v = match v.get("num_attention_heads") {
+            Some(Value::Null) | None => v.get("attention_head_dim"),
+            some => some,
+        };
+        let heads = per_level(heads_v, n, 8)?;
+        let mid_type = v
+            .get("mid_block_type")
+            .and_then(Value::as_str)
+            .unwrap_or("UNetMidBlock2DCrossAttn");
+        let mid_transformer_depth = match mid_type {
+            "UNetMidBlock2DCrossAttn" => Some(depth[n - 1]),
+            "UNetMidBlock2D" => None,
+            other => bail!("unsupported mid_block_type {other}"),
+        };
+        let cross_attention_dim = usize_field(v, "cross_attention_dim", 2048)?;
+        Ok(Self {
+            in_channels: usize_field(v, "in_channels", 4)?,
+            out_channels: usize_field(v, "out_channels", 4)?,
+            layers_per_block,
+            down_attention: down_types
+                .iter()
+                .map(|t| t.starts_with("CrossAttn"))
+                .collect(),
+            down_transformer_depth: depth,
+            up_attention: up_types
+                .iter()
+                .map(|t| t.starts_with("CrossAttn"))
+                .collect(),
+            up_transformer_depth: up_depth,
+            mid_transformer_depth,
+            heads,
+            cross_attention_dim,
+            norm_num_groups: usize_field(v, "norm_num_groups", 32)?,
+            norm_eps: f64_field(v, "norm_eps", 1e-5),
+            use_linear_projection: v
+                .get("use_linear_projection")
+                .and_then(Value::as_bool)
+                .unwrap_or(false),
+            addition_time_embed_dim: usize_field(v, "addition_time_embed_dim", 256)?,
+            projection_class_embeddings_input_dim: usize_field(
+                v,
+                "projection_class_embeddings_input_dim",
+                2816,
+            )?,
+            flip_sin_to_cos: v
+                .get("flip_sin_to_cos")
+                .and_then(Value::as_bool)
+                .unwrap_or(true),
+            freq_shift: f64_field(v, "freq_shift", 0.0),
+            block_out_channels,
+        })
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Activation {
+    QuickGelu,
+    /// Exact (erf) GELU, as OpenCLIP bigG uses.
+    Gelu,
+}
+
+/// A CLIP text transformer (`CLIPTextModel` / `CLIPTextModelWithProjection`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ClipConfig {
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    pub max_position_embeddings: usize,
+    pub activation: Activation,
+    pub layer_norm_eps: f64,
+    /// Output width of `text_projection` (encoder 2 only).
+    pub projection_dim: Option<usize>,
+}
+
+impl ClipConfig {
+    pub fn from_transformers_json(path: &Path, with_projection: bool) -> Result<Self> {
+        let v = read_json(path)?;
+        // transformers nests the text config in `text_config` for full CLIP models.
+        let v = v.get("text_config").cloned().unwrap_or(v);
+        let act = match v
+            .get("hidden_act")
+            .and_then(Value::as_str)
+            .unwrap_or("quick_gelu")
+        {
+            "quick_gelu" => Activation::QuickGelu,
+            "gelu" => Activation::Gelu,
+            other => bail!("{}: unsupported hidden_act {other}", path.display()),
+        };
+        let c = Self {
+            vocab_size: usize_field(&v, "vocab_size", 49408)?,
+            hidden_size: usize_field(&v, "hidden_size", 768)?,
+            intermediate_size: usize_field(&v, "intermediate_size", 3072)?,
+            num_hidden_layers: usize_field(&v, "num_hidden_layers", 12)?,
+            num_attention_heads: usize_field(&v, "num_attention_heads", 12)?,
+            max_position_embeddings: usize_field(&v, "max_position_embeddings", 77)?,
+            activation: act,
+            layer_norm_eps: f64_field(&v, "layer_norm_eps", 1e-5),
+            projection_dim: if with_projection {
+                Some(usize_field(&v, "projection_dim", 1280)?)
+            } else {
+                None
+            },
+        };
+        if !c.hidden_size.is_multiple_of(c.num_attention_heads) || c.num_hidden_layers < 2 {
+            bail!("{}: inconsistent text encoder config", path.display());
+        }
+        Ok(c)
+    }
+}
+
+/// The VAE (diffusers' `AutoencoderKL`); only the decoder is used for generation.
+#[derive(Debug, Clone, PartialEq)]
+pub struct VaeConfig {
+    pub latent_channels: usize,
+    pub out_channels: usize,
+    pub block_out_channels: Vec<usize>,
+    pub layers_per_block: usize,
+    pub norm_num_groups: usize,
+    pub scaling_factor: f64,
+    pub shift_factor: Option<f64>,
+    pub mid_block_add_attention: bool,
+}
+
+impl VaeConfig {
+    /// SDXL's latent scale. The SD 1.5 value 0.18215 is wrong for SDXL.
+    pub const SDXL_SCALING_FACTOR: f64 = 0.13025;
+
+    /// Pixels per latent along each axis.
+    pub fn scale_factor(&self) -> usize {
+        1 << (self.block_out_channels.len() - 1)
+    }
+
+    pub fn from_diffusers_json(path: &Path) -> Result<Self> {
+        let v = read_json(path)?;
+        let block_out_channels: Vec<usize> = serde_json::from_value(
+            v.get("block_out_channels")
+                .cloned()
+                .with_context(|| format!("{}: missing block_out_channels", path.display()))?,
+        )?;
+        if block_out_channels.is_empty() {
+            bail!("{}: empty block_out_channels", path.display());
+        }
+        Ok(Self {
+            latent_channels: usize_field(&v, "latent_channels", 4)?,
+            out_channels: usize_field(&v, "out_channels", 3)?,
+            layers_per_block: usize_field(&v, "layers_per_block", 2)?,
+            norm_num_groups: usize_field(&v, "norm_num_groups", 32)?,
+            scaling_factor: f64_field(&v, "scaling_factor", Self::SDXL_SCALING_FACTOR),
+            shift_factor: v.get("shift_factor").and_then(Value::as_f64),
+            mid_block_add_attention: v
+                .get("mid_block_add_attention")
+                .and_then(Value::as_bool)
+                .unwrap_or(true),
+            block_out_channels,
+        })
+    }
+}
+
+fn read_json(path: &Path) -> Result<Value> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    serde_json::from_str(&text).with_context(|| format!("{}: invalid JSON", path.display()))
+}
+
+fn usize_field(v: &Value, key: &str, default: usize) -> Result<usize> {
+    match v.get(key) {
+        None | Some(Value::Null) => Ok(default),
+        Some(x) => x
+            .as_u64()
+            .map(|x| x as usize)
+            .with_context(|| format!("field {key} is not an integer")),
+    }
+}
+
+fn f64_field(v: &Value, key: &str, default: f64) -> f64 {
+    v.get(key).and_then(Value::as_f64).unwrap_or(default)
+}
+
+/// diffusers fields that are either one integer for all levels or one per level.
+fn per_level(v: Option<&Value>, n: usize, default: usize) -> Result<Vec<usize>> {
+    match v {
+        None | Some(Value::Null) => Ok(vec![default; n]),
+        Some(Value::Number(x)) => Ok(vec![x.as_u64().context("not an integer")? as usize; n]),
+        Some(Value::Array(a)) => {
+            if a.len() != n {
+                bail!("per-level list has {} entries, expected {n}", a.len());
+            }
+            a.iter()
+                .map(|x| match x {
+                    Value::Array(inner) => {
+                        inner.first().and_then(Value::as_u64).map(|x| x as usize)
+                    }
+                    other => other.as_u64().map(|x| x as usize),
+                })
+                .collect::<Option<Vec<_>>>()
+                .context("per-level list holds non-integers")
+        }
+        Some(_) => bail!("per-level field has an unexpected type"),
+    }
+}
+
+/// SDXL base 1.0's published configurations (stabilityai/stable-diffusion-xl-base-1.0),
+/// used by the benchmarks to build full-size models with random weights. Loading never
+/// relies on them: folders carry configs, single files are inferred from shapes.
+pub mod sdxl_base {
+    use super::*;
+
+    pub fn unet() -> UNetConfig {
+        UNetConfig {
+            in_channels: 4,
+            out_channels: 4,
+            block_out_channels: vec![320, 640, 1280],
+            layers_per_block: 2,
+            down_attention: vec![false, true, true],
+            down_transformer_depth: vec![1, 2, 10],
+            up_attention: vec![true, true, false],
+            up_transformer_depth: vec![10, 2, 1],
+            mid_transformer_depth: Some(10),
+            heads: vec![5, 10, 20],
+            cross_attention_dim: 2048,
+            norm_num_groups: 32,
+            norm_eps: 1e-5,
+            use_linear_projection: true,
+            addition_time_embed_dim: 256,
+            projection_class_embeddings_input_dim: 2816,
+            flip_sin_to_cos: true,
+            freq_shift: 0.0,
+        }
+    }
+
+    pub fn text_encoder() -> ClipConfig {
+        ClipConfig {
+            vocab_size: 49408,
+            hidden_size: 768,
+            intermediate_size: 3072,
+            num_hidden_layers: 12,
+            num_attention_heads: 12,
+            max_position_embeddings: 77,
+            activation: Activation::QuickGelu,
+            layer_norm_eps: 1e-5,
+            projection_dim: None,
+        }
+    }
+
+    pub fn text_encoder_2() -> ClipConfig {
+        ClipConfig {
+            vocab_size: 49408,
+            hidden_size: 1280,
+            intermediate_size: 5120,
+            num_hidden_layers: 32,
+            num_attention_heads: 20,
+            max_position_embeddings: 77,
+            activation: Activation::Gelu,
+            layer_norm_eps: 1e-5,
+            projection_dim: Some(1280),
+        }
+    }
+
+    pub fn vae() -> VaeConfig {
+        VaeConfig {
+            latent_channels: 4,
+            out_channels: 3,
+            block_out_channels: vec![128, 256, 512, 512],
+            layers_per_block: 2,
+            norm_num_groups: 32,
+            scaling_factor: VaeConfig::SDXL_SCALING_FACTOR,
+            shift_factor: None,
+            mid_block_add_attention: true,
+        }
+    }
+}

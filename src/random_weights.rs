@@ -1,0 +1,44 @@
+//! Random weights of any shape, for benchmarks at full SDXL size without a download.
+
+use candle_core::{DType, Device, Result, Shape, Tensor};
+use candle_nn::VarBuilder;
+
+struct RandomBackend;
+
+impl candle_nn::var_builder::SimpleBackend for RandomBackend {
+    fn get(
+        &self,
+        s: Shape,
+        name: &str,
+        _: candle_nn::Init,
+        dtype: DType,
+        dev: &Device,
+    ) -> Result<Tensor> {
+        let dims = s.dims();
+        let t = if dims.len() >= 2 {
+            // ~1/sqrt(fan_in) keeps activations O(1) through the depth of the network.
+            let fan_in: usize = dims[1..].iter().product();
+            Tensor::randn(0f32, (1.0 / (fan_in as f64).sqrt()) as f32, s, &Device::Cpu)?
+        } else if name.ends_with("weight") {
+            Tensor::ones(s, DType::F32, &Device::Cpu)?
+        } else {
+            Tensor::zeros(s, DType::F32, &Device::Cpu)?
+        };
+        t.to_dtype(dtype)?.to_device(dev)
+    }
+
+    fn get_unchecked(&self, name: &str, _: DType, _: &Device) -> Result<Tensor> {
+        Err(candle_core::Error::Msg(format!(
+            "random weights need a shape for {name}"
+        )))
+    }
+
+    fn contains_tensor(&self, _: &str) -> bool {
+        true
+    }
+}
+
+/// A `VarBuilder` that hands out random tensors of whatever shape a model asks for.
+pub fn var_builder(dtype: DType, dev: &Device) -> VarBuilder<'static> {
+    VarBuilder::from_backend(Box::new(RandomBackend), dtype, dev.clone())
+}

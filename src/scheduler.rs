@@ -1,0 +1,145 @@
+//! Samplers. DMD2 = diffusers' `LCMScheduler` with explicit timesteps: predict x0, then
+//! re-noise it to the next timestep with fresh Gaussian noise.
+
+use anyhow::{Result, bail};
+
+/// Number of training timesteps of SDXL's noise schedule.
+pub const TRAIN_TIMESTEPS: usize = 1000;
+
+/// SDXL's "scaled_linear" schedule: β = linspace(√0.00085, √0.012, 1000)², ᾱ = cumprod(1 − β).
+/// torch builds it in float32; so do we, so that ᾱ matches to the last bit where possible.
+pub fn sdxl_alphas_cumprod() -> Vec<f32> {
+    let n = TRAIN_TIMESTEPS;
+    // torch.linspace in float32: step computed in float32, the first half filled from the
+    // start, the second half from the end.
+    let (start, end) = (0.00085f64.sqrt() as f32, 0.012f64.sqrt() as f32);
+    let step = (end - start) / (n - 1) as f32;
+    // torch's CPU cumprod accumulates float32 in double.
+    let mut acc = 1.0f64;
+    (0..n)
+        .map(|i| {
+            let b = if i < n / 2 {
+                start + step * i as f32
+            } else {
+                end - step * (n - 1 - i) as f32
+            };
+            acc *= (1.0 - b * b) as f64;
+            acc as f32
+        })
+        .collect()
+}
+
+/// DMD2's timesteps for `steps` sampling steps.
+///
+/// 1 step → [399] (the one-step generator's conditioning timestep); otherwise trailing
+/// spacing, `round(arange(1000, 0, -1000/N)) − 1`: 4 → [999, 749, 499, 249] as DMD2 was
+/// trained (LCMScheduler's own default would give [999, 759, 499, 259]).
+pub fn dmd2_timesteps(steps: usize) -> Result<Vec<usize>> {
+    match steps {
+        0 => bail!("--steps must be at least 1"),
+        1 => Ok(vec![399]),
+        n if n > TRAIN_TIMESTEPS => bail!("--steps must be at most {TRAIN_TIMESTEPS}"),
+        n => {
+            let ratio = TRAIN_TIMESTEPS as f64 / n as f64;
+            Ok((0..n)
+                .map(|i| ((TRAIN_TIMESTEPS as f64 - i as f64 * ratio).round() as usize) - 1)
+                .collect())
+        }
+    }
+}
+
+/// Parse and check `--timesteps 999,499`: strictly decreasing, each below 1000.
+pub fn parse_timesteps(s: &str) -> Result<Vec<usize>> {
+    let ts = s
+        .split(',')
+        .map(|p| {
+            p.trim()
+                .parse::<usize>()
+                .map_err(|_| anyhow::anyhow!("--timesteps: '{p}' is not a whole number"))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    if ts.is_empty() {
+        bail!("--timesteps is empty");
+    }
+    if ts.iter().any(|&t| t >= TRAIN_TIMESTEPS) {
+        bail!("--timesteps must be below {TRAIN_TIMESTEPS}");
+    }
+    if ts.windows(2).any(|w| w[1] >= w[0]) {
+        bail!("--timesteps must be strictly decreasing");
+    }
+    Ok(ts)
+}
+
+/// One step of diffusers' `LCMScheduler.step` for ε-prediction.
+pub struct LcmStep {
+    /// Coefficient of the model input `x` in the denoised estimate.
+    pub x_coef: f64,
+    /// Coefficient of ε in the denoised estimate.
+    pub eps_coef: f64,
+    /// Re-noising to the next timestep: `√ᾱ_prev · x0 + √(1−ᾱ_prev) · noise`; `None` on the last step.
+    pub renoise: Option<(f64, f64)>,
+}
+
+/// LCMScheduler.step (diffusers): x0 = (x − √(1−ᾱₜ)·ε)/√ᾱₜ; c_skip = σ²/(s²+σ²),
+/// c_out = s/√(s²+σ²) with s = 10·t, σ = 0.5; denoised = c_out·x0 + c_skip·x;
+/// prev = √ᾱₚ·denoised + √(1−ᾱₚ)·noise, except on the last step.
+pub fn lcm_step(alphas_cumprod: &[f32], timesteps: &[usize], index: usize) -> LcmStep {
+    const SIGMA_DATA: f64 = 0.5;
+    const TIMESTEP_SCALING: f64 = 10.0;
+    let t = timesteps[index];
+    let a_t = alphas_cumprod[t] as f64;
+    let s = t as f64 * TIMESTEP_SCALING;
+    let c_skip = SIGMA_DATA * SIGMA_DATA / (s * s + SIGMA_DATA * SIGMA_DATA);
+    let c_out = s / (s * s + SIGMA_DATA * SIGMA_DATA).sqrt();
+    let (sa, sb) = (a_t.sqrt(), (1.0 - a_t).sqrt());
+    let renoise = timesteps.get(index + 1).map(|&tp| {
+        let a_p = alphas_cumprod[tp] as f64;
+        (a_p.sqrt(), (1.0 - a_p).sqrt())
+    });
+    LcmStep {
+        x_coef: c_out / sa + c_skip,
+        eps_coef: -c_out * sb / sa,
+        renoise,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dmd2_schedules() {
+        assert_eq!(dmd2_timesteps(4).unwrap(), vec![999, 749, 499, 249]);
+        assert_eq!(
+            dmd2_timesteps(8).unwrap(),
+            vec![999, 874, 749, 624, 499, 374, 249, 124]
+        );
+        assert_eq!(dmd2_timesteps(1).unwrap(), vec![399]);
+        assert_eq!(dmd2_timesteps(2).unwrap(), vec![999, 499]);
+        assert!(dmd2_timesteps(0).is_err());
+    }
+
+    #[test]
+    fn timesteps_flag() {
+        assert_eq!(parse_timesteps("999, 499").unwrap(), vec![999, 499]);
+        assert!(parse_timesteps("499,999").is_err());
+        assert!(parse_timesteps("1000").is_err());
+        assert!(parse_timesteps("a").is_err());
+    }
+
+    #[test]
+    fn alphas_match_known_values() {
+        let a = sdxl_alphas_cumprod();
+        // diffusers (float32): alphas_cumprod[0] = 0.99915, [999] ≈ 0.0046800
+        assert!((a[0] - 0.99915).abs() < 1e-6);
+        assert!((a[999] - 0.004_68).abs() < 1e-5, "{}", a[999]);
+    }
+
+    #[test]
+    fn last_step_has_no_noise() {
+        let a = sdxl_alphas_cumprod();
+        let ts = [999, 499];
+        assert!(lcm_step(&a, &ts, 0).renoise.is_some());
+        assert!(lcm_step(&a, &ts, 1).renoise.is_none());
+    }
+}

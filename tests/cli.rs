@@ -1,0 +1,233 @@
+//! The `dmd2` binary end to end on the tiny fixture model: the image equals diffusers', and
+//! bad input gives one line naming the file and the problem, a non-zero exit, no output file.
+
+mod common;
+
+use common::*;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn dmd2(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_dmd2"))
+        .args(args)
+        .output()
+        .expect("run dmd2")
+}
+
+fn tmpdir(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("dmd2-cli-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+fn decode_png(path: &Path) -> (usize, usize, Vec<u8>) {
+    let img = image::open(path)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+        .to_rgb8();
+    (img.width() as usize, img.height() as usize, img.into_raw())
+}
+
+fn gen_case(c: &Case, model: &Path, out: &Path) -> Output {
+    let mut args: Vec<String> = vec![
+        "gen".into(),
+        "--model".into(),
+        model.display().to_string(),
+        "--prompt".into(),
+        c.prompt.clone(),
+        "--timesteps".into(),
+        c.timesteps
+            .iter()
+            .map(|t| t.to_string())
+            .collect::<Vec<_>>()
+            .join(","),
+        "--cfg".into(),
+        c.guidance_scale.to_string(),
+        "--seed".into(),
+        c.seed.to_string(),
+        "--width".into(),
+        c.width.to_string(),
+        "--height".into(),
+        c.height.to_string(),
+        "--device".into(),
+        "cpu".into(),
+        "--output".into(),
+        out.display().to_string(),
+    ];
+    if let Some(n) = &c.negative_prompt {
+        args.push("--negative-prompt".into());
+        args.push(n.clone());
+    }
+    let refs: Vec<&str> = args.iter().map(|s| s.as_str()).collect();
+    dmd2(&refs)
+}
+
+#[test]
+fn gen_matches_diffusers_png() {
+    let dir = tmpdir("gen");
+    for name in ["cfg_off", "cfg_neg"] {
+        let c = case(name);
+        for src in Source::for_case(&c) {
+            let out = dir.join(format!("{name}-{src:?}.png"));
+            let o = gen_case(&c, &src.path(), &out);
+            assert!(
+                o.status.success(),
+                "{name}: {}",
+                String::from_utf8_lossy(&o.stderr)
+            );
+            let (w, h, px) = decode_png(&out);
+            let (rw, rh, want) = decode_png(&fixtures().join("refs").join(format!("{name}.png")));
+            assert_eq!((w, h), (rw, rh));
+            let d = max_level_diff(&px, &want);
+            assert!(d <= 1, "{name} {src:?}: {d} levels off diffusers");
+        }
+    }
+    // --steps 4 means DMD2's timesteps, the same as the explicit list.
+    let c = case("cfg_off");
+    let out = dir.join("steps.png");
+    let o = dmd2(&[
+        "gen",
+        "--model",
+        fixtures().join("tiny").to_str().unwrap(),
+        "--prompt",
+        &c.prompt,
+        "--steps",
+        "4",
+        "--seed",
+        "42",
+        "--width",
+        "64",
+        "--height",
+        "64",
+        "--device",
+        "cpu",
+        "-o",
+        out.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let (_, _, px) = decode_png(&out);
+    let (_, _, want) = decode_png(&fixtures().join("refs/cfg_off.png"));
+    assert!(max_level_diff(&px, &want) <= 1);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// One line on stderr that names `needle`, a non-zero exit, and no file in `dir`.
+fn assert_bad(o: &Output, needle: &str, dir: &Path) {
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "expected failure, got success: {err}");
+    assert_eq!(o.status.code(), Some(2), "bad input exits with 2: {err}");
+    let lines: Vec<&str> = err.lines().filter(|l| l.starts_with("error:")).collect();
+    assert_eq!(lines.len(), 1, "one error line expected: {err}");
+    assert!(
+        lines[0].contains(needle),
+        "error should name {needle}: {err}"
+    );
+    assert!(!err.contains("panicked"), "{err}");
+    let files: Vec<_> = std::fs::read_dir(dir)
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name())
+        .collect();
+    let inputs: Vec<_> = files
+        .iter()
+        .filter(|f| !f.to_string_lossy().starts_with("in-"))
+        .collect();
+    assert!(inputs.is_empty(), "unexpected files left: {files:?}");
+}
+
+fn gen_with_model(model: &Path, out: &Path) -> Output {
+    dmd2(&[
+        "gen",
+        "--model",
+        model.to_str().unwrap(),
+        "--prompt",
+        "x",
+        "--width",
+        "64",
+        "--height",
+        "64",
+        "--device",
+        "cpu",
+        "--seed",
+        "1",
+        "-o",
+        out.to_str().unwrap(),
+    ])
+}
+
+#[test]
+fn missing_model_path() {
+    let dir = tmpdir("missing");
+    let model = dir.join("in-nope.safetensors");
+    let o = gen_with_model(&model, &dir.join("out.png"));
+    assert_bad(&o, "in-nope.safetensors", &dir);
+    assert!(String::from_utf8_lossy(&o.stderr).contains("no such file"));
+}
+
+#[test]
+fn not_safetensors() {
+    let dir = tmpdir("notst");
+    let model = dir.join("in-model.safetensors");
+    std::fs::write(&model, b"this is a text file, not a checkpoint at all").unwrap();
+    let o = gen_with_model(&model, &dir.join("out.png"));
+    assert_bad(&o, "in-model.safetensors", &dir);
+    assert!(String::from_utf8_lossy(&o.stderr).contains("not a safetensors file"));
+}
+
+#[test]
+fn truncated_checkpoint() {
+    let dir = tmpdir("trunc");
+    let model = dir.join("in-trunc.safetensors");
+    let bytes = std::fs::read(fixtures().join("tiny.safetensors")).unwrap();
+    std::fs::write(&model, &bytes[..bytes.len() / 2]).unwrap();
+    let o = gen_with_model(&model, &dir.join("out.png"));
+    assert_bad(&o, "in-trunc.safetensors", &dir);
+    assert!(String::from_utf8_lossy(&o.stderr).contains("truncated"));
+}
+
+#[test]
+fn sd15_checkpoint_is_refused() {
+    let dir = tmpdir("sd15");
+    let model = dir.join("in-sd15.safetensors");
+    // An SD 1.5-style key set: UNet under model.diffusion_model, CLIP under cond_stage_model.
+    let dev = candle_core::Device::Cpu;
+    let mut ts = std::collections::HashMap::new();
+    for k in [
+        "model.diffusion_model.input_blocks.0.0.weight",
+        "cond_stage_model.transformer.text_model.embeddings.token_embedding.weight",
+        "first_stage_model.decoder.conv_in.weight",
+    ] {
+        ts.insert(
+            k.to_string(),
+            candle_core::Tensor::zeros((4, 4), candle_core::DType::F16, &dev).unwrap(),
+        );
+    }
+    candle_core::safetensors::save(&ts, &model).unwrap();
+    let o = gen_with_model(&model, &dir.join("out.png"));
+    assert_bad(&o, "in-sd15.safetensors", &dir);
+    assert!(
+        String::from_utf8_lossy(&o.stderr)
+            .to_lowercase()
+            .contains("sdxl")
+    );
+}
+
+#[test]
+fn size_not_multiple_of_8_fails_before_loading() {
+    let dir = tmpdir("size");
+    // The model path does not exist: the size error must come first.
+    let o = dmd2(&[
+        "gen",
+        "--model",
+        "/nonexistent",
+        "--prompt",
+        "x",
+        "--width",
+        "100",
+        "--height",
+        "64",
+        "-o",
+        dir.join("o.png").to_str().unwrap(),
+    ]);
+    assert_bad(&o, "multiples of 8", &dir);
+}

@@ -1,0 +1,168 @@
+//! Shared helpers for the parity tests: fixture paths, reference cases, tolerances.
+#![allow(dead_code)]
+
+use candle_core::{DType, Device, Tensor};
+use dmd2::checkpoint;
+use dmd2::pipeline::{Pipeline, Request};
+use serde::Deserialize;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, OnceLock};
+
+pub fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct Case {
+    pub name: String,
+    pub model: String,
+    pub prompt: String,
+    pub negative_prompt: Option<String>,
+    pub timesteps: Vec<usize>,
+    pub guidance_scale: f64,
+    pub seed: u64,
+    pub width: usize,
+    pub height: usize,
+}
+
+impl Case {
+    pub fn request(&self) -> Request {
+        Request {
+            prompt: self.prompt.clone(),
+            negative_prompt: self.negative_prompt.clone(),
+            timesteps: self.timesteps.clone(),
+            cfg: self.guidance_scale,
+            seed: self.seed,
+            width: self.width,
+            height: self.height,
+        }
+    }
+
+    pub fn refs(&self) -> HashMap<String, Tensor> {
+        let p = fixtures()
+            .join("refs")
+            .join(format!("{}.safetensors", self.name));
+        candle_core::safetensors::load(&p, &Device::Cpu)
+            .unwrap_or_else(|e| panic!("{}: {e}", p.display()))
+    }
+}
+
+pub fn cases() -> Vec<Case> {
+    let p = fixtures().join("refs/cases.json");
+    let text = std::fs::read_to_string(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+    serde_json::from_str(&text).expect("cases.json")
+}
+
+pub fn case(name: &str) -> Case {
+    cases()
+        .into_iter()
+        .find(|c| c.name == name)
+        .unwrap_or_else(|| panic!("no case {name}"))
+}
+
+/// Model sources: the diffusers folder and the single file hold the same weights.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Source {
+    Folder,
+    SingleFile,
+    Tiny2,
+}
+
+impl Source {
+    pub fn path(self) -> PathBuf {
+        match self {
+            Source::Folder => fixtures().join("tiny"),
+            Source::SingleFile => fixtures().join("tiny.safetensors"),
+            Source::Tiny2 => fixtures().join("tiny2.safetensors"),
+        }
+    }
+
+    pub fn for_case(c: &Case) -> Vec<Source> {
+        if c.model == "tiny2" {
+            vec![Source::Tiny2]
+        } else {
+            vec![Source::Folder, Source::SingleFile]
+        }
+    }
+}
+
+/// Pipelines are loaded once per test binary and shared.
+pub fn pipeline(src: Source) -> Arc<Pipeline> {
+    static CACHE: OnceLock<Mutex<HashMap<Source, Arc<Pipeline>>>> = OnceLock::new();
+    let cache = CACHE.get_or_init(Default::default);
+    let mut map = cache.lock().unwrap_or_else(|e| e.into_inner());
+    map.entry(src)
+        .or_insert_with(|| {
+            let parts =
+                checkpoint::open(&src.path()).unwrap_or_else(|e| panic!("{:?}: {e:#}", src));
+            Arc::new(
+                Pipeline::load(parts, &Device::Cpu, DType::F32).unwrap_or_else(|e| panic!("{e:#}")),
+            )
+        })
+        .clone()
+}
+
+/// max |a − b| / max |b|
+pub fn rel_err(a: &Tensor, b: &Tensor) -> f32 {
+    assert_eq!(a.dims(), b.dims(), "shape mismatch");
+    let a = a.to_dtype(DType::F32).unwrap().flatten_all().unwrap();
+    let b = b.to_dtype(DType::F32).unwrap().flatten_all().unwrap();
+    let diff = (&a - &b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    let scale = b
+        .abs()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+        .max(1e-12);
+    diff / scale
+}
+
+pub fn max_abs(a: &Tensor, b: &Tensor) -> f32 {
+    let a = a.to_dtype(DType::F32).unwrap().flatten_all().unwrap();
+    let b = b.to_dtype(DType::F32).unwrap().flatten_all().unwrap();
+    (&a - &b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+}
+
+pub fn assert_close(what: &str, a: &Tensor, b: &Tensor, tol: f32) {
+    let e = rel_err(a, b);
+    assert!(e <= tol, "{what}: relative error {e:e} > {tol:e}");
+}
+
+pub fn ids_of(t: &Tensor) -> Vec<u32> {
+    t.to_dtype(DType::I64)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<i64>()
+        .unwrap()
+        .into_iter()
+        .map(|x| x as u32)
+        .collect()
+}
+
+/// Largest per-channel difference in levels between two RGB8 buffers.
+pub fn max_level_diff(a: &[u8], b: &[u8]) -> u8 {
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| x.abs_diff(*y))
+        .max()
+        .unwrap_or(0)
+}
