@@ -5,7 +5,7 @@
 use crate::checkpoint::ModelParts;
 use crate::clip::ClipTextModel;
 use crate::rng::TorchRng;
-use crate::scheduler;
+use crate::scheduler::SamplerSpec;
 use crate::tokenizer::ClipTokenizer;
 use crate::unet::UNet;
 use crate::vae::VaeDecoder;
@@ -25,7 +25,7 @@ pub struct Conditioning {
 pub struct Request {
     pub prompt: String,
     pub negative_prompt: Option<String>,
-    pub timesteps: Vec<usize>,
+    pub sampler: SamplerSpec,
     pub cfg: f64,
     pub seed: u64,
     pub width: usize,
@@ -66,7 +66,6 @@ pub struct Pipeline {
     vae: VaeDecoder,
     device: Device,
     dtype: DType,
-    alphas_cumprod: Vec<f32>,
     force_zeros_for_empty_prompt: bool,
 }
 
@@ -133,7 +132,6 @@ impl Pipeline {
             vae,
             device: device.clone(),
             dtype,
-            alphas_cumprod: scheduler::sdxl_alphas_cumprod(),
             force_zeros_for_empty_prompt: parts.force_zeros_for_empty_prompt,
         })
     }
@@ -160,11 +158,17 @@ impl Pipeline {
     }
 
     /// SDXL's prompt encoding: both encoders' penultimate hidden states side by side, and
-    /// encoder 2's projected pooled output.
-    pub fn encode_prompt(&self, prompt: &str) -> Result<Conditioning> {
-        let (ids1, ids2) = self.token_ids(prompt)?;
-        let ids1 = Tensor::new(ids1.as_slice(), &self.device)?.unsqueeze(0)?;
-        let ids2 = Tensor::new(ids2.as_slice(), &self.device)?.unsqueeze(0)?;
+    /// encoder 2's projected pooled output. One batch row per prompt.
+    pub fn encode_prompts(&self, prompts: &[&str]) -> Result<Conditioning> {
+        let (mut ids1, mut ids2) = (Vec::new(), Vec::new());
+        for p in prompts {
+            let (a, b) = self.token_ids(p)?;
+            ids1.extend(a);
+            ids2.extend(b);
+        }
+        let n = prompts.len();
+        let ids1 = Tensor::from_vec(ids1, (n, crate::tokenizer::MAX_LENGTH), &self.device)?;
+        let ids2 = Tensor::from_vec(ids2, (n, crate::tokenizer::MAX_LENGTH), &self.device)?;
         let o1 = self.text_encoder.encode(&ids1)?;
         let o2 = self.text_encoder_2.encode(&ids2)?;
         let context = Tensor::cat(&[o1.penultimate, o2.penultimate], 2)?.to_dtype(DType::F32)?;
@@ -175,8 +179,12 @@ impl Pipeline {
         Ok(Conditioning { context, pooled })
     }
 
-    /// The negative branch: the encoded negative prompt, or zeros when none was given
-    /// (diffusers' `force_zeros_for_empty_prompt`).
+    pub fn encode_prompt(&self, prompt: &str) -> Result<Conditioning> {
+        self.encode_prompts(&[prompt])
+    }
+
+    /// The negative branch for one image: the encoded negative prompt, or zeros when none
+    /// was given (diffusers' `force_zeros_for_empty_prompt`).
     pub fn encode_negative(
         &self,
         negative: Option<&str>,
@@ -191,22 +199,30 @@ impl Pipeline {
         }
     }
 
-    /// Run the DMD2 sampler; returns the final latents `[1, 4, h, w]` (f32).
+    /// Run the sampler for a batch of images that share size, sampler and CFG scale; image
+    /// `b` draws all its noise from its own generator seeded with `reqs[b].seed`, so it comes
+    /// out exactly as if generated alone. Returns the final latents `[B, 4, h, w]` (f32).
     pub fn denoise(
         &self,
-        req: &Request,
+        reqs: &[Request],
         cond: &Conditioning,
         uncond: Option<&Conditioning>,
         progress: &mut dyn FnMut(usize, usize),
     ) -> Result<Tensor> {
+        let first = reqs.first().context("empty batch")?;
+        check_batch(reqs)?;
         let s = self.vae_scale_factor();
-        let (h, w) = (req.height / s, req.width / s);
+        let (h, w) = (first.height / s, first.width / s);
         let c = self.unet.config().in_channels;
-        let mut rng = TorchRng::new(req.seed);
-        let shape = (1, c, h, w);
-        let numel = c * h * w;
-        // LCMScheduler's init_noise_sigma is 1.
-        let mut latents = Tensor::from_vec(rng.randn(numel), shape, &self.device)?;
+        let b = reqs.len();
+        let mut rngs: Vec<TorchRng> = reqs.iter().map(|r| TorchRng::new(r.seed)).collect();
+        let mut sampler = first.sampler.build()?;
+        let shape = (b, c, h, w);
+        let init = crate::scheduler::noise_like(
+            &Tensor::zeros(shape, DType::F32, &self.device)?,
+            &mut rngs,
+        )?;
+        let mut latents = (init * sampler.init_noise_sigma())?;
         let (context, pooled) = match uncond {
             Some(u) => (
                 Tensor::cat(&[&u.context, &cond.context], 0)?,
@@ -214,70 +230,116 @@ impl Pipeline {
             ),
             None => (cond.context.clone(), cond.pooled.clone()),
         };
-        let batch = context.dim(0)?;
-        let (hf, wf) = (req.height as f32, req.width as f32);
+        let rows = context.dim(0)?;
+        let (hf, wf) = (first.height as f32, first.width as f32);
         // add_time_ids = original size + crop top-left + target size
-        let ids = [hf, wf, 0.0, 0.0, hf, wf].repeat(batch);
-        let time_ids = Tensor::from_vec(ids, (batch, 6), &self.device)?;
+        let ids = [hf, wf, 0.0, 0.0, hf, wf].repeat(rows);
+        let time_ids = Tensor::from_vec(ids, (rows, 6), &self.device)?;
         let context = context.to_dtype(self.dtype)?;
         let pooled = pooled.to_dtype(self.dtype)?;
-        let n = req.timesteps.len();
-        for (i, &t) in req.timesteps.iter().enumerate() {
+        let timesteps = sampler.timesteps().to_vec();
+        let n = timesteps.len();
+        for (i, &t) in timesteps.iter().enumerate() {
+            let x = sampler.scale_model_input(&latents, i)?;
+            // CFG: negatives first, then positives, in one UNet call (as diffusers).
             let input = if uncond.is_some() {
-                Tensor::cat(&[&latents, &latents], 0)?
+                Tensor::cat(&[&x, &x], 0)?
             } else {
-                latents.clone()
+                x
             };
             let eps = self
                 .unet
                 .forward(
                     &input.to_dtype(self.dtype)?,
-                    t as f64,
+                    t,
                     &context,
                     &pooled,
                     &time_ids,
                 )?
                 .to_dtype(DType::F32)?;
             let eps = if uncond.is_some() {
-                let (u, c) = (eps.narrow(0, 0, 1)?, eps.narrow(0, 1, 1)?);
-                (&u + ((c - &u)? * req.cfg)?)?
+                let (u, c) = (eps.narrow(0, 0, b)?, eps.narrow(0, b, b)?);
+                (&u + ((c - &u)? * first.cfg)?)?
             } else {
                 eps
             };
-            let st = scheduler::lcm_step(&self.alphas_cumprod, &req.timesteps, i);
-            let denoised = ((&latents * st.x_coef)? + (eps * st.eps_coef)?)?;
-            latents = match st.renoise {
-                Some((a, b)) => {
-                    let noise = Tensor::from_vec(rng.randn(numel), shape, &self.device)?;
-                    ((denoised * a)? + (noise * b)?)?
-                }
-                None => denoised,
-            };
-            let total = latents
-                .abs()?
-                .sum_all()?
-                .to_dtype(DType::F32)?
-                .to_scalar::<f32>()?;
-            if !total.is_finite() {
-                bail!(
-                    "the latents became NaN/Inf at step {} of {n} (timestep {t}): numerical overflow or broken weights",
-                    i + 1
-                );
-            }
+            latents = sampler.step(&eps, i, &latents, &mut rngs)?;
+            check_finite(&latents, i, n, t)?;
             progress(i + 1, n);
         }
         Ok(latents)
     }
 
-    /// VAE decode (in f32) and diffusers' post-processing to 8-bit RGB.
-    pub fn decode(&self, latents: &Tensor) -> Result<Vec<u8>> {
-        let image = self.vae.decode(&latents.to_dtype(DType::F32)?)?;
-        Ok(crate::vae::to_rgb8(&image.squeeze(0)?)?)
+    /// VAE decode (in f32) and diffusers' post-processing to 8-bit RGB, one buffer per image.
+    pub fn decode(&self, latents: &Tensor) -> Result<Vec<Vec<u8>>> {
+        let image = self.decode_raw(latents)?;
+        (0..image.dim(0)?)
+            .map(|b| Ok(crate::vae::to_rgb8(&image.get(b)?)?))
+            .collect()
     }
 
-    /// Raw VAE output in [-1, 1] before post-processing, `[1, 3, H, W]`.
+    /// Raw VAE output in [-1, 1] before post-processing, `[B, 3, H, W]`.
     pub fn decode_raw(&self, latents: &Tensor) -> Result<Tensor> {
         Ok(self.vae.decode(&latents.to_dtype(DType::F32)?)?)
+    }
+
+    /// Encode, denoise and decode a batch of compatible requests (see [`Pipeline::denoise`]).
+    pub fn generate_batch(
+        &self,
+        reqs: &[Request],
+        progress: &mut dyn FnMut(usize, usize),
+    ) -> Result<Vec<Generated>> {
+        let first = reqs.first().context("empty batch")?;
+        check_batch(reqs)?;
+        check_size(first.width, first.height, self.vae_scale_factor())?;
+        let t0 = Instant::now();
+        let prompts: Vec<&str> = reqs.iter().map(|r| r.prompt.as_str()).collect();
+        let cond = self.encode_prompts(&prompts)?;
+        let uncond = if first.cfg_active() {
+            let rows = reqs
+                .iter()
+                .enumerate()
+                .map(|(b, r)| {
+                    let like = Conditioning {
+                        context: cond.context.narrow(0, b, 1)?,
+                        pooled: cond.pooled.narrow(0, b, 1)?,
+                    };
+                    self.encode_negative(r.negative_prompt.as_deref(), &like)
+                })
+                .collect::<Result<Vec<_>>>()?;
+            let ctx: Vec<&Tensor> = rows.iter().map(|c| &c.context).collect();
+            let pooled: Vec<&Tensor> = rows.iter().map(|c| &c.pooled).collect();
+            Some(Conditioning {
+                context: Tensor::cat(&ctx, 0)?,
+                pooled: Tensor::cat(&pooled, 0)?,
+            })
+        } else {
+            None
+        };
+        let t1 = Instant::now();
+        let latents = self.denoise(reqs, &cond, uncond.as_ref(), progress)?;
+        let t2 = Instant::now();
+        let images = self.decode(&latents)?;
+        let t3 = Instant::now();
+        let b = reqs.len() as f64;
+        let timings = Timings {
+            encode: (t1 - t0).as_secs_f64() / b,
+            denoise: (t2 - t1).as_secs_f64() / b,
+            decode: (t3 - t2).as_secs_f64() / b,
+        };
+        images
+            .into_iter()
+            .enumerate()
+            .map(|(i, rgb)| {
+                Ok(Generated {
+                    latents: latents.narrow(0, i, 1)?,
+                    rgb,
+                    width: first.width,
+                    height: first.height,
+                    timings,
+                })
+            })
+            .collect()
     }
 
     pub fn generate(
@@ -285,31 +347,40 @@ impl Pipeline {
         req: &Request,
         progress: &mut dyn FnMut(usize, usize),
     ) -> Result<Generated> {
-        check_size(req.width, req.height, self.vae_scale_factor())?;
-        let t0 = Instant::now();
-        let cond = self.encode_prompt(&req.prompt)?;
-        let uncond = if req.cfg_active() {
-            Some(self.encode_negative(req.negative_prompt.as_deref(), &cond)?)
-        } else {
-            None
-        };
-        let t1 = Instant::now();
-        let latents = self.denoise(req, &cond, uncond.as_ref(), progress)?;
-        let t2 = Instant::now();
-        let rgb = self.decode(&latents)?;
-        let t3 = Instant::now();
-        Ok(Generated {
-            latents,
-            rgb,
-            width: req.width,
-            height: req.height,
-            timings: Timings {
-                encode: (t1 - t0).as_secs_f64(),
-                denoise: (t2 - t1).as_secs_f64(),
-                decode: (t3 - t2).as_secs_f64(),
-            },
-        })
+        self.generate_batch(std::slice::from_ref(req), progress)?
+            .pop()
+            .context("no image")
     }
+}
+
+/// Requests can share a UNet call when they agree on everything but prompt and seed.
+pub fn batchable(a: &Request, b: &Request) -> bool {
+    a.width == b.width && a.height == b.height && a.sampler == b.sampler && a.cfg == b.cfg
+}
+
+fn check_batch(reqs: &[Request]) -> Result<()> {
+    if let Some(first) = reqs.first()
+        && reqs.iter().any(|r| !batchable(first, r))
+    {
+        bail!("internal error: a batch mixes sizes, samplers or CFG scales");
+    }
+    Ok(())
+}
+
+/// NaN or Inf in the latents (an f16 overflow, a broken LoRA) stops the image with the step.
+fn check_finite(latents: &Tensor, i: usize, n: usize, t: f64) -> Result<()> {
+    let total = latents
+        .abs()?
+        .sum_all()?
+        .to_dtype(DType::F32)?
+        .to_scalar::<f32>()?;
+    if !total.is_finite() {
+        bail!(
+            "the latents became NaN/Inf at step {} of {n} (timestep {t}): numerical overflow or broken weights",
+            i + 1
+        );
+    }
+    Ok(())
 }
 
 /// Sizes must be whole numbers of latents (multiples of 8 for SDXL).

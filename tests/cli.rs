@@ -229,5 +229,5 @@ fn size_not_multiple_of_8_fails_before_loading() {
         "-o",
         dir.join("o.png").to_str().unwrap(),
     ]);
-    assert_bad(&o, "multiples of 8", &dir);
+    assert_bad(&o, "multiple of 8", &dir);
 }

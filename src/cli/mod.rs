@@ -20,7 +20,14 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Generate images from a prompt.
-    Gen(generate::GenArgs),
+    Gen(Box<generate::GenArgs>),
+    /// List the presets with their values.
+    Presets,
+    /// Print a shell completion script.
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
 }
 
 /// Run the CLI; returns the process exit code. Errors are printed as one line on stderr.
@@ -33,7 +40,13 @@ pub fn main_with_args(args: impl IntoIterator<Item = std::ffi::OsString>) -> i32
         }
     };
     let result = match cli.command {
-        Command::Gen(a) => generate::run(a),
+        Command::Gen(a) => generate::run(*a),
+        Command::Presets => list_presets(),
+        Command::Completions { shell } => {
+            let mut cmd = <Cli as clap::CommandFactory>::command();
+            clap_complete::generate(shell, &mut cmd, "dmd2", &mut std::io::stdout());
+            Ok(())
+        }
     };
     match result {
         Ok(()) => 0,
@@ -42,4 +55,15 @@ pub fn main_with_args(args: impl IntoIterator<Item = std::ffi::OsString>) -> i32
             crate::error::exit_code(&e)
         }
     }
+}
+
+fn list_presets() -> anyhow::Result<()> {
+    let all = crate::presets::all().map_err(crate::error::bad_input)?;
+    for p in all {
+        println!("{}\n", p.describe());
+    }
+    if let Some(d) = crate::presets::user_dir() {
+        println!("user presets: {}/*.toml", d.display());
+    }
+    Ok(())
 }

@@ -31,7 +31,7 @@ impl Case {
         Request {
             prompt: self.prompt.clone(),
             negative_prompt: self.negative_prompt.clone(),
-            timesteps: self.timesteps.clone(),
+            sampler: dmd2::scheduler::SamplerSpec::dmd2(self.timesteps.clone()),
             cfg: self.guidance_scale,
             seed: self.seed,
             width: self.width,
