@@ -156,6 +156,15 @@ impl ComponentWeights {
                 t = (t + (d * p.multiplier as f64)?)?;
             }
         }
+        if t.dtype().is_float()
+            && !t
+                .to_dtype(DType::F32)?
+                .sum_all()?
+                .to_scalar::<f32>()?
+                .is_finite()
+        {
+            note_non_finite(name);
+        }
         t.to_dtype(dtype)?.to_device(dev)
     }
 
@@ -168,6 +177,22 @@ impl ComponentWeights {
     pub fn describe(&self) -> String {
         self.files.describe()
     }
+}
+
+/// Names of tensors found holding NaN or Inf while loading (checked once per tensor, as it is
+/// converted). The caller decides: warn, or refuse with `--strict`.
+static NON_FINITE: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+
+fn note_non_finite(name: &str) {
+    NON_FINITE
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .push(name.to_string());
+}
+
+/// Take the list of tensors that held NaN/Inf since the last call.
+pub fn take_non_finite() -> Vec<String> {
+    std::mem::take(&mut *NON_FINITE.lock().unwrap_or_else(|e| e.into_inner()))
 }
 
 struct Backend(Arc<ComponentWeights>);

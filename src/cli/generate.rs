@@ -106,9 +106,12 @@ pub struct GenArgs {
     pub from_png: Option<PathBuf>,
     #[arg(long, value_enum, default_value_t = DeviceChoice::Auto)]
     pub device: DeviceChoice,
-    /// Allow sizes outside 64..4096.
+    /// Allow sizes outside 64..4096 and memory estimates above what the machine has.
     #[arg(long)]
     pub force: bool,
+    /// Refuse weights that hold NaN or Inf (otherwise a warning).
+    #[arg(long)]
+    pub strict: bool,
     /// No progress output.
     #[arg(long, short = 'q')]
     pub quiet: bool,
@@ -575,7 +578,23 @@ fn load_pipeline(a: &GenArgs, base: &Base, device: &candle_core::Device) -> Resu
         }
     }
     let dtype = pipeline::default_dtype(device);
-    Pipeline::load(parts, device, dtype).map_err(bad_input)
+    let pipe = Pipeline::load(parts, device, dtype).map_err(bad_input)?;
+    let bad = crate::weights::take_non_finite();
+    if !bad.is_empty() {
+        let msg = format!(
+            "{}: {} weight tensor(s) hold NaN or Inf (first: {})",
+            base.model,
+            bad.len(),
+            bad[0]
+        );
+        if a.strict {
+            return Err(bad_input(anyhow::anyhow!("{msg}; refusing with --strict")));
+        }
+        eprintln!(
+            "warning: {msg}; images will likely be black or noise (--strict refuses such files)"
+        );
+    }
+    Ok(pipe)
 }
 
 /// The images of one prompt item, with indices, seeds and output paths.
