@@ -4,7 +4,7 @@
 //! the SDXL models need exact control over epsilons, activations and attention layout, and
 //! because these are the hot paths the CPU kernels optimise.
 
-use candle_core::{D, DType, Module, Result, Tensor};
+use candle_core::{DType, Module, Result, Tensor};
 use candle_nn::{Conv2d, Conv2dConfig, GroupNorm, LayerNorm, Linear, VarBuilder};
 
 pub fn linear(in_dim: usize, out_dim: usize, vb: VarBuilder) -> Result<Linear> {
