@@ -12,6 +12,7 @@ pub mod clip;
 pub mod config;
 pub mod device;
 pub mod error;
+pub mod hub;
 pub mod metadata;
 pub mod naming;
 pub mod nn;

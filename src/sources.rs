@@ -1,9 +1,10 @@
-//! Where model files come from: local paths or Hugging Face repos, and the add-ons merged
-//! at load (LoRAs, a replacement UNet).
+//! Where model files come from: local paths or Hugging Face repos (through [`crate::hub`]),
+//! and the add-ons merged at load (LoRAs, a replacement UNet).
 
 use crate::checkpoint::ModelParts;
-use anyhow::{Result, bail};
-use std::path::{Path, PathBuf};
+use crate::hub;
+use anyhow::Result;
+use std::path::PathBuf;
 
 /// Split `PATH[:WEIGHT]` at the last colon when what follows is a number.
 pub fn split_weight(spec: &str) -> (&str, f32) {
@@ -16,22 +17,18 @@ pub fn split_weight(spec: &str) -> (&str, f32) {
     (spec, 1.0)
 }
 
-/// A `--model` value as a local path.
+/// A `--model` value: a local path, or a repo id fetched into the Hugging Face cache.
 pub fn resolve_model(spec: &str) -> Result<PathBuf> {
-    let p = Path::new(spec);
-    if p.exists() {
-        return Ok(p.to_path_buf());
-    }
-    bail!("{spec}: no such file or directory")
+    hub::resolve_model(&hub::ModelRef::parse(spec)?)
 }
 
-pub fn replace_unet(_parts: &mut ModelParts, spec: &str) -> Result<()> {
-    bail!("{spec}: --unet is not available in this build yet")
+/// `--unet FILE_OR_REPO_FILE`
+pub fn replace_unet(parts: &mut ModelParts, spec: &str) -> Result<()> {
+    let path = hub::resolve_file(spec)?;
+    crate::checkpoint::unet_file::replace_unet(parts, &path)
 }
 
+/// `--lora PATH[:WEIGHT]` values (LoRA merging lands in the next commit).
 pub fn apply_loras(_parts: &mut ModelParts, specs: &[String]) -> Result<Vec<String>> {
-    bail!(
-        "{}: LoRA merging is not available in this build yet",
-        specs.join(", ")
-    )
+    anyhow::bail!("{}: LoRA merging is not available in this build yet", specs.join(", "))
 }

@@ -6,6 +6,7 @@
 
 pub mod diffusers;
 pub mod single_file;
+pub mod unet_file;
 
 use crate::config::{ClipConfig, UNetConfig, VaeConfig};
 use crate::tokenizer::ClipTokenizer;

@@ -6,27 +6,10 @@ use crate::rng::TorchRng;
 use anyhow::{Result, bail};
 use candle_core::Tensor;
 
-/// SDXL's "scaled_linear" schedule: β = linspace(√0.00085, √0.012, 1000)², ᾱ = cumprod(1 − β).
-/// torch builds it in float32; so do we, so that ᾱ matches to the last bit where possible.
+/// SDXL's "scaled_linear" schedule: β = linspace(√0.00085, √0.012, 1000)², ᾱ = cumprod(1 − β),
+/// bit for bit as torch builds it (see [`super::teacher::alphas_cumprod`]).
 pub fn sdxl_alphas_cumprod() -> Vec<f32> {
-    let n = TRAIN_TIMESTEPS;
-    // torch.linspace in float32: step computed in float32, the first half filled from the
-    // start, the second half from the end.
-    let (start, end) = (0.00085f64.sqrt() as f32, 0.012f64.sqrt() as f32);
-    let step = (end - start) / (n - 1) as f32;
-    // torch's CPU cumprod accumulates float32 in double.
-    let mut acc = 1.0f64;
-    (0..n)
-        .map(|i| {
-            let b = if i < n / 2 {
-                start + step * i as f32
-            } else {
-                end - step * (n - 1 - i) as f32
-            };
-            acc *= (1.0 - b * b) as f64;
-            acc as f32
-        })
-        .collect()
+    super::teacher::alphas_cumprod()
 }
 
 /// DMD2's timesteps for `steps` sampling steps.

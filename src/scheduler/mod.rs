@@ -3,6 +3,9 @@
 //! A sampler owns the timestep list and turns the UNet's ε prediction into the next latents,
 //! drawing any noise it needs from the image's torch-compatible generator in diffusers' order.
 
+pub mod ddim;
+pub mod euler;
+pub mod euler_ancestral;
 pub mod lcm;
 pub mod teacher;
 

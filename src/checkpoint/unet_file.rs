@@ -1,0 +1,262 @@
+//! `--unet FILE`: replace a model's UNet weights with a diffusers-layout UNet state dict, as
+//! DMD2 publishes its distilled UNets (`dmd2_sdxl_{1,4}step_unet_fp16.bin`, and safetensors).
+//!
+//! The model keeps its own UNet config; every tensor its UNet needs must be in the file with
+//! the same shape. Formats:
+//! - safetensors with diffusers names (`conv_in.weight`, `down_blocks.0.resnets.0…`);
+//! - a PyTorch zip checkpoint (`torch.save(unet.state_dict(), f)`, torch ≥ 1.6), read with
+//!   candle's pickle reader (`candle_core::pickle`). That reader is a small interpreter of
+//!   the pickle opcodes that builds inert values: `GLOBAL`, `REDUCE`, `NEWOBJ` and `BUILD`
+//!   only record class names and arguments (no module is imported, nothing is called;
+//!   `collections.OrderedDict` becomes an empty dict), unknown opcodes are errors, and
+//!   tensors are recognised by the `torch._utils._rebuild_tensor_v2` pattern and read as raw
+//!   bytes from the archive's storage entries. Loading an untrusted `.bin` therefore runs no
+//!   code.
+//!
+//! The weight store maps safetensors files, so a `.bin` is first rewritten, one tensor at a
+//! time, into a temporary safetensors file (under the system temp dir, `TMPDIR`), which is
+//! mapped and then unlinked (on Unix the mapping stays valid; nothing is left behind).
+
+use super::ModelParts;
+use super::single_file::{Mapped, Transform};
+use crate::weights::{ComponentWeights, WeightFiles};
+use anyhow::{Context, Result, bail};
+use candle_core::DType;
+use candle_core::pickle::PthTensors;
+use std::collections::BTreeMap;
+use std::io::{BufWriter, Read, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+/// What a weight file is, from its first bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UnetFormat {
+    Safetensors,
+    /// A zip archive: PyTorch's `torch.save` format since 1.6.
+    TorchZip,
+    /// The pre-1.6 pickle stream (starts with a pickle protocol byte), not supported.
+    TorchLegacy,
+}
+
+pub fn detect_format(path: &Path) -> Result<UnetFormat> {
+    let mut f =
+        std::fs::File::open(path).with_context(|| format!("{}: cannot open", path.display()))?;
+    let mut head = [0u8; 9];
+    let n = f
+        .read(&mut head)
+        .with_context(|| format!("{}: cannot read", path.display()))?;
+    if n >= 4 && head[..4] == *b"PK\x03\x04" {
+        return Ok(UnetFormat::TorchZip);
+    }
+    if n >= 2 && head[0] == 0x80 && (2..=5).contains(&head[1]) {
+        return Ok(UnetFormat::TorchLegacy);
+    }
+    if n == 9 && head[8] == b'{' {
+        return Ok(UnetFormat::Safetensors);
+    }
+    bail!(
+        "{}: neither a safetensors file nor a PyTorch checkpoint",
+        path.display()
+    )
+}
+
+/// Replace `parts`' UNet weights by those in `path` (diffusers names), keeping the model's
+/// UNet config and any LoRA patches already attached to the UNet.
+pub fn replace_unet(parts: &mut ModelParts, path: &Path) -> Result<()> {
+    if !path.is_file() {
+        bail!("{}: no such file", path.display());
+    }
+    let files = match detect_format(path)? {
+        UnetFormat::Safetensors => WeightFiles::open(&[path.to_path_buf()])?,
+        UnetFormat::TorchZip => open_torch_zip(path)?,
+        UnetFormat::TorchLegacy => bail!(
+            "{}: a PyTorch checkpoint in the legacy (pre-1.6, non-zip) format; re-save it with \
+             torch.save in a current PyTorch, or convert it to safetensors",
+            path.display()
+        ),
+    };
+    let files = Arc::new(files);
+    let new = ComponentWeights::identity(files.clone(), unet_name);
+    check_compatible(&parts.unet, &new, path)?;
+    let patches = parts.unet.patches.clone();
+    parts.unet = Arc::new(ComponentWeights { patches, ..new });
+    Ok(())
+}
+
+/// diffusers names, optionally under a `unet.` prefix (a pipeline state dict).
+fn unet_name(k: &str) -> Option<(String, Transform)> {
+    Some((
+        k.strip_prefix("unet.").unwrap_or(k).to_string(),
+        Transform::Identity,
+    ))
+}
+
+/// Shapes of a component's tensors as the model sees them (after the key map's transform).
+pub fn model_shapes(c: &ComponentWeights) -> Result<BTreeMap<String, Vec<usize>>> {
+    let stored = c.files.shapes();
+    c.map
+        .iter()
+        .map(|(name, Mapped { source, transform })| {
+            let s = stored
+                .get(source)
+                .with_context(|| format!("{}: no tensor {source}", c.describe()))?;
+            let shape = match transform {
+                Transform::Identity => s.clone(),
+                Transform::Rows { len, .. } => {
+                    let mut s = s.clone();
+                    if let Some(d) = s.first_mut() {
+                        *d = *len;
+                    }
+                    s
+                }
+                Transform::Transpose => s.iter().rev().copied().collect(),
+                Transform::Squeeze1x1 => s.iter().take(2).copied().collect(),
+            };
+            Ok((name.clone(), shape))
+        })
+        .collect()
+}
+
+/// Every tensor of the model's UNet must exist in the replacement with the same shape.
+fn check_compatible(old: &ComponentWeights, new: &ComponentWeights, path: &Path) -> Result<()> {
+    let want = model_shapes(old)?;
+    let have = model_shapes(new)?;
+    if have.keys().any(|k| k.starts_with("model.diffusion_model.")) {
+        bail!(
+            "{}: this is an original-layout (LDM) UNet (model.diffusion_model.*); --unet expects \
+             a diffusers-layout UNet state dict",
+            path.display()
+        );
+    }
+    let mut problems = Vec::new();
+    for (name, shape) in &want {
+        match have.get(name) {
+            None => problems.push(format!(
+                "{name} is missing (the model's UNet has it with shape {shape:?})"
+            )),
+            Some(s) if s != shape => problems.push(format!(
+                "{name} has shape {s:?}, the model's UNet has {shape:?}"
+            )),
+            Some(_) => {}
+        }
+    }
+    if let Some(first) = problems.first() {
+        let more = match problems.len() {
+            1 => String::new(),
+            n => format!(" (and {} more mismatches)", n - 1),
+        };
+        bail!(
+            "{}: does not fit this model's UNet: {first}{more}",
+            path.display()
+        );
+    }
+    Ok(())
+}
+
+/// Removes the file when dropped (the temporary safetensors copy of a `.bin`).
+struct TempFile(PathBuf);
+
+impl Drop for TempFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+fn safetensors_dtype(d: DType) -> Result<&'static str> {
+    Ok(match d {
+        DType::F16 => "F16",
+        DType::BF16 => "BF16",
+        DType::F32 => "F32",
+        DType::F64 => "F64",
+        DType::U8 => "U8",
+        DType::I64 => "I64",
+        DType::U32 => "U32",
+        other => bail!("tensors of dtype {other:?} are not supported"),
+    })
+}
+
+/// Read a PyTorch zip checkpoint's tensors and map them as safetensors.
+fn open_torch_zip(path: &Path) -> Result<WeightFiles> {
+    let read = |key: Option<&str>| {
+        PthTensors::new(path, key).map_err(|e| {
+            anyhow::anyhow!(
+                "{}: cannot read the PyTorch checkpoint: {e}",
+                path.display()
+            )
+        })
+    };
+    let mut pth = read(None)?;
+    if pth.tensor_infos().is_empty() {
+        // {"state_dict": {...}} as some training scripts save it
+        if let Ok(p) = read(Some("state_dict")) {
+            pth = p;
+        }
+    }
+    if pth.tensor_infos().is_empty() {
+        bail!(
+            "{}: no tensors found in the PyTorch checkpoint",
+            path.display()
+        );
+    }
+    let tmp = TempFile(std::env::temp_dir().join(format!(
+        "dmd2-unet-{}-{}.safetensors",
+        std::process::id(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0)
+    )));
+    write_safetensors(&pth, &tmp.0)
+        .with_context(|| format!("{}: cannot convert to safetensors", path.display()))?;
+    let files = WeightFiles::open(std::slice::from_ref(&tmp.0))?;
+    // The mapping outlives the name on Unix; elsewhere removal may fail and is harmless.
+    drop(tmp);
+    Ok(files)
+}
+
+/// Write every tensor of `pth` into a safetensors file, loading one tensor at a time.
+fn write_safetensors(pth: &PthTensors, out: &Path) -> Result<()> {
+    let mut names: Vec<&String> = pth.tensor_infos().keys().collect();
+    names.sort();
+    let mut header = serde_json::Map::new();
+    let mut offset = 0usize;
+    for name in &names {
+        let info = &pth.tensor_infos()[*name];
+        let len = info.layout.shape().elem_count() * info.dtype.size_in_bytes();
+        header.insert(
+            (*name).clone(),
+            serde_json::json!({
+                "dtype": safetensors_dtype(info.dtype).with_context(|| format!("tensor {name}"))?,
+                "shape": info.layout.dims(),
+                "data_offsets": [offset, offset + len],
+            }),
+        );
+        offset += len;
+    }
+    let mut header = serde_json::to_vec(&serde_json::Value::Object(header))?;
+    while header.len() % 8 != 0 {
+        header.push(b' ');
+    }
+    let file =
+        std::fs::File::create(out).with_context(|| format!("cannot create {}", out.display()))?;
+    let mut w = BufWriter::with_capacity(1 << 20, file);
+    w.write_all(&(header.len() as u64).to_le_bytes())?;
+    w.write_all(&header)?;
+    for name in names {
+        let t = pth
+            .get(name)
+            .map_err(|e| anyhow::anyhow!("tensor {name}: {e}"))?
+            .with_context(|| format!("tensor {name} vanished"))?
+            .contiguous()?;
+        let bytes = safetensors::View::data(&t);
+        let info = &pth.tensor_infos()[name];
+        if bytes.len() != info.layout.shape().elem_count() * info.dtype.size_in_bytes() {
+            bail!("tensor {name}: unexpected data size");
+        }
+        w.write_all(&bytes)?;
+    }
+    w.into_inner()
+        .map_err(|e| anyhow::anyhow!("{}: {}", out.display(), e.error()))?
+        .sync_all()?;
+    Ok(())
+}
