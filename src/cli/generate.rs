@@ -425,7 +425,15 @@ pub fn run(a: GenArgs) -> Result<()> {
 
     // Load the model, merge LoRAs, build the pipeline.
     let t0 = Instant::now();
-    let pipe = load_pipeline(&a, &base, &device)?;
+    let mut pipe = load_pipeline(&a, &base, &device)?;
+    // When every prompt is known up front, encode them now and free the text encoders'
+    // memory before the UNet runs.
+    if let PromptSource::Flags(ps) = &source {
+        let mut all: Vec<&str> = ps.iter().map(String::as_str).collect();
+        let neg = base.negative_prompt.as_deref().unwrap_or("");
+        all.push(neg);
+        pipe.release_text_encoders(&all)?;
+    }
     let load_s = t0.elapsed().as_secs_f64();
     if a.verbose {
         log(&format!("load: {load_s:.2}s"));
