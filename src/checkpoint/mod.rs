@@ -120,7 +120,17 @@ pub fn check_safetensors_header(path: &Path) -> Result<()> {
     let obj = v
         .as_object()
         .with_context(|| format!("{}: not a safetensors file (bad header)", path.display()))?;
+    if let Ok(Keys(keys)) = serde_json::from_slice::<Keys>(&header) {
+        let mut seen = std::collections::HashSet::new();
+        if let Some(dup) = keys.iter().find(|k| !seen.insert(k.as_str())) {
+            bail!(
+                "{}: corrupt header: tensor {dup} appears twice",
+                path.display()
+            );
+        }
+    }
     let data_len = size - 8 - n;
+    let mut spans: Vec<(u64, u64, &str)> = Vec::new();
     for (name, info) in obj {
         if name == "__metadata__" {
             continue;
@@ -130,6 +140,12 @@ pub fn check_safetensors_header(path: &Path) -> Result<()> {
             .and_then(|o| o.get(1))
             .and_then(|e| e.as_u64())
             .with_context(|| format!("{}: tensor {name} has no data offsets", path.display()))?;
+        let begin = info
+            .get("data_offsets")
+            .and_then(|o| o.get(0))
+            .and_then(|e| e.as_u64())
+            .with_context(|| format!("{}: tensor {name} has no data offsets", path.display()))?;
+        spans.push((begin, end, name.as_str()));
         if end > data_len {
             bail!(
                 "{}: truncated or corrupt: tensor {name} ends at byte {end} of the data, which has {data_len}",
@@ -148,5 +164,52 @@ pub fn check_safetensors_header(path: &Path) -> Result<()> {
             None => bail!("{}: tensor {name} has no dtype", path.display()),
         }
     }
+    // The tensors must tile the data exactly, as the safetensors format requires.
+    spans.sort();
+    let mut at = 0;
+    for (begin, end, name) in &spans {
+        if *begin != at || end < begin {
+            bail!(
+                "{}: corrupt: the data of tensor {name} overlaps another or leaves a gap",
+                path.display()
+            );
+        }
+        at = *end;
+    }
+    if at != data_len {
+        bail!(
+            "{}: corrupt: {} bytes after the last tensor",
+            path.display(),
+            data_len - at
+        );
+    }
     Ok(())
+}
+
+/// The top-level keys of a JSON object in order, duplicates kept (serde_json's `Map` would
+/// silently keep the last one).
+struct Keys(Vec<String>);
+
+impl<'de> serde::Deserialize<'de> for Keys {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = Keys;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> std::result::Result<Keys, A::Error> {
+                let mut keys = Vec::new();
+                while let Some(k) = m.next_key::<String>()? {
+                    m.next_value::<serde::de::IgnoredAny>()?;
+                    keys.push(k);
+                }
+                Ok(Keys(keys))
+            }
+        }
+        d.deserialize_map(V)
+    }
 }

@@ -1,0 +1,367 @@
+//! Hostile and broken input files: each gives one `error:` line naming the file and the
+//! problem, exit code 2, no panic, and no file appears in (or disappears from) the output
+//! directory. Every bad file is made by the test itself from the fixtures.
+
+mod common;
+
+use common::fixtures;
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn tmpdir(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("dmd2-hostile-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(d.join("out")).unwrap();
+    std::fs::write(d.join("out/keep.png"), b"finished earlier").unwrap();
+    d
+}
+
+fn listing(dir: &Path) -> BTreeSet<String> {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect()
+}
+
+fn run_gen(model: &Path, out: &Path, extra: &[&str]) -> Output {
+    let mut args = vec![
+        "gen",
+        "--model",
+        model.to_str().unwrap(),
+        "--prompt",
+        "x",
+        "--width",
+        "64",
+        "--height",
+        "64",
+        "--device",
+        "cpu",
+        "--seed",
+        "1",
+        "-o",
+        out.to_str().unwrap(),
+    ];
+    args.extend_from_slice(extra);
+    Command::new(env!("CARGO_BIN_EXE_dmd2"))
+        .args(&args)
+        .output()
+        .unwrap()
+}
+
+/// The checks every bad-input case shares.
+fn assert_refused(
+    o: &Output,
+    file: &Path,
+    problem: &str,
+    out_dir: &Path,
+    before: &BTreeSet<String>,
+) {
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(2), "exit code: {err}");
+    assert!(
+        !err.contains("panicked") && !err.contains("RUST_BACKTRACE"),
+        "{err}"
+    );
+    let lines: Vec<&str> = err.lines().filter(|l| l.starts_with("error:")).collect();
+    assert_eq!(lines.len(), 1, "{err}");
+    assert!(
+        lines[0].contains(&file.display().to_string()),
+        "names the file: {err}"
+    );
+    assert!(lines[0].contains(problem), "says {problem:?}: {err}");
+    assert_eq!(&listing(out_dir), before, "output directory changed");
+}
+
+/// Rewrite a safetensors file: `edit` gets the header JSON and the data.
+fn rewrite(src: &Path, dst: &Path, edit: impl FnOnce(&mut serde_json::Value, &mut Vec<u8>)) {
+    let bytes = std::fs::read(src).unwrap();
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let mut header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
+    let mut data = bytes[8 + n..].to_vec();
+    edit(&mut header, &mut data);
+    let h = serde_json::to_vec(&header).unwrap();
+    let mut out = (h.len() as u64).to_le_bytes().to_vec();
+    out.extend(h);
+    out.extend(data);
+    std::fs::write(dst, out).unwrap();
+}
+
+fn case(name: &str, make: impl FnOnce(&Path), problem: &str) {
+    let d = tmpdir(name);
+    let bad = d.join(format!("{name}.safetensors"));
+    make(&bad);
+    let out_dir = d.join("out");
+    let before = listing(&out_dir);
+    let o = run_gen(&bad, &out_dir.join("new.png"), &[]);
+    assert_refused(&o, &bad, problem, &out_dir, &before);
+    let _ = std::fs::remove_dir_all(&d);
+}
+
+fn tiny() -> PathBuf {
+    fixtures().join("tiny.safetensors")
+}
+
+#[test]
+fn wrong_magic() {
+    case(
+        "magic",
+        |p| std::fs::write(p, [0xffu8; 4096]).unwrap(),
+        "not a safetensors file",
+    );
+}
+
+#[test]
+fn empty_file() {
+    case(
+        "empty",
+        |p| std::fs::write(p, b"").unwrap(),
+        "not a safetensors file",
+    );
+}
+
+#[test]
+fn header_longer_than_file() {
+    case(
+        "longheader",
+        |p| {
+            let mut b = 1_000_000u64.to_le_bytes().to_vec();
+            b.extend(b"{}");
+            std::fs::write(p, b).unwrap();
+        },
+        "header claims",
+    );
+}
+
+#[test]
+fn truncated_data() {
+    case(
+        "trunc",
+        |p| {
+            let b = std::fs::read(tiny()).unwrap();
+            std::fs::write(p, &b[..b.len() - 1000]).unwrap();
+        },
+        "truncated",
+    );
+}
+
+#[test]
+fn offsets_out_of_range() {
+    case(
+        "offsets",
+        |p| {
+            rewrite(&tiny(), p, |h, _| {
+                let k = "model.diffusion_model.input_blocks.0.0.weight";
+                h[k]["data_offsets"][1] = serde_json::json!(u64::MAX / 2);
+            })
+        },
+        "truncated or corrupt",
+    );
+}
+
+#[test]
+fn unsupported_dtype() {
+    case(
+        "dtype",
+        |p| {
+            rewrite(&tiny(), p, |h, _| {
+                h["model.diffusion_model.input_blocks.0.0.bias"]["dtype"] =
+                    serde_json::json!("F8_E5M2FNUZ")
+            })
+        },
+        "dtype F8_E5M2FNUZ",
+    );
+}
+
+#[test]
+fn duplicate_key() {
+    case(
+        "dup",
+        |p| {
+            // serde_json cannot write duplicates: splice one into the header text.
+            let bytes = std::fs::read(tiny()).unwrap();
+            let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+            let h = String::from_utf8(bytes[8..8 + n].to_vec()).unwrap();
+            let key = "\"model.diffusion_model.input_blocks.0.0.bias\"";
+            let start = h.find(key).unwrap();
+            let end = start + h[start..].find('}').unwrap() + 1;
+            let entry = h[start..end].to_string();
+            let h2 = format!("{{{entry},{}", &h[1..]);
+            let mut out = (h2.len() as u64).to_le_bytes().to_vec();
+            out.extend(h2.as_bytes());
+            out.extend(&bytes[8 + n..]);
+            std::fs::write(p, out).unwrap();
+        },
+        "appears twice",
+    );
+}
+
+#[test]
+fn missing_key() {
+    case(
+        "missing",
+        |p| {
+            let mut ts = candle_core::safetensors::load(tiny(), &candle_core::Device::Cpu).unwrap();
+            ts.remove("model.diffusion_model.out.2.weight");
+            candle_core::safetensors::save(&ts, p).unwrap();
+        },
+        "model.diffusion_model.out.2.weight",
+    );
+}
+
+#[test]
+fn sd15_and_flux_checkpoints() {
+    for (name, keys, says) in [
+        (
+            "sd15",
+            vec![
+                "model.diffusion_model.input_blocks.0.0.weight",
+                "cond_stage_model.transformer.text_model.embeddings.token_embedding.weight",
+            ],
+            "SD",
+        ),
+        (
+            "flux",
+            vec![
+                "double_blocks.0.img_attn.qkv.weight",
+                "single_blocks.0.linear1.weight",
+            ],
+            "Flux",
+        ),
+    ] {
+        case(
+            name,
+            |p| {
+                let mut ts = std::collections::HashMap::new();
+                for k in keys {
+                    ts.insert(
+                        k.to_string(),
+                        candle_core::Tensor::zeros(
+                            (2, 2),
+                            candle_core::DType::F16,
+                            &candle_core::Device::Cpu,
+                        )
+                        .unwrap(),
+                    );
+                }
+                candle_core::safetensors::save(&ts, p).unwrap();
+            },
+            says,
+        );
+    }
+}
+
+#[test]
+fn nan_weights_warn_and_strict_refuses() {
+    let d = tmpdir("nan");
+    let bad = d.join("nan.safetensors");
+    // Overwrite the UNet's conv_in bias (f16) with NaNs.
+    rewrite(&tiny(), &bad, |h, data| {
+        let o = &h["model.diffusion_model.input_blocks.0.0.bias"]["data_offsets"];
+        let (a, b) = (
+            o[0].as_u64().unwrap() as usize,
+            o[1].as_u64().unwrap() as usize,
+        );
+        for c in data[a..b].chunks_mut(2) {
+            c.copy_from_slice(&0x7e00u16.to_le_bytes());
+        }
+    });
+    let out_dir = d.join("out");
+    let before = listing(&out_dir);
+    let o = run_gen(&bad, &out_dir.join("new.png"), &["--strict"]);
+    assert_refused(&o, &bad, "NaN or Inf", &out_dir, &before);
+    // Without --strict: a warning, then the sampler notices the NaN latents at step 1.
+    let o = run_gen(&bad, &out_dir.join("new.png"), &[]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("warning:") && err.contains("NaN or Inf"),
+        "{err}"
+    );
+    assert!(err.contains("step 1 of 4"), "{err}");
+    assert!(!o.status.success());
+    assert_eq!(listing(&out_dir), before, "no image written");
+}
+
+#[test]
+fn unwritable_output_keeps_finished_images() {
+    let d = tmpdir("unwritable");
+    // The output directory's parent is a regular file: it can never be created.
+    let blocker = d.join("file");
+    std::fs::write(&blocker, b"x").unwrap();
+    let o = run_gen(&fixtures().join("tiny"), &blocker.join("sub/new.png"), &[]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "{err}");
+    assert!(
+        err.contains("cannot create the output directory") || err.contains("cannot write"),
+        "{err}"
+    );
+    assert!(!err.contains("panicked"));
+    assert_eq!(
+        std::fs::read(d.join("out/keep.png")).unwrap(),
+        b"finished earlier"
+    );
+}
+
+#[test]
+fn sigint_stops_after_the_current_image() {
+    let d = tmpdir("sigint");
+    let pf = d.join("p.txt");
+    std::fs::write(
+        &pf,
+        (0..40).map(|i| format!("prompt {i}\n")).collect::<String>(),
+    )
+    .unwrap();
+    let out = d.join("out");
+    let child = Command::new(env!("CARGO_BIN_EXE_dmd2"))
+        .args([
+            "gen",
+            "--model",
+            fixtures().join("tiny").to_str().unwrap(),
+            "--prompt-file",
+            pf.to_str().unwrap(),
+            "--width",
+            "64",
+            "--height",
+            "64",
+            "--device",
+            "cpu",
+            "--seed",
+            "1",
+            "--out-dir",
+            out.to_str().unwrap(),
+        ])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let t0 = std::time::Instant::now();
+    while listing(&out).iter().filter(|f| f.ends_with(".png")).count() < 3
+        && t0.elapsed().as_secs() < 120
+    {
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    let ok = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(ok.success());
+    let o = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "{err}");
+    assert!(err.contains("interrupted"), "{err}");
+    let files = listing(&out);
+    let pngs = files
+        .iter()
+        .filter(|f| f.ends_with(".png") && *f != "keep.png")
+        .count();
+    assert!((3..41).contains(&pngs), "{files:?}");
+    assert!(pngs < 40, "it stopped early");
+    assert!(
+        files.iter().all(|f| f.ends_with(".png")),
+        "no temporary file left: {files:?}"
+    );
+    for f in files.iter().filter(|f| *f != "keep.png") {
+        image::open(out.join(f)).unwrap_or_else(|e| panic!("{f} is not a whole PNG: {e}"));
+    }
+}
