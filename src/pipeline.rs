@@ -11,6 +11,7 @@ use crate::unet::UNet;
 use crate::vae::VaeDecoder;
 use anyhow::{Context, Result, bail};
 use candle_core::{DType, Device, Tensor};
+use std::sync::Arc;
 use std::time::Instant;
 
 /// Prompt conditioning for one image: `context` `[1, 77, cross]`, `pooled` `[1, P]`.
@@ -415,6 +416,63 @@ fn check_finite(latents: &Tensor, i: usize, n: usize, t: f64) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// A rough upper estimate of the memory a run needs on the compute device, in bytes: the
+/// weights in the compute dtype plus the largest activations of the UNet (skip connections,
+/// attention blocks) and of the VAE decode (full-resolution feature maps and the 3x3
+/// convolutions' unfolded inputs). Used to refuse sizes that cannot fit before any work.
+pub fn estimate_bytes(
+    parts: &ModelParts,
+    dtype: DType,
+    width: usize,
+    height: usize,
+    batch: usize,
+    cfg: bool,
+) -> u64 {
+    let mut numel: u64 = 0;
+    let mut seen = std::collections::HashSet::new();
+    for c in [
+        &parts.unet,
+        &parts.text_encoder,
+        &parts.text_encoder_2,
+        &parts.vae,
+    ] {
+        if seen.insert(Arc::as_ptr(&c.files) as usize) {
+            numel += c
+                .files
+                .shapes()
+                .values()
+                .map(|s| s.iter().product::<usize>() as u64)
+                .sum::<u64>();
+        }
+    }
+    let weights = numel * dtype.size_in_bytes() as u64;
+    let px = (width * height) as u64;
+    let rows = (batch * if cfg { 2 } else { 1 }) as u64;
+    let u = &parts.unet_config;
+    let latent_px = px / 64;
+    let c0 = u.block_out_channels.first().copied().unwrap_or(320) as u64;
+    // About 16 feature maps of the first level's size are alive at once (skips included),
+    // plus two attention score blocks of at most 256 MiB.
+    let unet = rows * 16 * c0 * latent_px * 4 + 2 * (256 << 20);
+    let v0 = parts
+        .vae_config
+        .block_out_channels
+        .first()
+        .copied()
+        .unwrap_or(128) as u64;
+    // Full-resolution maps and one unfolded 3x3 input (9 × channels) per image.
+    let vae = batch as u64 * px * 4 * (v0 * 9 + v0 * 6);
+    weights + unet.max(vae)
+}
+
+/// Memory available to this process on the CPU (Linux `MemAvailable`), if known.
+pub fn available_memory() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
 }
 
 /// Sizes must be whole numbers of latents (multiples of 8 for SDXL).

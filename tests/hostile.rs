@@ -365,3 +365,37 @@ fn sigint_stops_after_the_current_image() {
         image::open(out.join(f)).unwrap_or_else(|e| panic!("{f} is not a whole PNG: {e}"));
     }
 }
+
+#[test]
+fn memory_estimate_refuses_what_cannot_fit() {
+    let d = tmpdir("memory");
+    let out_dir = d.join("out");
+    let before = listing(&out_dir);
+    let model = fixtures().join("tiny");
+    let o = Command::new(env!("CARGO_BIN_EXE_dmd2"))
+        .args([
+            "gen",
+            "--model",
+            model.to_str().unwrap(),
+            "--prompt",
+            "x",
+            "--width",
+            "4096",
+            "--height",
+            "4096",
+            "--batch-size",
+            "64",
+            "--num-images",
+            "64",
+            "--device",
+            "cpu",
+            "--out-dir",
+            out_dir.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    assert!(err.contains("GiB") && err.contains("--force"), "{err}");
+    assert_eq!(listing(&out_dir), before);
+}

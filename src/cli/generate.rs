@@ -586,6 +586,29 @@ fn load_pipeline(a: &GenArgs, base: &Base, device: &candle_core::Device) -> Resu
         }
     }
     let dtype = pipeline::default_dtype(device);
+    if device.is_cpu() && !a.force {
+        let need = pipeline::estimate_bytes(
+            &parts,
+            dtype,
+            base.width,
+            base.height,
+            a.batch_size,
+            base.cfg > 1.0,
+        );
+        if let Some(have) = pipeline::available_memory()
+            && need > have
+        {
+            let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
+            return Err(bad_input(anyhow::anyhow!(
+                "{}x{} with batch size {} needs about {:.1} GiB, {:.1} GiB of memory is available; use a smaller size or batch, or --force to try anyway",
+                base.width,
+                base.height,
+                a.batch_size,
+                gib(need),
+                gib(have)
+            )));
+        }
+    }
     let pipe = Pipeline::load(parts, device, dtype).map_err(bad_input)?;
     let bad = crate::weights::take_non_finite();
     if !bad.is_empty() {
