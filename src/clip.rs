@@ -31,11 +31,11 @@ impl Attention {
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let q = nn::split_heads(&self.q.forward(x)?, self.heads)?;
-        let k = nn::split_heads(&self.k.forward(x)?, self.heads)?;
-        let v = nn::split_heads(&self.v.forward(x)?, self.heads)?;
-        let o = nn::attention(&q, &k, &v, self.scale, true)?;
-        self.out.forward(&nn::merge_heads(&o)?)
+        let q = self.q.forward(x)?;
+        let k = self.k.forward(x)?;
+        let v = self.v.forward(x)?;
+        let o = nn::attention_tokens(&q, &k, &v, self.heads, self.scale, true)?;
+        self.out.forward(&o)
     }
 }
 

@@ -13,6 +13,7 @@ pub mod config;
 pub mod device;
 pub mod error;
 pub mod hub;
+pub mod kernels;
 pub mod metadata;
 pub mod naming;
 pub mod nn;

@@ -4,8 +4,153 @@
 //! the SDXL models need exact control over epsilons, activations and attention layout, and
 //! because these are the hot paths the CPU kernels optimise.
 
-use candle_core::{DType, Module, Result, Tensor};
-use candle_nn::{Conv2d, Conv2dConfig, GroupNorm, LayerNorm, Linear, VarBuilder};
+use candle_core::{CpuStorage, DType, Device, Module, Result, Storage, Tensor};
+use candle_nn::{Conv2dConfig, LayerNorm, Linear, VarBuilder};
+
+/// Runs `f` on the contiguous f32 data of CPU f32 tensors; `None` when any of them lives on
+/// another device or has another dtype (the caller then takes candle's path).
+/// Non-contiguous tensors are copied first.
+fn with_cpu_f32<R>(ts: &[&Tensor], f: impl FnOnce(&[&[f32]]) -> R) -> Result<Option<R>> {
+    if ts
+        .iter()
+        .any(|t| !matches!(t.device(), Device::Cpu) || t.dtype() != DType::F32)
+    {
+        return Ok(None);
+    }
+    let owned = ts
+        .iter()
+        .map(|t| t.contiguous())
+        .collect::<Result<Vec<_>>>()?;
+    let guards: Vec<_> = owned.iter().map(|t| t.storage_and_layout()).collect();
+    let mut slices = Vec::with_capacity(guards.len());
+    for (storage, layout) in &guards {
+        match (&**storage, layout.contiguous_offsets()) {
+            (Storage::Cpu(CpuStorage::F32(data)), Some((start, end))) => {
+                slices.push(&data[start..end])
+            }
+            _ => return Ok(None),
+        }
+    }
+    Ok(Some(f(&slices)))
+}
+
+/// A 2-D convolution with a fast CPU f32 path ([`crate::kernels::conv`]); candle's conv2d
+/// on other devices and dtypes. Weight names as `candle_nn::Conv2d`'s.
+#[derive(Clone, Debug)]
+pub struct Conv2d {
+    inner: candle_nn::Conv2d,
+    kernel: usize,
+    stride: usize,
+    padding: usize,
+}
+
+impl Conv2d {
+    pub fn weight(&self) -> &Tensor {
+        self.inner.weight()
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    fn forward_cpu_f32(&self, x: &Tensor) -> Result<Option<Tensor>> {
+        use crate::kernels::conv::{ConvShape, conv2d};
+        let (batch, c_in, h, w) = x.dims4()?;
+        let (c_out, wc_in, kh, kw) = self.inner.weight().dims4()?;
+        if wc_in != c_in || kh != self.kernel || kw != self.kernel {
+            return Ok(None);
+        }
+        let shape = ConvShape {
+            batch,
+            c_in,
+            h,
+            w,
+            c_out,
+            kernel: self.kernel,
+            stride: self.stride,
+            padding: self.padding,
+        };
+        if h + 2 * self.padding < self.kernel || w + 2 * self.padding < self.kernel {
+            return Ok(None);
+        }
+        let out = match self.inner.bias() {
+            Some(bias) => with_cpu_f32(&[x, self.inner.weight(), bias], |d| {
+                conv2d(d[0], d[1], Some(d[2]), shape)
+            })?,
+            None => with_cpu_f32(&[x, self.inner.weight()], |d| {
+                conv2d(d[0], d[1], None, shape)
+            })?,
+        };
+        let Some(out) = out else {
+            return Ok(None);
+        };
+        let (oh, ow) = shape.out_hw();
+        Ok(Some(Tensor::from_vec(
+            out,
+            (batch, c_out, oh, ow),
+            &Device::Cpu,
+        )?))
+    }
+
+    #[cfg(not(target_arch = "x86_64"))]
+    fn forward_cpu_f32(&self, _x: &Tensor) -> Result<Option<Tensor>> {
+        Ok(None)
+    }
+}
+
+impl Module for Conv2d {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        match self.forward_cpu_f32(x)? {
+            Some(y) => Ok(y),
+            None => self.inner.forward(x),
+        }
+    }
+}
+
+/// Group norm over `[b, c, ...]` with a fused CPU f32 path ([`crate::kernels::norm`]),
+/// optionally followed by SiLU. Weight names as `candle_nn::GroupNorm`'s.
+#[derive(Clone, Debug)]
+pub struct GroupNorm {
+    inner: candle_nn::GroupNorm,
+    weight: Tensor,
+    bias: Tensor,
+    groups: usize,
+    eps: f64,
+}
+
+impl GroupNorm {
+    /// `norm(x)`, then SiLU when `silu`.
+    pub fn forward_act(&self, x: &Tensor, silu: bool) -> Result<Tensor> {
+        let dims = x.dims().to_vec();
+        if dims.len() >= 2 && dims[1] == self.weight.dim(0)? && dims[1].is_multiple_of(self.groups)
+        {
+            let channels = dims[1];
+            let spatial: usize = dims[2..].iter().product();
+            if spatial > 0 {
+                let res = with_cpu_f32(&[x, &self.weight, &self.bias], |d| {
+                    crate::kernels::norm::group_norm(
+                        d[0],
+                        channels,
+                        spatial,
+                        self.groups,
+                        d[1],
+                        d[2],
+                        self.eps,
+                        silu,
+                    )
+                })?;
+                if let Some(out) = res {
+                    return Tensor::from_vec(out, dims, &Device::Cpu);
+                }
+            }
+        }
+        let y = self.inner.forward(x)?;
+        if silu { self::silu(&y) } else { Ok(y) }
+    }
+}
+
+impl Module for GroupNorm {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.forward_act(x, false)
+    }
+}
 
 pub fn linear(in_dim: usize, out_dim: usize, vb: VarBuilder) -> Result<Linear> {
     candle_nn::linear(in_dim, out_dim, vb)
@@ -27,11 +172,24 @@ pub fn conv2d(
         stride,
         ..Default::default()
     };
-    candle_nn::conv2d(c_in, c_out, kernel, cfg, vb)
+    Ok(Conv2d {
+        inner: candle_nn::conv2d(c_in, c_out, kernel, cfg, vb)?,
+        kernel,
+        stride,
+        padding: kernel / 2,
+    })
 }
 
 pub fn group_norm(groups: usize, channels: usize, eps: f64, vb: VarBuilder) -> Result<GroupNorm> {
-    candle_nn::group_norm(groups, channels, eps, vb)
+    let weight = vb.get_with_hints(channels, "weight", candle_nn::Init::Const(1.))?;
+    let bias = vb.get_with_hints(channels, "bias", candle_nn::Init::Const(0.))?;
+    Ok(GroupNorm {
+        inner: candle_nn::GroupNorm::new(weight.clone(), bias.clone(), channels, groups, eps)?,
+        weight,
+        bias,
+        groups,
+        eps,
+    })
 }
 
 pub fn layer_norm(dim: usize, eps: f64, vb: VarBuilder) -> Result<LayerNorm> {
@@ -141,15 +299,226 @@ pub fn silu(x: &Tensor) -> Result<Tensor> {
     candle_nn::ops::silu(x)
 }
 
-/// A `Module` that applies group norm then SiLU, the pattern every resnet uses.
+/// Group norm then SiLU, the pattern every resnet uses (fused on CPU f32).
 pub fn group_norm_silu(norm: &GroupNorm, x: &Tensor) -> Result<Tensor> {
-    silu(&norm.forward(x)?)
+    norm.forward_act(x, true)
+}
+
+/// diffusers' GEGLU on the last dimension: `h[..., :n] * gelu_erf(h[..., n:])`, `n` half
+/// the last dimension; fused on CPU f32.
+pub fn geglu(h: &Tensor) -> Result<Tensor> {
+    let dims = h.dims().to_vec();
+    let last = *dims.last().unwrap_or(&0);
+    let half = last / 2;
+    if last > 0 && last.is_multiple_of(2) {
+        let res = with_cpu_f32(&[h], |d| {
+            use rayon::prelude::*;
+            let hd = d[0];
+            let mut out = vec![0f32; hd.len() / 2];
+            let rows_per_task = (1 << 16) / half.max(1) + 1;
+            out.par_chunks_mut(half * rows_per_task)
+                .zip(hd.par_chunks(last * rows_per_task))
+                .for_each(|(o, rows)| {
+                    for (o, row) in o.chunks_mut(half).zip(rows.chunks(last)) {
+                        crate::kernels::math::geglu(&row[..half], &row[half..], o);
+                    }
+                });
+            out
+        })?;
+        if let Some(out) = res {
+            let mut od = dims.clone();
+            *od.last_mut().unwrap_or(&mut 0) = half;
+            return Tensor::from_vec(out, od, &Device::Cpu);
+        }
+    }
+    let d = candle_core::D::Minus1;
+    let hidden = h.narrow(d, 0, half)?;
+    let gate = h.narrow(d, half, half)?.gelu_erf()?;
+    hidden * gate
+}
+
+/// Multi-head attention on projections in token layout: `q` `[b, sq, heads·d]`, `k` and `v`
+/// `[b, sk, heads·d]`; returns `[b, sq, heads·d]`. The CPU f32 path
+/// ([`crate::kernels::attention`]) reads the heads in place and never holds the full score
+/// matrix; elsewhere heads are split and [`attention`] runs.
+pub fn attention_tokens(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    heads: usize,
+    scale: f64,
+    causal: bool,
+) -> Result<Tensor> {
+    #[cfg(target_arch = "x86_64")]
+    {
+        let (b, sq, hd) = q.dims3()?;
+        let (bk, sk, hdk) = k.dims3()?;
+        if v.dims3()? == (bk, sk, hdk) && b == bk && hd == hdk && heads > 0 && hd % heads == 0 {
+            let shape = crate::kernels::attention::AttnShape {
+                batch: b,
+                heads,
+                head_dim: hd / heads,
+                sq,
+                sk,
+            };
+            let res = with_cpu_f32(&[q, k, v], |d| {
+                crate::kernels::attention::attention(d[0], d[1], d[2], shape, scale as f32, causal)
+            })?;
+            if let Some(out) = res {
+                return Tensor::from_vec(out, (b, sq, hd), &Device::Cpu);
+            }
+        }
+    }
+    let o = attention(
+        &split_heads(q, heads)?,
+        &split_heads(k, heads)?,
+        &split_heads(v, heads)?,
+        scale,
+        causal,
+    )?;
+    merge_heads(&o)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use candle_core::Device;
+
+    fn max_rel(a: &Tensor, b: &Tensor) -> f32 {
+        assert_eq!(a.dims(), b.dims());
+        let d = (a - b).unwrap().abs().unwrap().max_all().unwrap();
+        let m = b
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        d.to_scalar::<f32>().unwrap() / m.max(1e-6)
+    }
+
+    fn vb_random(dev: &Device) -> VarBuilder<'static> {
+        crate::random_weights::var_builder(DType::F32, dev)
+    }
+
+    #[test]
+    fn conv_matches_candle() {
+        let dev = Device::Cpu;
+        // (batch, c_in, c_out, h, w, kernel, stride)
+        let cases = [
+            (1, 4, 8, 9, 7, 3, 1),
+            (2, 5, 3, 8, 8, 3, 2),
+            (2, 7, 6, 9, 11, 3, 2),
+            (1, 3, 5, 1, 1, 3, 1),
+            (2, 6, 4, 5, 3, 1, 1),
+            (1, 16, 12, 13, 17, 1, 2),
+            (2, 32, 40, 31, 29, 3, 1),
+            (1, 3, 2, 2, 3, 3, 2),
+        ];
+        for (b, ci, co, h, w, k, s) in cases {
+            let conv = conv2d(ci, co, k, s, vb_random(&dev)).unwrap();
+            let x = Tensor::randn(0f32, 1.0, (b, ci, h, w), &dev).unwrap();
+            let got = conv.forward(&x).unwrap();
+            let want = conv.inner.forward(&x).unwrap();
+            let e = max_rel(&got, &want);
+            assert!(e < 1e-5, "{:?}: {e}", (b, ci, co, h, w, k, s));
+            // Non-contiguous input goes through the same path.
+            let xt = Tensor::randn(0f32, 1.0, (b, ci, w, h), &dev)
+                .unwrap()
+                .transpose(2, 3)
+                .unwrap();
+            let e = max_rel(
+                &conv.forward(&xt).unwrap(),
+                &conv.inner.forward(&xt).unwrap(),
+            );
+            assert!(e < 1e-5, "transposed {:?}: {e}", (b, ci, co, h, w, k, s));
+        }
+    }
+
+    #[test]
+    fn group_norm_matches_candle() {
+        let dev = Device::Cpu;
+        for (b, c, h, w, g) in [
+            (1, 8, 5, 7, 4),
+            (2, 32, 9, 9, 32),
+            (2, 64, 16, 3, 32),
+            (1, 6, 1, 1, 3),
+        ] {
+            let gn = group_norm(g, c, 1e-5, vb_random(&dev)).unwrap();
+            // Offset data to check the variance is taken around the mean accurately.
+            let x = (Tensor::randn(0f32, 2.0, (b, c, h, w), &dev).unwrap() + 3.0).unwrap();
+            let want = gn.inner.forward(&x).unwrap();
+            let e = max_rel(&gn.forward(&x).unwrap(), &want);
+            assert!(e < 1e-5, "{:?}: {e}", (b, c, h, w, g));
+            let want = silu(&want).unwrap();
+            let e = max_rel(&group_norm_silu(&gn, &x).unwrap(), &want);
+            assert!(e < 1e-5, "silu {:?}: {e}", (b, c, h, w, g));
+            // 3-D input `[b, c, l]`.
+            let x3 = x.reshape((b, c, h * w)).unwrap();
+            let e = max_rel(&gn.forward(&x3).unwrap(), &gn.inner.forward(&x3).unwrap());
+            assert!(e < 1e-5, "3d {:?}: {e}", (b, c, h, w, g));
+        }
+    }
+
+    #[test]
+    fn geglu_matches_candle() {
+        let dev = Device::Cpu;
+        for shape in [
+            (1usize, 3usize, 10usize),
+            (2, 77, 64),
+            (1, 1, 2),
+            (2, 5, 2562),
+        ] {
+            let h = Tensor::randn(0f32, 3.0, shape, &dev).unwrap();
+            let half = shape.2 / 2;
+            let want = (h.narrow(2, 0, half).unwrap()
+                * h.narrow(2, half, half).unwrap().gelu_erf().unwrap())
+            .unwrap();
+            let got = geglu(&h).unwrap();
+            let d = got
+                .sub(&want)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            assert!(d < 1e-5, "{shape:?}: {d}");
+        }
+    }
+
+    #[test]
+    fn token_attention_matches_reference() {
+        let dev = Device::Cpu;
+        // (batch, heads, head_dim, sq, sk)
+        for (b, h, d, sq, sk, causal) in [
+            (1, 2, 8, 5, 5, true),
+            (2, 3, 16, 77, 77, true),
+            (2, 4, 8, 300, 77, false),
+            (1, 1, 40, 257, 257, false),
+            (2, 2, 4, 1, 3, false),
+        ] {
+            let q = Tensor::randn(0f32, 1.0, (b, sq, h * d), &dev).unwrap();
+            let k = Tensor::randn(0f32, 1.0, (b, sk, h * d), &dev).unwrap();
+            let v = Tensor::randn(0f32, 1.0, (b, sk, h * d), &dev).unwrap();
+            let scale = (d as f64).powf(-0.5);
+            let got = attention_tokens(&q, &k, &v, h, scale, causal).unwrap();
+            let want = merge_heads(
+                &attention(
+                    &split_heads(&q, h).unwrap(),
+                    &split_heads(&k, h).unwrap(),
+                    &split_heads(&v, h).unwrap(),
+                    scale,
+                    causal,
+                )
+                .unwrap(),
+            )
+            .unwrap();
+            let e = max_rel(&got, &want);
+            assert!(e < 1e-5, "{:?}: {e}", (b, h, d, sq, sk, causal));
+        }
+    }
 
     #[test]
     fn chunked_attention_equals_whole() {

@@ -5,8 +5,9 @@
 
 use crate::config::UNetConfig;
 use crate::nn;
+use crate::nn::{Conv2d, GroupNorm};
 use candle_core::{DType, Module, Result, Tensor};
-use candle_nn::{Conv2d, GroupNorm, LayerNorm, Linear, VarBuilder};
+use candle_nn::{LayerNorm, Linear, VarBuilder};
 
 /// Transformer2DModel's own group norm epsilon (fixed in diffusers).
 const TRANSFORMER_NORM_EPS: f64 = 1e-6;
@@ -85,11 +86,11 @@ impl CrossAttention {
 
     fn forward(&self, x: &Tensor, context: Option<&Tensor>) -> Result<Tensor> {
         let ctx = context.unwrap_or(x);
-        let q = nn::split_heads(&self.to_q.forward(x)?, self.heads)?;
-        let k = nn::split_heads(&self.to_k.forward(ctx)?, self.heads)?;
-        let v = nn::split_heads(&self.to_v.forward(ctx)?, self.heads)?;
-        let o = nn::attention(&q, &k, &v, self.scale, false)?;
-        self.to_out.forward(&nn::merge_heads(&o)?)
+        let q = self.to_q.forward(x)?;
+        let k = self.to_k.forward(ctx)?;
+        let v = self.to_v.forward(ctx)?;
+        let o = nn::attention_tokens(&q, &k, &v, self.heads, self.scale, false)?;
+        self.to_out.forward(&o)
     }
 }
 
@@ -125,10 +126,7 @@ impl BasicTransformerBlock {
             + &x)?;
         // GEGLU: hidden, gate = proj(x).chunk(2); hidden * gelu(gate) (exact GELU)
         let h = self.ff_proj.forward(&self.norm3.forward(&x)?)?;
-        let half = h.dim(candle_core::D::Minus1)? / 2;
-        let hidden = h.narrow(candle_core::D::Minus1, 0, half)?;
-        let gate = h.narrow(candle_core::D::Minus1, half, half)?.gelu_erf()?;
-        self.ff_out.forward(&(hidden * gate)?)? + x
+        self.ff_out.forward(&nn::geglu(&h)?)? + x
     }
 }
 

@@ -2,9 +2,10 @@
 
 use crate::config::VaeConfig;
 use crate::nn;
+use crate::nn::{Conv2d, GroupNorm};
 use crate::unet::ResnetBlock;
 use candle_core::{Module, Result, Tensor};
-use candle_nn::{Conv2d, GroupNorm, Linear, VarBuilder};
+use candle_nn::{Linear, VarBuilder};
 
 /// diffusers builds the VAE's resnets, attention and output norm with eps 1e-6.
 const VAE_EPS: f64 = 1e-6;
@@ -37,10 +38,10 @@ impl SpatialAttention {
             .reshape((b, c, h * w))?
             .transpose(1, 2)?
             .contiguous()?;
-        let q = self.to_q.forward(&t)?.unsqueeze(1)?;
-        let k = self.to_k.forward(&t)?.unsqueeze(1)?;
-        let v = self.to_v.forward(&t)?.unsqueeze(1)?;
-        let o = nn::attention(&q, &k, &v, (c as f64).powf(-0.5), false)?.squeeze(1)?;
+        let q = self.to_q.forward(&t)?;
+        let k = self.to_k.forward(&t)?;
+        let v = self.to_v.forward(&t)?;
+        let o = nn::attention_tokens(&q, &k, &v, 1, (c as f64).powf(-0.5), false)?;
         let o = self
             .to_out
             .forward(&o)?

@@ -1,0 +1,102 @@
+//! Scaled dot-product attention read straight from the projections' `[b, s, heads·d]`
+//! layout (no head split/merge copies), without materialising the whole score matrix.
+//!
+//! Work is split into (batch, head, block of query rows) tasks over rayon; each computes its
+//! `[rows, sk]` score block with one single-threaded GEMM, a fused scale+softmax per row,
+//! and multiplies by V into a private `[rows, d]` buffer that is then scattered into place.
+
+use super::gemm::gemm;
+use super::math;
+use rayon::prelude::*;
+
+/// Shape of one attention call.
+#[derive(Debug, Clone, Copy)]
+pub struct AttnShape {
+    pub batch: usize,
+    pub heads: usize,
+    pub head_dim: usize,
+    /// Query length.
+    pub sq: usize,
+    /// Key/value length.
+    pub sk: usize,
+}
+
+/// Score block size per task, in f32 elements (1 MiB: it stays in L2 between the two
+/// GEMMs and the softmax).
+const SCORE_BLOCK: usize = 256 << 10;
+
+/// `out[b, i, h·d + e] = Σ_j softmax_j(scale · q_i·k_j) v[b, j, h·d + e]` for `q`
+/// `[b, sq, heads·d]` and `k`, `v` `[b, sk, heads·d]`, all contiguous. `causal` masks keys
+/// after the query position.
+pub fn attention(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    s: AttnShape,
+    scale: f32,
+    causal: bool,
+) -> Vec<f32> {
+    let AttnShape {
+        batch,
+        heads,
+        head_dim: d,
+        sq,
+        sk,
+    } = s;
+    let hd = heads * d;
+    assert_eq!(q.len(), batch * sq * hd);
+    assert_eq!(k.len(), batch * sk * hd);
+    assert_eq!(v.len(), batch * sk * hd);
+    let mut out = vec![0f32; batch * sq * hd];
+    if sq == 0 || d == 0 {
+        return out;
+    }
+    let rows = (SCORE_BLOCK / sk.max(1)).clamp(48, 256).min(sq);
+    let blocks = sq.div_ceil(rows);
+    let tasks: Vec<(usize, usize, usize)> = (0..batch)
+        .flat_map(|b| (0..heads).flat_map(move |h| (0..blocks).map(move |blk| (b, h, blk))))
+        .collect();
+    let results: Vec<Vec<f32>> = tasks
+        .par_iter()
+        .map_init(
+            || vec![0f32; rows * sk],
+            |scores, &(b, h, blk)| {
+                let r0 = blk * rows;
+                let nr = rows.min(sq - r0);
+                let qb = &q[(b * sq + r0) * hd + h * d..];
+                let kb = &k[b * sk * hd + h * d..];
+                let vb = &v[b * sk * hd + h * d..];
+                let sc = &mut scores[..nr * sk];
+                // scores[nr×sk] = Q[nr×d] · Kᵀ[d×sk]  (Kᵀ: row stride 1, column stride hd)
+                gemm([nr, sk, d], (sc, sk, 1), false, (qb, hd, 1), (kb, 1, hd), 1);
+                for (i, row) in sc.chunks_exact_mut(sk).enumerate() {
+                    if causal {
+                        let qi = r0 + i;
+                        if qi + 1 < sk {
+                            row[qi + 1..].fill(f32::NEG_INFINITY);
+                        }
+                    }
+                    math::softmax_row(row, scale);
+                }
+                let mut o = vec![0f32; nr * d];
+                gemm(
+                    [nr, d, sk],
+                    (&mut o, d, 1),
+                    false,
+                    (sc, sk, 1),
+                    (vb, hd, 1),
+                    1,
+                );
+                o
+            },
+        )
+        .collect();
+    for (&(b, h, blk), o) in tasks.iter().zip(&results) {
+        let r0 = blk * rows;
+        for (i, src) in o.chunks_exact(d).enumerate() {
+            let at = (b * sq + r0 + i) * hd + h * d;
+            out[at..at + d].copy_from_slice(src);
+        }
+    }
+    out
+}

@@ -1,0 +1,58 @@
+//! Hand-written CPU f32 kernels for the hot paths of the UNet and the VAE.
+//!
+//! Each kernel works on contiguous f32 slices; the wrappers in [`crate::nn`] route CPU f32
+//! tensors here and keep candle's own ops for every other device and dtype.
+//!
+//! - [`conv`]: 1x1 convolutions as a plain GEMM, k×k (stride 1 or 2) convolutions through a
+//!   chunked im2col into a reused buffer, both calling `gemm` directly and writing NCHW output
+//!   in place (bias folded into the accumulator).
+//! - [`norm`]: group norm with optional fused SiLU (two passes per group).
+//! - [`attention`]: scaled dot-product attention straight from `[b, s, heads*d]` projections,
+//!   one head per task, query blocks so the score block stays in cache.
+//! - [`math`]: vectorisable `exp`, `erf`-based GELU, GEGLU, softmax.
+
+#[cfg(target_arch = "x86_64")]
+pub mod attention;
+#[cfg(target_arch = "x86_64")]
+pub mod conv;
+#[cfg(target_arch = "x86_64")]
+pub mod gemm;
+pub mod math;
+pub mod norm;
+
+/// Number of worker threads candle uses (and that the kernels split work over).
+pub fn num_threads() -> usize {
+    candle_core::utils::get_num_threads().max(1)
+}
+
+/// Runs `$body` (an expression using only `#[inline(always)]` helpers) compiled with AVX-512
+/// or AVX2+FMA enabled when the CPU has them, so LLVM vectorises it for the wide registers;
+/// otherwise with the baseline target features.
+macro_rules! dispatch_simd {
+    (fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $body:block) => {
+        fn $name($($arg: $ty),*) {
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx512f,avx512vl,avx2,fma")]
+                fn avx512($($arg: $ty),*) $body
+                #[target_feature(enable = "avx2,fma")]
+                fn avx2($($arg: $ty),*) $body
+                if std::arch::is_x86_feature_detected!("avx512f")
+                    && std::arch::is_x86_feature_detected!("avx512vl")
+                {
+                    // SAFETY: the CPU supports every feature `avx512` is compiled with.
+                    return unsafe { avx512($($arg),*) };
+                }
+                if std::arch::is_x86_feature_detected!("avx2")
+                    && std::arch::is_x86_feature_detected!("fma")
+                {
+                    // SAFETY: the CPU supports every feature `avx2` is compiled with.
+                    return unsafe { avx2($($arg),*) };
+                }
+            }
+            #[allow(unreachable_code)]
+            $body
+        }
+    };
+}
+pub(crate) use dispatch_simd;
