@@ -14,6 +14,7 @@ pub mod device;
 pub mod error;
 pub mod hub;
 pub mod kernels;
+pub mod lora;
 pub mod metadata;
 pub mod naming;
 pub mod nn;

@@ -155,7 +155,14 @@ pub fn parse_a1111(text: &str) -> Result<A1111> {
         let Some(colon) = rest.find(':') else {
             bail!("malformed parameter {rest:?}")
         };
-        let key = rest[..colon].trim().to_string();
+        // Junk before a key (after a quoted value, say) is dropped up to the last comma.
+        let raw_key = &rest[..colon];
+        let key = raw_key
+            .rsplit(',')
+            .next()
+            .unwrap_or(raw_key)
+            .trim()
+            .to_string();
         rest = rest[colon + 1..].trim_start();
         let value;
         if let Some(q) = rest.strip_prefix('"') {
@@ -169,7 +176,7 @@ pub fn parse_a1111(text: &str) -> Result<A1111> {
             value = rest[..end].trim().to_string();
             rest = &rest[end..];
         }
-        rest = rest.trim_start_matches(',').trim_start();
+        rest = rest.trim_start_matches(|c: char| c == ',' || c.is_whitespace());
         fields.push((key, value));
     }
     Ok(A1111 {
@@ -320,5 +327,12 @@ mod tests {
         assert_eq!(p.get("Sampler"), Some("Euler a"));
         assert!(parse_a1111("no parameters here").is_err());
         assert!(parse_a1111("Steps: \"unclosed").is_err());
+        // Found by tests/fuzz.rs: separators without values never become part of a key.
+        let p = parse_a1111("Steps: , ,:").unwrap();
+        assert!(
+            p.fields.iter().all(|(k, _)| !k.contains(',')),
+            "{:?}",
+            p.fields
+        );
     }
 }

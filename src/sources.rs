@@ -3,6 +3,7 @@
 
 use crate::checkpoint::ModelParts;
 use crate::hub;
+use crate::lora::{self, LoraSpec};
 use anyhow::Result;
 use std::path::PathBuf;
 
@@ -28,7 +29,17 @@ pub fn replace_unet(parts: &mut ModelParts, spec: &str) -> Result<()> {
     crate::checkpoint::unet_file::replace_unet(parts, &path)
 }
 
-/// `--lora PATH[:WEIGHT]` values (LoRA merging lands in the next commit).
-pub fn apply_loras(_parts: &mut ModelParts, specs: &[String]) -> Result<Vec<String>> {
-    anyhow::bail!("{}: LoRA merging is not available in this build yet", specs.join(", "))
+/// `--lora PATH[:WEIGHT]` values, local or from the Hub; returns one report per LoRA.
+pub fn apply_loras(parts: &mut ModelParts, specs: &[String]) -> Result<Vec<lora::MergeReport>> {
+    let resolved = specs
+        .iter()
+        .map(|s| {
+            let (p, w) = split_weight(s);
+            Ok(LoraSpec {
+                path: hub::resolve_file(p)?,
+                weight: w,
+            })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    lora::apply_loras(parts, &resolved)
 }

@@ -141,21 +141,12 @@ impl ComponentWeights {
 
     /// Load a tensor as the model uses it: patches merged in f32, then cast.
     pub fn load(&self, name: &str, dtype: DType, dev: &Device) -> Result<Tensor> {
-        let mut t = self.load_raw(name)?;
-        if let Some(patches) = self.patches.get(name) {
-            t = t.to_dtype(DType::F32)?;
-            let shape = t.dims().to_vec();
-            for p in patches {
-                let d = p.delta.delta(&shape)?;
-                if d.dims() != shape.as_slice() {
-                    return Err(Error::Msg(format!(
-                        "LoRA update for {name} has shape {:?}, the weight has {shape:?}",
-                        d.dims()
-                    )));
-                }
-                t = (t + (d * p.multiplier as f64)?)?;
-            }
-        }
+        let raw = self.load_raw(name)?;
+        let t = match self.patches.get(name) {
+            // ΔW merged in f32 into a reused buffer, then cast (crate::lora::merge_patches).
+            Some(patches) => crate::lora::merge_patches(&raw, patches, dtype)?,
+            None => raw.to_dtype(dtype)?,
+        };
         if t.dtype().is_float()
             && !t
                 .to_dtype(DType::F32)?
@@ -165,7 +156,7 @@ impl ComponentWeights {
         {
             note_non_finite(name);
         }
-        t.to_dtype(dtype)?.to_device(dev)
+        t.to_device(dev)
     }
 
     pub fn var_builder(self: &Arc<Self>, dtype: DType, dev: &Device) -> VarBuilder<'static> {

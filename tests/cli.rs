@@ -237,7 +237,13 @@ fn readme_first_command_fails_fast_offline_with_a_hint() {
     let dir = tmpdir("offline");
     let t = std::time::Instant::now();
     let o = Command::new(env!("CARGO_BIN_EXE_dmd2"))
-        .args(["gen", "--prompt", "a photo of a cat", "--output", dir.join("cat.png").to_str().unwrap()])
+        .args([
+            "gen",
+            "--prompt",
+            "a photo of a cat",
+            "--output",
+            dir.join("cat.png").to_str().unwrap(),
+        ])
         .env("HF_HOME", dir.join("hf"))
         .env_remove("HF_HUB_CACHE")
         .env("HF_ENDPOINT", "http://127.0.0.1:9")
@@ -246,7 +252,10 @@ fn readme_first_command_fails_fast_offline_with_a_hint() {
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(t.elapsed().as_secs() < 10, "took {:?}", t.elapsed());
     assert!(!o.status.success());
-    assert!(err.contains("stabilityai/stable-diffusion-xl-base-1.0"), "{err}");
+    assert!(
+        err.contains("stabilityai/stable-diffusion-xl-base-1.0"),
+        "{err}"
+    );
     assert!(err.contains("local path"), "{err}");
     assert!(!dir.join("cat.png").exists());
 }

@@ -11,8 +11,67 @@ use proptest::prelude::*;
 use std::collections::BTreeMap;
 use std::path::Path;
 
+fn cases(default: u32) -> u32 {
+    std::env::var("PROPTEST_CASES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
 fn config() -> ProptestConfig {
-    ProptestConfig { cases: 2000, failure_persistence: None, ..ProptestConfig::default() }
+    ProptestConfig {
+        cases: cases(2000),
+        failure_persistence: None,
+        ..ProptestConfig::default()
+    }
+}
+
+fn lora_config() -> ProptestConfig {
+    ProptestConfig {
+        cases: cases(150),
+        failure_persistence: None,
+        ..ProptestConfig::default()
+    }
+}
+
+/// Key names shaped like the LoRA formats dmd2 reads, with random module paths and suffixes.
+fn lora_key() -> impl Strategy<Value = String> {
+    let prefix = prop_oneof![
+        Just("lora_unet_"),
+        Just("lora_te1_text_model_encoder_layers_"),
+        Just("lora_te2_"),
+        Just("unet."),
+        Just("text_encoder."),
+        Just("lycoris_"),
+        Just(""),
+    ];
+    let module = prop_oneof![
+        Just("down_blocks_1_attentions_0_transformer_blocks_0_attn1_to_q".to_string()),
+        Just("input_blocks_4_1_proj_in".to_string()),
+        Just("down_blocks.1.attentions.0.proj_in".to_string()),
+        Just("0_self_attn_q_proj".to_string()),
+        "[a-z0-9_.]{0,30}",
+    ];
+    let suffix = prop_oneof![
+        Just(".lora_down.weight"),
+        Just(".lora_up.weight"),
+        Just(".alpha"),
+        Just(".lora_A.weight"),
+        Just(".lora_B.weight"),
+        Just(".lora.down.weight"),
+        Just(".hada_w1_a"),
+        Just(".hada_w1_b"),
+        Just(".hada_w2_a"),
+        Just(".hada_w2_b"),
+        Just(".lokr_w1"),
+        Just(".lokr_w2"),
+        Just(".lokr_w2_a"),
+        Just(".lora_mid.weight"),
+        Just(".dora_scale"),
+        Just(".diff"),
+        Just(""),
+    ];
+    (prefix, module, suffix).prop_map(|(p, m, s)| format!("{p}{m}{s}"))
 }
 
 proptest! {
@@ -75,4 +134,33 @@ proptest! {
         let shapes: BTreeMap<String, Vec<usize>> = keys.into_iter().collect();
         let _ = single_file::detect(&shapes);
     }
+}
+
+proptest! {
+    #![proptest_config(lora_config())]
+
+    /// Random LoRA files (key names and shapes) against the tiny model: the parser and the
+    /// merge either accept them or say why; they never panic.
+    #[test]
+    fn lora_files_never_panic(
+        entries in proptest::collection::vec((lora_key(), proptest::collection::vec(1usize..9, 0..4)), 0..12)
+    ) {
+        let dir = std::env::temp_dir().join(format!("dmd2-fuzz-lora-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("l.safetensors");
+        let mut ts = std::collections::HashMap::new();
+        for (k, shape) in entries {
+            let t = candle_core::Tensor::ones(shape, candle_core::DType::F32, &candle_core::Device::Cpu).unwrap();
+            ts.insert(k, t);
+        }
+        candle_core::safetensors::save(&ts, &path).unwrap();
+        let mut parts = dmd2::checkpoint::open(&fixtures_tiny()).unwrap();
+        let spec = dmd2::lora::LoraSpec { path: path.clone(), weight: 0.5 };
+        let _ = dmd2::lora::apply_loras(&mut parts, &[spec]);
+        let _ = dmd2::lora::describe_file(&path);
+    }
+}
+
+fn fixtures_tiny() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny")
 }

@@ -7,6 +7,7 @@
 pub mod diffusers;
 pub mod single_file;
 pub mod unet_file;
+pub mod writer;
 
 use crate::config::{ClipConfig, UNetConfig, VaeConfig};
 use crate::tokenizer::ClipTokenizer;

@@ -583,6 +583,11 @@ fn load_pipeline(a: &GenArgs, base: &Base, device: &candle_core::Device) -> Resu
             if !a.quiet {
                 eprintln!("{r}");
             }
+            if a.verbose {
+                for name in r.unmatched.iter().chain(&r.ignored_keys) {
+                    eprintln!("  not merged: {name}");
+                }
+            }
         }
     }
     let dtype = pipeline::default_dtype(device);
@@ -610,6 +615,7 @@ fn load_pipeline(a: &GenArgs, base: &Base, device: &candle_core::Device) -> Resu
         }
     }
     let pipe = Pipeline::load(parts, device, dtype).map_err(bad_input)?;
+    crate::lora::release_merge_buffers();
     let bad = crate::weights::take_non_finite();
     if !bad.is_empty() {
         let msg = format!(

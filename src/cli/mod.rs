@@ -2,6 +2,8 @@
 //! loaded; the work is done by the library modules.
 
 pub mod generate;
+pub mod inspect;
+pub mod merge;
 
 use crate::error::one_line;
 use clap::{Parser, Subcommand};
@@ -21,6 +23,11 @@ pub struct Cli {
 pub enum Command {
     /// Generate images from a prompt.
     Gen(Box<generate::GenArgs>),
+    /// Say what a file is: checkpoint (layout, architecture, dtype, size) or LoRA (format,
+    /// ranks, alphas, modules, parts touched).
+    Inspect(inspect::InspectArgs),
+    /// Bake LoRAs into a model and write an original-layout single-file checkpoint.
+    Merge(merge::MergeArgs),
     /// List the presets with their values.
     Presets,
     /// Print a shell completion script.
@@ -41,6 +48,8 @@ pub fn main_with_args(args: impl IntoIterator<Item = std::ffi::OsString>) -> i32
     };
     let result = match cli.command {
         Command::Gen(a) => generate::run(*a),
+        Command::Inspect(a) => inspect::run(a),
+        Command::Merge(a) => merge::run(a),
         Command::Presets => list_presets(),
         Command::Completions { shell } => {
             let mut cmd = <Cli as clap::CommandFactory>::command();
