@@ -11,7 +11,6 @@ use crate::unet::UNet;
 use crate::vae::VaeDecoder;
 use anyhow::{Context, Result, bail};
 use candle_core::{DType, Device, Tensor};
-use std::sync::Arc;
 use std::time::Instant;
 
 /// Prompt conditioning for one image: `context` `[1, 77, cross]`, `pooled` `[1, P]`.
@@ -430,41 +429,41 @@ pub fn estimate_bytes(
     batch: usize,
     cfg: bool,
 ) -> u64 {
-    let mut numel: u64 = 0;
-    let mut seen = std::collections::HashSet::new();
-    for c in [
-        &parts.unet,
-        &parts.text_encoder,
-        &parts.text_encoder_2,
-        &parts.vae,
-    ] {
-        if seen.insert(Arc::as_ptr(&c.files) as usize) {
-            numel += c
-                .files
-                .shapes()
-                .values()
-                .map(|s| s.iter().product::<usize>() as u64)
-                .sum::<u64>();
-        }
-    }
-    let weights = numel * dtype.size_in_bytes() as u64;
+    let bytes = |c: &crate::weights::ComponentWeights| -> u64 {
+        let shapes = c.files.shapes();
+        let sources: std::collections::BTreeSet<&str> =
+            c.map.values().map(|m| m.source.as_str()).collect();
+        let numel: u64 = sources
+            .iter()
+            .filter_map(|k| shapes.get(*k))
+            .map(|s| s.iter().product::<usize>() as u64)
+            .sum();
+        numel * dtype.size_in_bytes() as u64
+    };
+    let (unet_w, vae_w) = (bytes(&parts.unet), bytes(&parts.vae));
+    let text_w = bytes(&parts.text_encoder) + bytes(&parts.text_encoder_2);
     let px = (width * height) as u64;
     let rows = (batch * if cfg { 2 } else { 1 }) as u64;
-    let u = &parts.unet_config;
-    let latent_px = px / 64;
-    let c0 = u.block_out_channels.first().copied().unwrap_or(320) as u64;
+    let c0 = parts
+        .unet_config
+        .block_out_channels
+        .first()
+        .copied()
+        .unwrap_or(320) as u64;
     // About 16 feature maps of the first level's size are alive at once (skips included),
-    // plus two attention score blocks of at most 256 MiB.
-    let unet = rows * 16 * c0 * latent_px * 4 + 2 * (256 << 20);
+    // plus the attention and convolution work buffers.
+    let unet_act = rows * 16 * c0 * (px / 64) * 4 + (64 << 20);
     let v0 = parts
         .vae_config
         .block_out_channels
         .first()
         .copied()
         .unwrap_or(128) as u64;
-    // Full-resolution maps and one unfolded 3x3 input (9 × channels) per image.
-    let vae = batch as u64 * px * 4 * (v0 * 9 + v0 * 6);
-    weights + unet.max(vae)
+    // A handful of full-resolution feature maps per image during the last decoder level.
+    let vae_act = batch as u64 * px * 4 * v0 * 6 + (64 << 20);
+    // The text encoders run first (and are freed when all prompts are known up front); the
+    // UNet and VAE weights stay for the whole run.
+    (text_w + unet_w + vae_w).max(unet_w + vae_w + unet_act.max(vae_act))
 }
 
 /// Memory available to this process on the CPU (Linux `MemAvailable`), if known.
