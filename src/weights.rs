@@ -1,63 +1,170 @@
-//! Lazily loaded model weights: memory-mapped safetensors files, a key map from the names the
+//! Lazily loaded model weights: safetensors files read tensor by tensor, a key map from the names the
 //! models ask for to the names stored in the file (with a small transform for single-file
 //! layouts), converted to the compute dtype one tensor at a time as the model is built.
 
 use crate::checkpoint::single_file::{Mapped, Transform};
-use candle_core::safetensors::MmapedSafetensors;
 use candle_core::{DType, Device, Error, Result, Shape, Tensor};
 use candle_nn::VarBuilder;
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::sync::Arc;
 
-/// One or more memory-mapped safetensors files read as one.
+/// One or more safetensors files read as one. Tensors are read with positioned reads, one at
+/// a time as the model asks for them, rather than memory-mapped: a mapped file's pages count
+/// in the process's resident memory for as long as the mapping lives, which would add the
+/// whole file (7 GB for SDXL in f16) to the peak on top of the converted weights.
 pub struct WeightFiles {
     pub paths: Vec<PathBuf>,
-    st: MmapedSafetensors,
+    files: Vec<std::sync::Mutex<std::fs::File>>,
+    entries: BTreeMap<String, Entry>,
+}
+
+struct Entry {
+    file: usize,
+    dtype: safetensors::Dtype,
+    shape: Vec<usize>,
+    /// Absolute byte range in the file.
+    start: u64,
+    len: u64,
+}
+
+#[derive(serde::Deserialize)]
+struct HeaderEntry {
+    dtype: safetensors::Dtype,
+    shape: Vec<usize>,
+    data_offsets: (u64, u64),
 }
 
 impl WeightFiles {
     pub fn open(paths: &[PathBuf]) -> anyhow::Result<Self> {
-        for p in paths {
+        use anyhow::Context;
+        use std::io::Read;
+        let mut files = Vec::with_capacity(paths.len());
+        let mut entries = BTreeMap::new();
+        for (i, p) in paths.iter().enumerate() {
+            // Validates the header: JSON, offsets inside the file and tiling the data, no
+            // duplicate names, known dtypes.
             crate::checkpoint::check_safetensors_header(p)?;
-        }
-        // SAFETY: the files are mapped read-only; like every mmap-based loader we rely on them
-        // not being truncated while we run.
-        let st = unsafe {
-            if paths.len() == 1 {
-                MmapedSafetensors::new(&paths[0])
-            } else {
-                MmapedSafetensors::multi(paths)
+            let mut f =
+                std::fs::File::open(p).with_context(|| format!("{}: cannot open", p.display()))?;
+            let mut len = [0u8; 8];
+            f.read_exact(&mut len)
+                .with_context(|| format!("{}: cannot read", p.display()))?;
+            let n = u64::from_le_bytes(len);
+            let mut header = vec![0u8; n as usize];
+            f.read_exact(&mut header)
+                .with_context(|| format!("{}: cannot read the header", p.display()))?;
+            let map: BTreeMap<String, serde_json::Value> = serde_json::from_slice(&header)
+                .with_context(|| format!("{}: not a safetensors file", p.display()))?;
+            for (name, v) in map {
+                if name == "__metadata__" {
+                    continue;
+                }
+                let e: HeaderEntry = serde_json::from_value(v)
+                    .map_err(|e| anyhow::anyhow!("{}: tensor {name}: {e}", p.display()))?;
+                let (b, end) = e.data_offsets;
+                let entry = Entry {
+                    file: i,
+                    dtype: e.dtype,
+                    shape: e.shape,
+                    start: 8 + n + b,
+                    len: end - b,
+                };
+                // As with sharded diffusers weights, a later file wins for a repeated name.
+                entries.insert(name, entry);
             }
+            files.push(std::sync::Mutex::new(f));
         }
-        .map_err(|e| anyhow::anyhow!("{}: {e}", display_paths(paths)))?;
         Ok(Self {
             paths: paths.to_vec(),
-            st,
+            files,
+            entries,
         })
     }
 
     /// Every tensor's name and shape.
     pub fn shapes(&self) -> BTreeMap<String, Vec<usize>> {
-        self.st
-            .tensors()
-            .into_iter()
-            .map(|(k, v)| (k, v.shape().to_vec()))
+        self.entries
+            .iter()
+            .map(|(k, e)| (k.clone(), e.shape.clone()))
             .collect()
     }
 
     pub fn dtype_of(&self, name: &str) -> Option<safetensors::Dtype> {
-        self.st.get(name).ok().map(|v| v.dtype())
+        self.entries.get(name).map(|e| e.dtype)
     }
 
     /// Load one stored tensor to the CPU in its stored dtype.
     pub fn load(&self, name: &str) -> Result<Tensor> {
-        self.st.load(name, &Device::Cpu)
+        use std::io::{Read, Seek, SeekFrom};
+        let e = self
+            .entries
+            .get(name)
+            .ok_or_else(|| Error::CannotFindTensor {
+                path: name.to_string(),
+            })?;
+        let dtype = match e.dtype {
+            safetensors::Dtype::F32 => DType::F32,
+            safetensors::Dtype::F16 => DType::F16,
+            safetensors::Dtype::BF16 => DType::BF16,
+            safetensors::Dtype::F64 => DType::F64,
+            safetensors::Dtype::I64 => DType::I64,
+            safetensors::Dtype::U32 => DType::U32,
+            safetensors::Dtype::U8 => DType::U8,
+            other => {
+                return Err(Error::Msg(format!(
+                    "tensor {name} has dtype {other:?}, which dmd2 does not read"
+                )));
+            }
+        };
+        let mut f = self.files[e.file].lock().unwrap_or_else(|p| p.into_inner());
+        f.seek(SeekFrom::Start(e.start))?;
+        let read_err = |err: std::io::Error| {
+            Error::Msg(format!(
+                "{}: cannot read tensor {name}: {err}",
+                self.paths[e.file].display()
+            ))
+        };
+        // Read straight into the tensor's own storage: one allocation, no extra copy.
+        match dtype {
+            DType::F32 => read_typed::<f32>(&mut f, e, read_err),
+            DType::F16 => read_typed::<half::f16>(&mut f, e, read_err),
+            DType::BF16 => read_typed::<half::bf16>(&mut f, e, read_err),
+            _ => {
+                let mut buf = vec![0u8; e.len as usize];
+                f.read_exact(&mut buf).map_err(read_err)?;
+                Tensor::from_raw_buffer(&buf, dtype, &e.shape, &Device::Cpu)
+            }
+        }
     }
 
     pub fn describe(&self) -> String {
         display_paths(&self.paths)
     }
+}
+
+/// Read a tensor's bytes into a `Vec<T>` and wrap it as a tensor without copying.
+fn read_typed<T: candle_core::WithDType + Default + Copy>(
+    f: &mut std::fs::File,
+    e: &Entry,
+    read_err: impl Fn(std::io::Error) -> Error,
+) -> Result<Tensor> {
+    use std::io::Read;
+    let size = std::mem::size_of::<T>();
+    let numel: usize = e.shape.iter().product();
+    if numel * size != e.len as usize {
+        return Err(Error::Msg(format!(
+            "tensor of shape {:?} has {} bytes",
+            e.shape, e.len
+        )));
+    }
+    let mut v: Vec<T> = vec![T::default(); numel];
+    // SAFETY: T is f32, f16 or bf16: plain data for which every bit pattern is a valid value,
+    // with no padding; the byte view covers exactly the vector's initialised elements.
+    let bytes = unsafe { std::slice::from_raw_parts_mut(v.as_mut_ptr() as *mut u8, numel * size) };
+    f.read_exact(bytes).map_err(read_err)?;
+    // safetensors stores little-endian data, as every platform dmd2 runs on.
+    Tensor::from_vec(v, e.shape.as_slice(), &Device::Cpu)
 }
 
 fn display_paths(paths: &[PathBuf]) -> String {
