@@ -259,3 +259,107 @@ fn readme_first_command_fails_fast_offline_with_a_hint() {
     assert!(err.contains("local path"), "{err}");
     assert!(!dir.join("cat.png").exists());
 }
+
+fn run_ok(args: &[&str]) -> Output {
+    let o = dmd2(args);
+    assert!(
+        o.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    o
+}
+
+#[test]
+fn lora_inspect_and_merge_from_the_command_line() {
+    let dir = tmpdir("lora");
+    let lora = fixtures().join("lora/kohya_diffusers.safetensors");
+    let (l, tiny) = (lora.to_str().unwrap(), fixtures().join("tiny"));
+    let t = tiny.to_str().unwrap();
+    // inspect says what each file is.
+    let o = run_ok(&["inspect", l]);
+    let s = String::from_utf8_lossy(&o.stdout);
+    assert!(s.contains("kohya LoRA") && s.contains("rank: 4"), "{s}");
+    let o = run_ok(&[
+        "inspect",
+        fixtures().join("tiny.safetensors").to_str().unwrap(),
+    ]);
+    assert!(String::from_utf8_lossy(&o.stdout).contains("single file"));
+
+    // gen --lora reproduces diffusers' image with the LoRA fused.
+    let at_load = dir.join("at-load.png");
+    let common = [
+        "--prompt",
+        "a photo of a cat",
+        "--timesteps",
+        "999,749,499,249",
+        "--seed",
+        "42",
+        "--width",
+        "64",
+        "--height",
+        "64",
+        "--device",
+        "cpu",
+    ];
+    let mut args = vec!["gen", "--model", t, "--lora", l];
+    args.extend(common);
+    args.extend(["-o", at_load.to_str().unwrap()]);
+    let o = run_ok(&args);
+    assert!(String::from_utf8_lossy(&o.stderr).contains("169/169 modules merged"));
+    let (_, _, px) = decode_png(&at_load);
+    let (_, _, want) = decode_png(&fixtures().join("lora/refs/kohya_cfg1.png"));
+    assert!(max_level_diff(&px, &want) <= 1);
+
+    // merge bakes it into a single file that needs no LoRA at load: the same image.
+    let merged = dir.join("merged.safetensors");
+    run_ok(&[
+        "merge",
+        "--model",
+        t,
+        "--lora",
+        &format!("{l}:1.0"),
+        "--output",
+        merged.to_str().unwrap(),
+        // f32: the merged weights are stored exactly as they were computed at load.
+        "--dtype",
+        "f32",
+    ]);
+    let baked = dir.join("baked.png");
+    let mut args = vec!["gen", "--model", merged.to_str().unwrap()];
+    args.extend(common);
+    args.extend(["-o", baked.to_str().unwrap()]);
+    run_ok(&args);
+    assert_eq!(
+        max_level_diff(&decode_png(&baked).2, &px),
+        0,
+        "baked LoRA differs from merging at load"
+    );
+
+    // A LoRA that fits nothing is refused, naming the file.
+    let bad = dir.join("in-sd15-lora.safetensors");
+    let mut ts = std::collections::HashMap::new();
+    for k in [
+        "lora_te_text_model_encoder_layers_0_mlp_fc1.lora_down.weight",
+        "lora_te_text_model_encoder_layers_0_mlp_fc1.lora_up.weight",
+    ] {
+        ts.insert(
+            k.to_string(),
+            candle_core::Tensor::zeros((2, 2), candle_core::DType::F32, &candle_core::Device::Cpu)
+                .unwrap(),
+        );
+    }
+    candle_core::safetensors::save(&ts, &bad).unwrap();
+    let mut args = vec!["gen", "--model", t, "--lora", bad.to_str().unwrap()];
+    args.extend(common);
+    let out = dir.join("none.png");
+    args.extend(["-o", out.to_str().unwrap()]);
+    let o = dmd2(&args);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("in-sd15-lora.safetensors") && err.contains("does not fit"),
+        "{err}"
+    );
+    assert!(!out.exists());
+}
