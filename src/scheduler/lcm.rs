@@ -25,7 +25,9 @@ pub fn dmd2_timesteps(steps: usize) -> Result<Vec<usize>> {
         n => {
             let ratio = TRAIN_TIMESTEPS as f64 / n as f64;
             Ok((0..n)
-                .map(|i| ((TRAIN_TIMESTEPS as f64 - i as f64 * ratio).round() as usize) - 1)
+                .map(|i| {
+                    ((TRAIN_TIMESTEPS as f64 - i as f64 * ratio).round_ties_even() as usize) - 1
+                })
                 .collect())
         }
     }
@@ -149,6 +151,22 @@ mod tests {
         );
         assert_eq!(dmd2_timesteps(1).unwrap(), vec![399]);
         assert_eq!(dmd2_timesteps(2).unwrap(), vec![999, 499]);
+        // numpy's round(arange(1000, 0, -1000/N)) - 1, which rounds halves to even.
+        assert_eq!(dmd2_timesteps(3).unwrap(), vec![999, 666, 332]);
+        assert_eq!(
+            dmd2_timesteps(6).unwrap(),
+            vec![999, 832, 666, 499, 332, 166]
+        );
+        assert_eq!(
+            dmd2_timesteps(7).unwrap(),
+            vec![999, 856, 713, 570, 428, 285, 142]
+        );
+        assert_eq!(
+            dmd2_timesteps(16).unwrap(),
+            vec![
+                999, 937, 874, 811, 749, 687, 624, 561, 499, 437, 374, 311, 249, 187, 124, 61
+            ]
+        );
         assert!(dmd2_timesteps(0).is_err());
     }
 
