@@ -363,3 +363,16 @@ fn lora_inspect_and_merge_from_the_command_line() {
     );
     assert!(!out.exists());
 }
+
+#[test]
+fn default_size_follows_the_folder_configs_like_diffusers() {
+    // sample_size 128 × 2^(4 VAE levels − 1) = 1024, as diffusers' pipeline defaults.
+    assert_eq!(
+        dmd2::checkpoint::diffusers::default_image_size(&fixtures().join("tiny")),
+        Some(1024)
+    );
+    assert_eq!(
+        dmd2::checkpoint::diffusers::default_image_size(&fixtures().join("tiny.safetensors")),
+        None
+    );
+}

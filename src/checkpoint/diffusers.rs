@@ -69,6 +69,19 @@ pub fn open(dir: &Path) -> Result<ModelParts> {
     })
 }
 
+/// diffusers' default image size for a folder model: `unet.sample_size × 2^(VAE levels − 1)`.
+pub fn default_image_size(dir: &Path) -> Option<usize> {
+    let read = |p: PathBuf| -> Option<serde_json::Value> {
+        serde_json::from_str(&std::fs::read_to_string(p).ok()?).ok()
+    };
+    let unet = read(dir.join("unet/config.json"))?;
+    let vae = read(dir.join("vae/config.json"))?;
+    let sample = unet.get("sample_size")?.as_u64()? as usize;
+    let levels = vae.get("block_out_channels")?.as_array()?.len();
+    let size = sample.checked_mul(1usize.checked_shl(levels.checked_sub(1)? as u32)?)?;
+    (size > 0).then_some(size)
+}
+
 fn force_zeros(dir: &Path) -> bool {
     std::fs::read_to_string(dir.join("model_index.json"))
         .ok()

@@ -13,7 +13,7 @@ use crate::scheduler::{self, SamplerKind, SamplerSpec, Spacing};
 use anyhow::{Context, Result, bail};
 use clap::{Args, ValueEnum};
 use std::io::{IsTerminal, Write};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Instant;
 
@@ -248,12 +248,20 @@ fn resolve_base(a: &GenArgs, png: Option<&ImageSettings>) -> Result<Base> {
     if !cfg.is_finite() {
         bail!("--cfg must be a finite number");
     }
-    let width = a.width.or(png.map(|s| s.width)).or(p.width).unwrap_or(1024);
+    // Like diffusers: the UNet's sample_size × the VAE's scale factor when a local folder's
+    // configs say (1024 for SDXL), else 1024.
+    let default =
+        crate::checkpoint::diffusers::default_image_size(Path::new(&model)).unwrap_or(1024);
+    let width = a
+        .width
+        .or(png.map(|s| s.width))
+        .or(p.width)
+        .unwrap_or(default);
     let height = a
         .height
         .or(png.map(|s| s.height))
         .or(p.height)
-        .unwrap_or(1024);
+        .unwrap_or(default);
     prompts::check_dimension("width", width, a.force).map_err(anyhow::Error::msg)?;
     prompts::check_dimension("height", height, a.force).map_err(anyhow::Error::msg)?;
     let negative_prompt = a
