@@ -66,10 +66,10 @@ pub struct GenArgs {
     /// Seed of image 0; image i gets seed + i. Random (and printed) when absent.
     #[arg(long)]
     pub seed: Option<u64>,
-    /// Default 1024.
+    /// Default: the model's native size (UNet sample_size × 8 for folders; 1024 for SDXL).
     #[arg(long)]
     pub width: Option<usize>,
-    /// Default 1024.
+    /// Default: the model's native size (UNet sample_size × 8 for folders; 1024 for SDXL).
     #[arg(long)]
     pub height: Option<usize>,
     /// Images per prompt.
