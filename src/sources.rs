@@ -7,17 +7,6 @@ use crate::lora::{self, LoraSpec};
 use anyhow::Result;
 use std::path::PathBuf;
 
-/// Split `PATH[:WEIGHT]` at the last colon when what follows is a number.
-pub fn split_weight(spec: &str) -> (&str, f32) {
-    if let Some((p, w)) = spec.rsplit_once(':')
-        && let Ok(w) = w.trim().parse::<f32>()
-        && !p.is_empty()
-    {
-        return (p, w);
-    }
-    (spec, 1.0)
-}
-
 /// A `--model` value: a local path, or a repo id fetched into the Hugging Face cache.
 pub fn resolve_model(spec: &str) -> Result<PathBuf> {
     hub::resolve_model(&hub::ModelRef::parse(spec)?)
@@ -29,15 +18,14 @@ pub fn replace_unet(parts: &mut ModelParts, spec: &str) -> Result<()> {
     crate::checkpoint::unet_file::replace_unet(parts, &path)
 }
 
-/// `--lora PATH[:WEIGHT]` values, local or from the Hub; returns one report per LoRA.
-pub fn apply_loras(parts: &mut ModelParts, specs: &[String]) -> Result<Vec<lora::MergeReport>> {
+/// `--lora` values, local or from the Hub; returns one report per LoRA.
+pub fn apply_loras(parts: &mut ModelParts, specs: &[LoraSpec]) -> Result<Vec<lora::MergeReport>> {
     let resolved = specs
         .iter()
         .map(|s| {
-            let (p, w) = split_weight(s);
             Ok(LoraSpec {
-                path: hub::resolve_file(p)?,
-                weight: w,
+                path: hub::resolve_file(&s.path.to_string_lossy())?,
+                weight: s.weight,
             })
         })
         .collect::<Result<Vec<_>>>()?;

@@ -3,6 +3,7 @@
 
 use crate::device::{self, DeviceChoice};
 use crate::error::{Dmd2Error, bad_input, one_line};
+use crate::lora::LoraSpec;
 use crate::metadata::{self, ImageSettings, LoraRef};
 use crate::naming::{self, NameFields};
 use crate::output::{self, PngText};
@@ -139,7 +140,7 @@ fn parse_shard(s: &str) -> Result<(u64, u64), String> {
 /// Settings shared by every image of the run, after presets, `--from-png` and flags.
 struct Base {
     model: String,
-    loras: Vec<String>,
+    loras: Vec<LoraSpec>,
     unet: Option<String>,
     preset: Option<String>,
     sampler: SamplerSpec,
@@ -209,6 +210,11 @@ fn resolve_base(a: &GenArgs, png: Option<&ImageSettings>) -> Result<Base> {
     } else {
         p.loras.clone().unwrap_or_default()
     };
+    // `PATH[:WEIGHT]` parsed once, here, so a bad weight is refused before any loading.
+    let loras = loras
+        .iter()
+        .map(|l| l.parse::<LoraSpec>().map_err(anyhow::Error::msg))
+        .collect::<Result<Vec<_>>>()?;
     let unet = a
         .unet
         .clone()
@@ -732,12 +738,9 @@ fn settings_of(base: &Base, req: &Request) -> ImageSettings {
         loras: base
             .loras
             .iter()
-            .map(|l| {
-                let (p, w) = crate::sources::split_weight(l);
-                LoraRef {
-                    path: p.to_string(),
-                    weight: w,
-                }
+            .map(|l| LoraRef {
+                path: l.path.display().to_string(),
+                weight: l.weight,
             })
             .collect(),
         unet: base.unet.clone(),
