@@ -6,7 +6,7 @@ use dmd2::checkpoint::single_file::{
     Assemble, Component, SingleFileError, SingleFileLayout, Transform, canonical_maps, detect,
     original_tensors,
 };
-use dmd2::config::{Activation, ClipConfig, UNetConfig, VaeConfig};
+use dmd2::config::{ClipConfig, UNetConfig, VaeConfig};
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 
@@ -353,45 +353,23 @@ fn sdxl_unet_config() -> UNetConfig {
     UNetConfig::from_diffusers_value(&serde_json::from_str(SDXL_UNET_JSON).unwrap()).unwrap()
 }
 
+// SDXL base's published text-encoder and VAE configs: the same table the benchmarks build
+// full-size models from (detection itself never reads it).
 fn clip_l() -> ClipConfig {
-    ClipConfig {
-        vocab_size: 49408,
-        hidden_size: 768,
-        intermediate_size: 3072,
-        num_hidden_layers: 12,
-        num_attention_heads: 12,
-        max_position_embeddings: 77,
-        activation: Activation::QuickGelu,
-        layer_norm_eps: 1e-5,
-        projection_dim: None,
-    }
+    dmd2::config::sdxl_base::text_encoder()
 }
 
 fn clip_big_g() -> ClipConfig {
-    ClipConfig {
-        vocab_size: 49408,
-        hidden_size: 1280,
-        intermediate_size: 5120,
-        num_hidden_layers: 32,
-        num_attention_heads: 20,
-        max_position_embeddings: 77,
-        activation: Activation::Gelu,
-        layer_norm_eps: 1e-5,
-        projection_dim: Some(1280),
-    }
+    dmd2::config::sdxl_base::text_encoder_2()
 }
 
 fn sdxl_vae() -> VaeConfig {
-    VaeConfig {
-        latent_channels: 4,
-        out_channels: 3,
-        block_out_channels: vec![128, 256, 512, 512],
-        layers_per_block: 2,
-        norm_num_groups: 32,
-        scaling_factor: VaeConfig::SDXL_SCALING_FACTOR,
-        shift_factor: None,
-        mid_block_add_attention: true,
-    }
+    dmd2::config::sdxl_base::vae()
+}
+
+#[test]
+fn benchmark_unet_table_is_sdxl_base_config() {
+    assert_eq!(dmd2::config::sdxl_base::unet(), sdxl_unet_config());
 }
 
 fn counts(layout: &SingleFileLayout) -> [usize; 4] {
