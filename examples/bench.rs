@@ -1,6 +1,6 @@
 //! Speed benchmarks at SDXL base's full size with random weights (no download).
 //!
-//! cargo run --release --example bench -- [gemm|unet|vae|text|all] [--size 512] [--batch 1] [--runs 3]
+//! cargo run --release --example bench -- [gemm|unet|vae|text|all] [--size 512] [--batch 1] [--runs 3] [--dtype f32|bf16]
 //!
 //! Prints the median and spread of several timed runs after one warm-up, with the achieved
 //! GFLOP/s, and the machine's measured f32 GEMM rate for comparison.
@@ -9,6 +9,7 @@ use anyhow::Result;
 use candle_core::{DType, Device, Tensor};
 use dmd2::clip::ClipTextModel;
 use dmd2::config::sdxl_base;
+use dmd2::precision::Precision;
 use dmd2::random_weights;
 use dmd2::unet::UNet;
 use dmd2::vae::VaeDecoder;
@@ -58,6 +59,113 @@ fn report(what: &str, times: &[f64], flops: Option<f64>) {
     );
 }
 
+/// The bf16 dot-product GEMM (f32 operands rounded while packed, f32 accumulation), as the
+/// bf16 path's convolutions call it: a bf16 weight times f32 activations.
+fn bench_gemm_bf16(n: usize) -> Result<()> {
+    use dmd2::kernels::bf16::{Lhs, Operand, PackedA, PackedB, Rhs, Src, available, gemm};
+    let threads = dmd2::kernels::num_threads();
+    let a: Vec<half::bf16> = (0..n * n)
+        .map(|i| half::bf16::from_f32(((i * 7919) % 1000) as f32 / 1000.0 - 0.5))
+        .collect();
+    let b: Vec<f32> = (0..n * n)
+        .map(|i| ((i * 104729) % 1000) as f32 / 1000.0 - 0.5)
+        .collect();
+    let mut c = vec![0f32; n * n];
+    let t = time_runs(5, || {
+        gemm(
+            [n, n, n],
+            (&mut c, n),
+            false,
+            Lhs::Strided(Operand {
+                data: Src::Bf16(&a),
+                rs: n,
+                cs: 1,
+            }),
+            Rhs::Strided(Operand {
+                data: Src::F32(&b),
+                rs: n,
+                cs: 1,
+            }),
+            threads,
+        );
+        Ok(())
+    })?;
+    let how = if available() {
+        "AVX-512 BF16"
+    } else {
+        "fallback: f32"
+    };
+    report(
+        &format!("gemm bf16 ({how}) {n}x{n}x{n}"),
+        &t,
+        Some(2.0 * (n as f64).powi(3)),
+    );
+    // The UNet's shapes at 512²: a 3x3 convolution (weight · im2col) and a linear layer
+    // (activations · Wᵀ), each against the f32 GEMM on the same shape.
+    for (what, m, nn, k, linear) in [
+        ("conv 320→320 3x3 at 64²", 320, 4096, 2880, false),
+        ("conv 1280→1280 3x3 at 16²", 1280, 256, 11520, false),
+        ("linear 4096 tokens 640→640", 4096, 640, 640, true),
+        ("linear 256 tokens 1280→10240", 256, 10240, 1280, true),
+    ] {
+        let a: Vec<f32> = (0..m * k)
+            .map(|i| ((i * 7919) % 1000) as f32 / 1000.0 - 0.5)
+            .collect();
+        let b: Vec<f32> = (0..k * nn)
+            .map(|i| ((i * 104729) % 1000) as f32 / 1000.0 - 0.5)
+            .collect();
+        let a16: Vec<half::bf16> = a.iter().map(|&x| half::bf16::from_f32(x)).collect();
+        let b16: Vec<half::bf16> = b.iter().map(|&x| half::bf16::from_f32(x)).collect();
+        let mut c = vec![0f32; m * nn];
+        let flops = Some(2.0 * (m * nn * k) as f64);
+        // Weights packed once, as the layers do at load: b holds W [nn × k] for a linear
+        // layer (B = Wᵀ), a holds the kernel [m × k] for a convolution.
+        let (pa, pb) = if linear {
+            (None, Some(PackedB::from_transposed(&b16, nn, k)))
+        } else {
+            (Some(PackedA::new(&a16, m, k)), None)
+        };
+        let t = time_runs(3, || {
+            let (lhs, rhs) = match (&pa, &pb) {
+                (_, Some(pb)) => (
+                    Lhs::Strided(Operand {
+                        data: Src::F32(&a),
+                        rs: k,
+                        cs: 1,
+                    }),
+                    Rhs::Packed(pb),
+                ),
+                (Some(pa), _) => (
+                    Lhs::Packed(pa),
+                    Rhs::Strided(Operand {
+                        data: Src::F32(&b),
+                        rs: nn,
+                        cs: 1,
+                    }),
+                ),
+                _ => unreachable!(),
+            };
+            gemm([m, nn, k], (&mut c, nn), false, lhs, rhs, threads);
+            Ok(())
+        })?;
+        report(&format!("  bf16 {what}"), &t, flops);
+        let t = time_runs(3, || {
+            let (brs, bcs) = if linear { (1, k) } else { (nn, 1) };
+            dmd2::kernels::gemm::gemm(
+                [m, nn, k],
+                (&mut c, nn, 1),
+                false,
+                (&a, k, 1),
+                (&b, brs, bcs),
+                threads,
+            );
+            Ok(())
+        })?;
+        report(&format!("  f32  {what}"), &t, flops);
+    }
+    Ok(())
+}
+
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let what = args.first().cloned().unwrap_or_else(|| "all".into());
@@ -73,6 +181,21 @@ fn main() -> Result<()> {
     let runs = opt("--runs", 3);
     let dev = Device::Cpu;
     let dtype = DType::F32;
+    // --dtype bf16: the CPU bf16 path (bf16 weight matrices, f32 accumulation).
+    let precision = match args
+        .iter()
+        .position(|a| a == "--dtype")
+        .and_then(|i| args.get(i + 1))
+    {
+        Some(d) if d == "bf16" => Precision::CPU_BF16,
+        Some(d) if d != "f32" => anyhow::bail!("--dtype must be f32 or bf16"),
+        _ => Precision::F32,
+    };
+    let tag = if precision == Precision::F32 {
+        "f32"
+    } else {
+        "bf16"
+    };
     println!("threads: {}", candle_core::utils::get_num_threads());
 
     if what == "gemm" || what == "all" {
@@ -88,6 +211,7 @@ fn main() -> Result<()> {
             &t,
             Some(2.0 * (n as f64).powi(3)),
         );
+        bench_gemm_bf16(n)?;
     }
     if what == "text" || what == "all" {
         let te1 = ClipTextModel::new(
@@ -108,7 +232,10 @@ fn main() -> Result<()> {
     }
     if what == "unet" || what == "all" {
         let t0 = Instant::now();
-        let unet = UNet::new(&sdxl_base::unet(), random_weights::var_builder(dtype, &dev))?;
+        let unet = UNet::new(
+            &sdxl_base::unet(),
+            random_weights::var_builder_with(precision, &dev),
+        )?;
         println!(
             "built random SDXL UNet in {:.1} s",
             t0.elapsed().as_secs_f64()
@@ -126,13 +253,16 @@ fn main() -> Result<()> {
             Ok(())
         })?;
         report(
-            &format!("UNet step {size}x{size} batch {batch}"),
+            &format!("UNet step {size}x{size} batch {batch} {tag}"),
             &t,
             Some(unet_flops(size) * batch as f64),
         );
     }
     if what == "vae" || what == "all" {
-        let vae = VaeDecoder::new(&sdxl_base::vae(), random_weights::var_builder(dtype, &dev))?;
+        let vae = VaeDecoder::new(
+            &sdxl_base::vae(),
+            random_weights::var_builder_with(precision, &dev),
+        )?;
         let l = size / 8;
         let z = Tensor::randn(0f32, 1.0, (1, 4, l, l), &dev)?;
         let t = time_runs(runs, || {
@@ -140,7 +270,7 @@ fn main() -> Result<()> {
             Ok(())
         })?;
         report(
-            &format!("VAE decode {size}x{size}"),
+            &format!("VAE decode {size}x{size} {tag}"),
             &t,
             Some(vae_flops(size)),
         );

@@ -362,7 +362,26 @@ fn child(model: &Path, lora: Option<&Path>, dtype: DType) -> Result<()> {
     for r in &reports {
         eprintln!("{r}");
     }
-    let p = dmd2::pipeline::Pipeline::load(parts, &Device::Cpu, dtype)?;
+    // bf16 is the CPU bf16 path (bf16 matrices, f32 vectors, f32 text encoders); f16 keeps
+    // everything in f16 as on a GPU.
+    use dmd2::precision::{Precision, RunPrecision};
+    let precision = match dtype {
+        DType::BF16 => RunPrecision {
+            unet: Precision::CPU_BF16,
+            vae: Precision::CPU_BF16,
+            text: Precision::F32,
+        },
+        DType::F32 => RunPrecision::F32,
+        d => {
+            let p = Precision::uniform(d);
+            RunPrecision {
+                unet: p,
+                vae: p,
+                text: p,
+            }
+        }
+    };
+    let p = dmd2::pipeline::Pipeline::load(parts, &Device::Cpu, precision)?;
     let total = t0.elapsed().as_secs_f64();
     println!(
         "{{\"total_s\": {total:.3}, \"open_s\": {t_open:.3}, \"lora_plan_s\": {t_plan:.3}, \"vmhwm_kb\": {}, \"vmrss_kb\": {}}}",

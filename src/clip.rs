@@ -5,8 +5,9 @@
 
 use crate::config::{Activation, ClipConfig};
 use crate::nn;
+use crate::nn::Linear;
 use candle_core::{D, DType, IndexOp, Module, Result, Tensor};
-use candle_nn::{Embedding, LayerNorm, Linear, VarBuilder};
+use candle_nn::{Embedding, LayerNorm, VarBuilder};
 
 struct Attention {
     q: Linear,

@@ -20,6 +20,7 @@ pub mod naming;
 pub mod nn;
 pub mod output;
 pub mod pipeline;
+pub mod precision;
 pub mod presets;
 pub mod progress;
 pub mod prompts;

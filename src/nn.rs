@@ -4,8 +4,10 @@
 //! the SDXL models need exact control over epsilons, activations and attention layout, and
 //! because these are the hot paths the CPU kernels optimise.
 
+use crate::kernels::bf16::{PackedA, PackedB, Src};
 use candle_core::{CpuStorage, DType, Device, Module, Result, Storage, Tensor};
-use candle_nn::{Conv2dConfig, LayerNorm, Linear, VarBuilder};
+use candle_nn::{Conv2dConfig, LayerNorm, VarBuilder};
+use std::sync::Arc;
 
 /// Runs `f` on the contiguous f32 data of CPU f32 tensors; `None` when any of them lives on
 /// another device or has another dtype (the caller then takes candle's path).
@@ -34,27 +36,91 @@ fn with_cpu_f32<R>(ts: &[&Tensor], f: impl FnOnce(&[&[f32]]) -> R) -> Result<Opt
     Ok(Some(f(&slices)))
 }
 
-/// A 2-D convolution with a fast CPU f32 path ([`crate::kernels::conv`]); candle's conv2d
-/// on other devices and dtypes. Weight names as `candle_nn::Conv2d`'s.
+/// Packs a CPU bf16 weight (`[rows, ...]` → `[rows × rest]`) for the bf16 GEMM when this CPU
+/// has it; `None` otherwise (the layer then keeps its tensor).
+fn pack_bf16<T>(
+    w: &Tensor,
+    pack: impl FnOnce(&[half::bf16], usize, usize) -> T,
+) -> Result<Option<T>> {
+    if w.dtype() != DType::BF16
+        || !matches!(w.device(), Device::Cpu)
+        || !crate::kernels::bf16::available()
+        || w.rank() < 2
+    {
+        return Ok(None);
+    }
+    let rows = w.dim(0)?;
+    let cols = w.elem_count() / rows.max(1);
+    let flat = w.flatten_all()?.to_vec1::<half::bf16>()?;
+    Ok(Some(pack(&flat, rows, cols)))
+}
+
+/// A layer's weight: a tensor, or (CPU bf16 path) packed once for the bf16 GEMM, in which case
+/// the tensor is dropped so the weight is held only once.
+#[derive(Clone)]
+enum Weight<P> {
+    Tensor(Tensor),
+    Packed { packed: Arc<P>, dims: Vec<usize> },
+}
+
+impl<P> std::fmt::Debug for Weight<P> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Weight::Tensor(t) => write!(f, "Weight({:?}, {:?})", t.dims(), t.dtype()),
+            Weight::Packed { dims, .. } => write!(f, "Weight(packed bf16 {dims:?})"),
+        }
+    }
+}
+
+/// A 2-D convolution with a fast CPU path for f32 activations and an f32 weight or a packed
+/// bf16 weight ([`crate::kernels::conv`]); candle's conv2d on other devices and dtypes.
+/// Weight names as `candle_nn::Conv2d`'s.
 #[derive(Clone, Debug)]
 pub struct Conv2d {
-    inner: candle_nn::Conv2d,
+    weight: Weight<PackedA>,
+    bias: Option<Tensor>,
     kernel: usize,
     stride: usize,
     padding: usize,
 }
 
 impl Conv2d {
-    pub fn weight(&self) -> &Tensor {
-        self.inner.weight()
+    fn new(weight: Tensor, bias: Option<Tensor>, kernel: usize, stride: usize) -> Result<Self> {
+        let dims = weight.dims().to_vec();
+        let weight = match pack_bf16(&weight, PackedA::new)? {
+            Some(p) => Weight::Packed {
+                packed: Arc::new(p),
+                dims,
+            },
+            None => Weight::Tensor(weight),
+        };
+        Ok(Self {
+            weight,
+            bias,
+            kernel,
+            stride,
+            padding: kernel / 2,
+        })
+    }
+
+    fn dims(&self) -> &[usize] {
+        match &self.weight {
+            Weight::Tensor(t) => t.dims(),
+            Weight::Packed { dims, .. } => dims,
+        }
     }
 
     #[cfg(target_arch = "x86_64")]
-    fn forward_cpu_f32(&self, x: &Tensor) -> Result<Option<Tensor>> {
-        use crate::kernels::conv::{ConvShape, conv2d};
+    fn forward_cpu(&self, x: &Tensor) -> Result<Option<Tensor>> {
+        use crate::kernels::conv::{ConvShape, ConvWeight, conv2d};
         let (batch, c_in, h, w) = x.dims4()?;
-        let (c_out, wc_in, kh, kw) = self.inner.weight().dims4()?;
+        let &[c_out, wc_in, kh, kw] = self.dims() else {
+            return Ok(None);
+        };
         if wc_in != c_in || kh != self.kernel || kw != self.kernel {
+            return Ok(None);
+        }
+        if h + 2 * self.padding < self.kernel || w + 2 * self.padding < self.kernel {
             return Ok(None);
         }
         let shape = ConvShape {
@@ -67,17 +133,21 @@ impl Conv2d {
             stride: self.stride,
             padding: self.padding,
         };
-        if h + 2 * self.padding < self.kernel || w + 2 * self.padding < self.kernel {
-            return Ok(None);
+        let mut ts = vec![x];
+        if let Some(b) = &self.bias {
+            ts.push(b);
         }
-        let out = match self.inner.bias() {
-            Some(bias) => with_cpu_f32(&[x, self.inner.weight(), bias], |d| {
-                conv2d(d[0], d[1], Some(d[2]), shape)
-            })?,
-            None => with_cpu_f32(&[x, self.inner.weight()], |d| {
-                conv2d(d[0], d[1], None, shape)
-            })?,
-        };
+        if let Weight::Tensor(t) = &self.weight {
+            ts.push(t);
+        }
+        let out = with_cpu_f32(&ts, |d| {
+            let bias = self.bias.as_ref().map(|_| d[1]);
+            let weight = match &self.weight {
+                Weight::Packed { packed, .. } => ConvWeight::Bf16(packed),
+                Weight::Tensor(_) => ConvWeight::F32(d[d.len() - 1]),
+            };
+            conv2d(d[0], weight, bias, shape)
+        })?;
         let Some(out) = out else {
             return Ok(None);
         };
@@ -90,17 +160,129 @@ impl Conv2d {
     }
 
     #[cfg(not(target_arch = "x86_64"))]
-    fn forward_cpu_f32(&self, _x: &Tensor) -> Result<Option<Tensor>> {
+    fn forward_cpu(&self, _x: &Tensor) -> Result<Option<Tensor>> {
         Ok(None)
     }
 }
 
 impl Module for Conv2d {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        match self.forward_cpu_f32(x)? {
-            Some(y) => Ok(y),
-            None => self.inner.forward(x),
+        if let Some(y) = self.forward_cpu(x)? {
+            return Ok(y);
         }
+        self.forward_candle(x)
+    }
+}
+
+impl Conv2d {
+    /// candle's conv2d (other devices and dtypes; the reference in tests).
+    fn forward_candle(&self, x: &Tensor) -> Result<Tensor> {
+        let Weight::Tensor(w) = &self.weight else {
+            candle_core::bail!("packed bf16 convolution needs f32 input on the CPU")
+        };
+        // A weight kept in another dtype than the activations is cast for the call.
+        let w = w.to_dtype(x.dtype())?;
+        let b = self
+            .bias
+            .as_ref()
+            .map(|b| b.to_dtype(x.dtype()))
+            .transpose()?;
+        let cfg = Conv2dConfig {
+            padding: self.padding,
+            stride: self.stride,
+            ..Default::default()
+        };
+        candle_nn::Conv2d::new(w, b, cfg).forward(x)
+    }
+}
+
+/// A linear layer `y = x·Wᵀ + b`. On the CPU bf16 path the weight is packed once and the
+/// product runs through the bf16 dot-product GEMM ([`crate::kernels::bf16`]); everything else
+/// is candle's matmul (as `candle_nn::Linear`).
+#[derive(Clone, Debug)]
+pub struct Linear {
+    weight: Weight<PackedB>,
+    bias: Option<Tensor>,
+}
+
+impl Linear {
+    pub fn new(weight: Tensor, bias: Option<Tensor>) -> Result<Self> {
+        let dims = weight.dims().to_vec();
+        let weight = match pack_bf16(&weight, PackedB::from_transposed)? {
+            Some(p) => Weight::Packed {
+                packed: Arc::new(p),
+                dims,
+            },
+            None => Weight::Tensor(weight),
+        };
+        Ok(Self { weight, bias })
+    }
+
+    /// `x[.., in] → [.., out]` through a packed weight: `None` unless on the CPU with f32 `x`.
+    fn forward_packed(&self, x: &Tensor, packed: &PackedB) -> Result<Option<Tensor>> {
+        if x.dtype() != DType::F32 || !matches!(x.device(), Device::Cpu) {
+            return Ok(None);
+        }
+        let (in_dim, out_dim) = (packed.rows(), packed.cols());
+        let dims = x.dims().to_vec();
+        if dims.last() != Some(&in_dim) {
+            return Ok(None);
+        }
+        let rows: usize = dims[..dims.len() - 1].iter().product();
+        let mut y = vec![0f32; rows * out_dim];
+        let done = with_cpu_f32(&[x], |d| {
+            use crate::kernels::bf16::{Lhs, Operand, Rhs, gemm};
+            gemm(
+                [rows, out_dim, in_dim],
+                (&mut y, out_dim),
+                false,
+                Lhs::Strided(Operand {
+                    data: Src::F32(d[0]),
+                    rs: in_dim,
+                    cs: 1,
+                }),
+                Rhs::Packed(packed),
+                crate::kernels::num_threads(),
+            );
+        })?;
+        if done.is_none() {
+            return Ok(None);
+        }
+        let mut out_dims = dims;
+        *out_dims.last_mut().expect("rank checked above") = out_dim;
+        let y = Tensor::from_vec(y, out_dims, &Device::Cpu)?;
+        Ok(Some(match &self.bias {
+            Some(b) => y.broadcast_add(&b.to_dtype(DType::F32)?)?,
+            None => y,
+        }))
+    }
+}
+
+impl Module for Linear {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let w = match &self.weight {
+            Weight::Packed { packed, .. } => {
+                return match self.forward_packed(x, packed)? {
+                    Some(y) => Ok(y),
+                    None => {
+                        candle_core::bail!("packed bf16 linear layer needs f32 input on the CPU")
+                    }
+                };
+            }
+            Weight::Tensor(w) => w,
+        };
+        let (w, b) = if w.dtype() != x.dtype() {
+            (
+                w.to_dtype(x.dtype())?,
+                self.bias
+                    .as_ref()
+                    .map(|b| b.to_dtype(x.dtype()))
+                    .transpose()?,
+            )
+        } else {
+            (w.clone(), self.bias.clone())
+        };
+        candle_nn::Linear::new(w, b).forward(x)
     }
 }
 
@@ -153,11 +335,14 @@ impl Module for GroupNorm {
 }
 
 pub fn linear(in_dim: usize, out_dim: usize, vb: VarBuilder) -> Result<Linear> {
-    candle_nn::linear(in_dim, out_dim, vb)
+    let weight = vb.get((out_dim, in_dim), "weight")?;
+    let bias = vb.get(out_dim, "bias")?;
+    Linear::new(weight, Some(bias))
 }
 
 pub fn linear_no_bias(in_dim: usize, out_dim: usize, vb: VarBuilder) -> Result<Linear> {
-    candle_nn::linear_no_bias(in_dim, out_dim, vb)
+    let weight = vb.get((out_dim, in_dim), "weight")?;
+    Linear::new(weight, None)
 }
 
 pub fn conv2d(
@@ -167,17 +352,9 @@ pub fn conv2d(
     stride: usize,
     vb: VarBuilder,
 ) -> Result<Conv2d> {
-    let cfg = Conv2dConfig {
-        padding: kernel / 2,
-        stride,
-        ..Default::default()
-    };
-    Ok(Conv2d {
-        inner: candle_nn::conv2d(c_in, c_out, kernel, cfg, vb)?,
-        kernel,
-        stride,
-        padding: kernel / 2,
-    })
+    let weight = vb.get((c_out, c_in, kernel, kernel), "weight")?;
+    let bias = vb.get(c_out, "bias")?;
+    Conv2d::new(weight, Some(bias), kernel, stride)
 }
 
 pub fn group_norm(groups: usize, channels: usize, eps: f64, vb: VarBuilder) -> Result<GroupNorm> {
@@ -419,7 +596,7 @@ mod tests {
             let conv = conv2d(ci, co, k, s, vb_random(&dev)).unwrap();
             let x = Tensor::randn(0f32, 1.0, (b, ci, h, w), &dev).unwrap();
             let got = conv.forward(&x).unwrap();
-            let want = conv.inner.forward(&x).unwrap();
+            let want = conv.forward_candle(&x).unwrap();
             let e = max_rel(&got, &want);
             assert!(e < 1e-5, "{:?}: {e}", (b, ci, co, h, w, k, s));
             // Non-contiguous input goes through the same path.
@@ -429,9 +606,55 @@ mod tests {
                 .unwrap();
             let e = max_rel(
                 &conv.forward(&xt).unwrap(),
-                &conv.inner.forward(&xt).unwrap(),
+                &conv.forward_candle(&xt).unwrap(),
             );
             assert!(e < 1e-5, "transposed {:?}: {e}", (b, ci, co, h, w, k, s));
+        }
+    }
+
+    /// The CPU bf16 path (packed bf16 weights, f32 activations rounded to bf16 inside the
+    /// GEMM) against candle in f32 on the same bf16-rounded weights and inputs.
+    #[test]
+    fn bf16_conv_and_linear_match_rounded_f32() {
+        if !crate::kernels::bf16::available() {
+            return;
+        }
+        let dev = Device::Cpu;
+        let round = |t: &Tensor| {
+            t.to_dtype(DType::BF16)
+                .unwrap()
+                .to_dtype(DType::F32)
+                .unwrap()
+        };
+        for (b, ci, co, h, w, k, s) in [
+            (1, 4, 8, 9, 7, 3, 1),
+            (2, 7, 6, 9, 11, 3, 2),
+            (2, 6, 4, 5, 3, 1, 1),
+        ] {
+            let wt = round(&Tensor::randn(0f32, 0.3, (co, ci, k, k), &dev).unwrap());
+            let bias = Tensor::randn(0f32, 1.0, co, &dev).unwrap();
+            let fast =
+                Conv2d::new(wt.to_dtype(DType::BF16).unwrap(), Some(bias.clone()), k, s).unwrap();
+            assert!(matches!(fast.weight, Weight::Packed { .. }));
+            let reference = Conv2d::new(wt, Some(bias), k, s).unwrap();
+            let x = Tensor::randn(0f32, 1.0, (b, ci, h, w), &dev).unwrap();
+            let e = max_rel(
+                &fast.forward(&x).unwrap(),
+                &reference.forward_candle(&round(&x)).unwrap(),
+            );
+            assert!(e < 1e-5, "conv {:?}: {e}", (b, ci, co, h, w, k, s));
+        }
+        for (rows, i, o) in [(1, 3, 5), (7, 64, 130), (2 * 77, 33, 70)] {
+            let wt = round(&Tensor::randn(0f32, 0.3, (o, i), &dev).unwrap());
+            let bias = Tensor::randn(0f32, 1.0, o, &dev).unwrap();
+            let fast = Linear::new(wt.to_dtype(DType::BF16).unwrap(), Some(bias.clone())).unwrap();
+            assert!(matches!(fast.weight, Weight::Packed { .. }));
+            let x = Tensor::randn(0f32, 1.0, (2, rows / 2 + 1, i), &dev).unwrap();
+            let want = candle_nn::Linear::new(wt, Some(bias))
+                .forward(&round(&x))
+                .unwrap();
+            let e = max_rel(&fast.forward(&x).unwrap(), &want);
+            assert!(e < 1e-5, "linear {:?}: {e}", (rows, i, o));
         }
     }
 

@@ -4,6 +4,7 @@
 
 use crate::checkpoint::ModelParts;
 use crate::clip::ClipTextModel;
+use crate::precision::{Precision, RunPrecision};
 use crate::rng::TorchRng;
 use crate::scheduler::SamplerSpec;
 use crate::tokenizer::ClipTokenizer;
@@ -67,27 +68,17 @@ pub struct Pipeline {
     unet: UNet,
     vae: VaeDecoder,
     device: Device,
-    dtype: DType,
+    precision: RunPrecision,
     force_zeros_for_empty_prompt: bool,
 }
 
-/// The dtype to compute in on a device: f32 on the CPU (candle's CPU bf16 convolution is
-/// missing and f16 is slower), f16 on GPUs.
-pub fn default_dtype(device: &Device) -> DType {
-    if device.is_cpu() {
-        DType::F32
-    } else {
-        DType::F16
-    }
-}
-
 impl Pipeline {
-    pub fn load(parts: ModelParts, device: &Device, dtype: DType) -> Result<Self> {
+    pub fn load(parts: ModelParts, device: &Device, precision: RunPrecision) -> Result<Self> {
         let ModelParts { name, .. } = &parts;
         let name = name.clone();
         let te = ClipTextModel::new(
             &parts.text_encoder_config,
-            parts.text_encoder.var_builder(dtype, device),
+            parts.text_encoder.var_builder(precision.text, device),
         )
         .with_context(|| {
             format!(
@@ -97,7 +88,7 @@ impl Pipeline {
         })?;
         let te2 = ClipTextModel::new(
             &parts.text_encoder_2_config,
-            parts.text_encoder_2.var_builder(dtype, device),
+            parts.text_encoder_2.var_builder(precision.text, device),
         )
         .with_context(|| {
             format!(
@@ -105,11 +96,16 @@ impl Pipeline {
                 parts.text_encoder_2.describe()
             )
         })?;
-        let unet = UNet::new(&parts.unet_config, parts.unet.var_builder(dtype, device))
-            .with_context(|| format!("{}: cannot build the UNet", parts.unet.describe()))?;
-        // diffusers' force_upcast: the SDXL VAE overflows in f16, so it always decodes in f32.
-        let vae = VaeDecoder::new(&parts.vae_config, parts.vae.var_builder(DType::F32, device))
-            .with_context(|| format!("{}: cannot build the VAE", parts.vae.describe()))?;
+        let unet = UNet::new(
+            &parts.unet_config,
+            parts.unet.var_builder(precision.unet, device),
+        )
+        .with_context(|| format!("{}: cannot build the UNet", parts.unet.describe()))?;
+        let vae = VaeDecoder::new(
+            &parts.vae_config,
+            parts.vae.var_builder(precision.vae, device),
+        )
+        .with_context(|| format!("{}: cannot build the VAE", parts.vae.describe()))?;
         let cross = parts.text_encoder_config.hidden_size + parts.text_encoder_2_config.hidden_size;
         if cross != parts.unet_config.cross_attention_dim {
             bail!(
@@ -133,13 +129,17 @@ impl Pipeline {
             unet,
             vae,
             device: device.clone(),
-            dtype,
+            precision,
             force_zeros_for_empty_prompt: parts.force_zeros_for_empty_prompt,
         })
     }
 
     pub fn unet(&self) -> &UNet {
         &self.unet
+    }
+
+    pub fn precision(&self) -> RunPrecision {
+        self.precision
     }
 
     pub fn device(&self) -> &Device {
@@ -269,8 +269,9 @@ impl Pipeline {
         // add_time_ids = original size + crop top-left + target size
         let ids = [hf, wf, 0.0, 0.0, hf, wf].repeat(rows);
         let time_ids = Tensor::from_vec(ids, (rows, 6), &self.device)?;
-        let context = context.to_dtype(self.dtype)?;
-        let pooled = pooled.to_dtype(self.dtype)?;
+        let act = self.precision.unet.activations;
+        let context = context.to_dtype(act)?;
+        let pooled = pooled.to_dtype(act)?;
         let timesteps = sampler.timesteps().to_vec();
         let n = timesteps.len();
         for (i, &t) in timesteps.iter().enumerate() {
@@ -283,13 +284,7 @@ impl Pipeline {
             };
             let eps = self
                 .unet
-                .forward(
-                    &input.to_dtype(self.dtype)?,
-                    t,
-                    &context,
-                    &pooled,
-                    &time_ids,
-                )?
+                .forward(&input.to_dtype(act)?, t, &context, &pooled, &time_ids)?
                 .to_dtype(DType::F32)?;
             let eps = if uncond.is_some() {
                 let (u, c) = (eps.narrow(0, 0, b)?, eps.narrow(0, b, b)?);
@@ -304,7 +299,7 @@ impl Pipeline {
         Ok(latents)
     }
 
-    /// VAE decode (in f32) and diffusers' post-processing to 8-bit RGB, one buffer per image.
+    /// VAE decode and diffusers' post-processing to 8-bit RGB, one buffer per image.
     pub fn decode(&self, latents: &Tensor) -> Result<Vec<Vec<u8>>> {
         let image = self.decode_raw(latents)?;
         (0..image.dim(0)?)
@@ -314,7 +309,8 @@ impl Pipeline {
 
     /// Raw VAE output in [-1, 1] before post-processing, `[B, 3, H, W]`.
     pub fn decode_raw(&self, latents: &Tensor) -> Result<Tensor> {
-        Ok(self.vae.decode(&latents.to_dtype(DType::F32)?)?)
+        let z = latents.to_dtype(self.precision.vae.activations)?;
+        Ok(self.vae.decode(&z)?.to_dtype(DType::F32)?)
     }
 
     /// Encode, denoise and decode a batch of compatible requests (see [`Pipeline::denoise`]).
@@ -423,25 +419,19 @@ fn check_finite(latents: &Tensor, i: usize, n: usize, t: f64) -> Result<()> {
 /// convolutions' unfolded inputs). Used to refuse sizes that cannot fit before any work.
 pub fn estimate_bytes(
     parts: &ModelParts,
-    dtype: DType,
+    precision: RunPrecision,
     width: usize,
     height: usize,
     batch: usize,
     cfg: bool,
 ) -> u64 {
-    let bytes = |c: &crate::weights::ComponentWeights| -> u64 {
-        let shapes = c.files.shapes();
-        let sources: std::collections::BTreeSet<&str> =
-            c.map.values().map(|m| m.source.as_str()).collect();
-        let numel: u64 = sources
-            .iter()
-            .filter_map(|k| shapes.get(*k))
-            .map(|s| s.iter().product::<usize>() as u64)
-            .sum();
-        numel * dtype.size_in_bytes() as u64
+    let bytes = |c: &crate::weights::ComponentWeights, p: Precision| -> u64 {
+        c.numel() * p.weight_bytes() as u64
     };
-    let (unet_w, vae_w) = (bytes(&parts.unet), bytes(&parts.vae));
-    let text_w = bytes(&parts.text_encoder) + bytes(&parts.text_encoder_2);
+    let unet_w = bytes(&parts.unet, precision.unet);
+    let vae_w = bytes(&parts.vae, precision.vae);
+    let text_w =
+        bytes(&parts.text_encoder, precision.text) + bytes(&parts.text_encoder_2, precision.text);
     let px = (width * height) as u64;
     let rows = (batch * if cfg { 2 } else { 1 }) as u64;
     let c0 = parts

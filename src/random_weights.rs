@@ -1,9 +1,10 @@
 //! Random weights of any shape, for benchmarks at full SDXL size without a download.
 
+use crate::precision::Precision;
 use candle_core::{DType, Device, Result, Shape, Tensor};
 use candle_nn::VarBuilder;
 
-struct RandomBackend;
+struct RandomBackend(Option<Precision>);
 
 impl candle_nn::var_builder::SimpleBackend for RandomBackend {
     fn get(
@@ -14,7 +15,8 @@ impl candle_nn::var_builder::SimpleBackend for RandomBackend {
         dtype: DType,
         dev: &Device,
     ) -> Result<Tensor> {
-        let dims = s.dims();
+        let rank = s.rank();
+        let dims = s.dims().to_vec();
         let t = if dims.len() >= 2 {
             // ~1/sqrt(fan_in) keeps activations O(1) through the depth of the network.
             let fan_in: usize = dims[1..].iter().product();
@@ -24,6 +26,7 @@ impl candle_nn::var_builder::SimpleBackend for RandomBackend {
         } else {
             Tensor::zeros(s, DType::F32, &Device::Cpu)?
         };
+        let dtype = self.0.map_or(dtype, |p| p.dtype_for_rank(rank));
         t.to_dtype(dtype)?.to_device(dev)
     }
 
@@ -40,5 +43,14 @@ impl candle_nn::var_builder::SimpleBackend for RandomBackend {
 
 /// A `VarBuilder` that hands out random tensors of whatever shape a model asks for.
 pub fn var_builder(dtype: DType, dev: &Device) -> VarBuilder<'static> {
-    VarBuilder::from_backend(Box::new(RandomBackend), dtype, dev.clone())
+    VarBuilder::from_backend(Box::new(RandomBackend(None)), dtype, dev.clone())
+}
+
+/// Random weights kept as `precision` keeps tensors of each rank.
+pub fn var_builder_with(precision: Precision, dev: &Device) -> VarBuilder<'static> {
+    VarBuilder::from_backend(
+        Box::new(RandomBackend(Some(precision))),
+        precision.matrices,
+        dev.clone(),
+    )
 }

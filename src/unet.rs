@@ -5,9 +5,10 @@
 
 use crate::config::UNetConfig;
 use crate::nn;
+use crate::nn::Linear;
 use crate::nn::{Conv2d, GroupNorm};
 use candle_core::{DType, Module, Result, Tensor};
-use candle_nn::{LayerNorm, Linear, VarBuilder};
+use candle_nn::{LayerNorm, VarBuilder};
 
 /// Transformer2DModel's own group norm epsilon (fixed in diffusers).
 const TRANSFORMER_NORM_EPS: f64 = 1e-6;

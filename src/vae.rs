@@ -2,10 +2,11 @@
 
 use crate::config::VaeConfig;
 use crate::nn;
+use crate::nn::Linear;
 use crate::nn::{Conv2d, GroupNorm};
 use crate::unet::ResnetBlock;
 use candle_core::{Module, Result, Tensor};
-use candle_nn::{Linear, VarBuilder};
+use candle_nn::VarBuilder;
 
 /// diffusers builds the VAE's resnets, attention and output norm with eps 1e-6.
 const VAE_EPS: f64 = 1e-6;

@@ -3,6 +3,7 @@
 //! layouts), converted to the compute dtype one tensor at a time as the model is built.
 
 use crate::checkpoint::single_file::{Mapped, Transform};
+use crate::precision::Precision;
 use candle_core::{DType, Device, Error, Result, Shape, Tensor};
 use candle_nn::VarBuilder;
 use std::collections::{BTreeMap, HashMap};
@@ -266,10 +267,37 @@ impl ComponentWeights {
         t.to_device(dev)
     }
 
-    pub fn var_builder(self: &Arc<Self>, dtype: DType, dev: &Device) -> VarBuilder<'static> {
+    /// A VarBuilder that loads each tensor in the dtype `precision` keeps tensors of its rank.
+    pub fn var_builder(
+        self: &Arc<Self>,
+        precision: Precision,
+        dev: &Device,
+    ) -> VarBuilder<'static> {
         let backend: Box<dyn candle_nn::var_builder::SimpleBackend> =
-            Box::new(Backend(self.clone()));
-        VarBuilder::from_backend(backend, dtype, dev.clone())
+            Box::new(Backend(self.clone(), precision));
+        VarBuilder::from_backend(backend, precision.matrices, dev.clone())
+    }
+
+    /// Rank of a tensor as the model sees it (after its transform).
+    pub fn rank_of(&self, name: &str) -> Option<usize> {
+        let m = self.map.get(name)?;
+        let rank = self.files.shapes().get(&m.source)?.len();
+        Some(match m.transform {
+            Transform::Squeeze1x1 => 2,
+            _ => rank,
+        })
+    }
+
+    /// Number of parameters (each stored tensor counted once).
+    pub fn numel(&self) -> u64 {
+        let shapes = self.files.shapes();
+        let sources: std::collections::BTreeSet<&str> =
+            self.map.values().map(|m| m.source.as_str()).collect();
+        sources
+            .iter()
+            .filter_map(|k| shapes.get(*k))
+            .map(|s| s.iter().product::<usize>() as u64)
+            .sum()
     }
 
     pub fn describe(&self) -> String {
@@ -293,7 +321,16 @@ pub fn take_non_finite() -> Vec<String> {
     std::mem::take(&mut *NON_FINITE.lock().unwrap_or_else(|e| e.into_inner()))
 }
 
-struct Backend(Arc<ComponentWeights>);
+struct Backend(Arc<ComponentWeights>, Precision);
+
+impl Backend {
+    fn load(&self, name: &str, dtype: DType, dev: &Device) -> Result<Tensor> {
+        self.0.load(name, dtype, dev).map_err(|e| match e {
+            Error::CannotFindTensor { .. } => Error::Msg(format!("missing tensor {name}")),
+            e => e,
+        })
+    }
+}
 
 impl candle_nn::var_builder::SimpleBackend for Backend {
     fn get(
@@ -301,10 +338,10 @@ impl candle_nn::var_builder::SimpleBackend for Backend {
         s: Shape,
         name: &str,
         _: candle_nn::Init,
-        dtype: DType,
+        _: DType,
         dev: &Device,
     ) -> Result<Tensor> {
-        let t = self.get_unchecked(name, dtype, dev)?;
+        let t = self.load(name, self.1.dtype_for_rank(s.rank()), dev)?;
         if t.shape() != &s {
             return Err(Error::Msg(format!(
                 "tensor {name} has shape {:?}, the model expects {:?}",
@@ -315,11 +352,9 @@ impl candle_nn::var_builder::SimpleBackend for Backend {
         Ok(t)
     }
 
-    fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> Result<Tensor> {
-        self.0.load(name, dtype, dev).map_err(|e| match e {
-            Error::CannotFindTensor { .. } => Error::Msg(format!("missing tensor {name}")),
-            e => e,
-        })
+    fn get_unchecked(&self, name: &str, _: DType, dev: &Device) -> Result<Tensor> {
+        let rank = self.0.rank_of(name).unwrap_or(2);
+        self.load(name, self.1.dtype_for_rank(rank), dev)
     }
 
     fn contains_tensor(&self, name: &str) -> bool {

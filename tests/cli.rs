@@ -376,3 +376,63 @@ fn default_size_follows_the_folder_configs_like_diffusers() {
         None
     );
 }
+
+#[test]
+fn dtype_flag() {
+    let dir = tmpdir("dtype");
+    let model = common::fixtures().join("tiny");
+    let run = |dtype: &str, out: &Path| {
+        dmd2(&[
+            "gen",
+            "--model",
+            model.to_str().unwrap(),
+            "--prompt",
+            "a red cat",
+            "--width",
+            "64",
+            "--height",
+            "64",
+            "--device",
+            "cpu",
+            "--seed",
+            "5",
+            "--dtype",
+            dtype,
+            "--verbose",
+            "-o",
+            out.to_str().unwrap(),
+        ])
+    };
+    // f16 is a GPU precision: refused on the CPU before loading, no file written.
+    let o = run("f16", &dir.join("f16.png"));
+    assert_bad(&o, "GPU", &dir);
+    // auto keeps a small model in f32; bf16 runs the bf16 path and stays close to f32.
+    let (a, b, f) = (
+        dir.join("auto.png"),
+        dir.join("bf16.png"),
+        dir.join("f32.png"),
+    );
+    for (d, p) in [("auto", &a), ("bf16", &b), ("f32", &f)] {
+        let o = run(d, p);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(o.status.success(), "--dtype {d}: {err}");
+        let want = if d == "bf16" {
+            "precision: UNet bf16"
+        } else {
+            "precision: UNet f32"
+        };
+        assert!(err.contains(want), "--dtype {d}: {err}");
+    }
+    let (_, _, auto) = decode_png(&a);
+    let (_, _, bf16) = decode_png(&b);
+    let (_, _, f32) = decode_png(&f);
+    assert_eq!(auto, f32, "auto must be f32 for a test-size model");
+    let mse = bf16
+        .iter()
+        .zip(&f32)
+        .map(|(&x, &y)| (x as f64 - y as f64).powi(2))
+        .sum::<f64>()
+        / f32.len() as f64;
+    let psnr = 10.0 * (255.0f64.powi(2) / mse.max(1e-12)).log10();
+    assert!(psnr >= 35.0, "bf16 image {psnr:.1} dB from f32");
+}

@@ -149,7 +149,7 @@ fn request() -> Request {
 /// The image of [`request`] from a model path.
 fn image_of(path: &Path) -> Vec<u8> {
     let parts = checkpoint::open(path).unwrap_or_else(|e| panic!("{}: {e:#}", path.display()));
-    let p = Pipeline::load(parts, &Device::Cpu, DType::F32).unwrap();
+    let p = Pipeline::load(parts, &Device::Cpu, dmd2::precision::RunPrecision::F32).unwrap();
     p.generate(&request(), &mut |_, _| {}).unwrap().rgb
 }
 
@@ -982,7 +982,7 @@ fn unet_from_torch_bin() {
     for src in [Source::Folder, Source::SingleFile] {
         let mut parts = checkpoint::open(&src.path()).unwrap();
         replace_unet(&mut parts, &bin).unwrap_or_else(|e| panic!("{e:#}"));
-        let p = Pipeline::load(parts, &Device::Cpu, DType::F32).unwrap();
+        let p = Pipeline::load(parts, &Device::Cpu, dmd2::precision::RunPrecision::F32).unwrap();
         let got = p.generate(&request(), &mut |_, _| {}).unwrap().rgb;
         assert_eq!(got, want, "{src:?} with the .bin UNet");
     }
@@ -994,7 +994,7 @@ fn unet_from_safetensors() {
     let st = fixtures().join("tiny/unet/diffusion_pytorch_model.safetensors");
     let mut parts = checkpoint::open(&Source::SingleFile.path()).unwrap();
     replace_unet(&mut parts, &st).unwrap();
-    let p = Pipeline::load(parts, &Device::Cpu, DType::F32).unwrap();
+    let p = Pipeline::load(parts, &Device::Cpu, dmd2::precision::RunPrecision::F32).unwrap();
     let got = p.generate(&request(), &mut |_, _| {}).unwrap().rgb;
     assert_eq!(got, local_image());
 }
@@ -1051,7 +1051,7 @@ fn unet_mismatches() {
         .to_string();
     assert!(e.contains("no such file"), "{e}");
     // the model is untouched by the failures
-    let p = Pipeline::load(parts, &Device::Cpu, DType::F32).unwrap();
+    let p = Pipeline::load(parts, &Device::Cpu, dmd2::precision::RunPrecision::F32).unwrap();
     assert_eq!(
         p.generate(&request(), &mut |_, _| {}).unwrap().rgb,
         local_image()
@@ -1076,7 +1076,7 @@ fn unet_from_the_hub_cache() {
     .unwrap();
     let mut parts = checkpoint::open(&Source::Folder.path()).unwrap();
     replace_unet(&mut parts, &path).unwrap();
-    let p = Pipeline::load(parts, &Device::Cpu, DType::F32).unwrap();
+    let p = Pipeline::load(parts, &Device::Cpu, dmd2::precision::RunPrecision::F32).unwrap();
     assert_eq!(
         p.generate(&request(), &mut |_, _| {}).unwrap().rgb,
         local_image()

@@ -301,7 +301,7 @@ fn refs_of(c: &Case) -> HashMap<String, Tensor> {
 }
 
 fn run(parts: ModelParts, c: &Case) -> dmd2::pipeline::Generated {
-    let p = Pipeline::load(parts, &Device::Cpu, DType::F32).unwrap();
+    let p = Pipeline::load(parts, &Device::Cpu, dmd2::precision::RunPrecision::F32).unwrap();
     p.generate(&c.request(), &mut |_, _| {}).unwrap()
 }
 

@@ -8,6 +8,7 @@ use crate::metadata::{self, ImageSettings, LoraRef};
 use crate::naming::{self, NameFields};
 use crate::output::{self, PngText};
 use crate::pipeline::{self, Generated, Pipeline, Request};
+use crate::precision::{DtypeChoice, RunPrecision};
 use crate::presets::{self, Preset};
 use crate::prompts::{self, LineError, PromptFormat, PromptItem, PromptSource};
 use crate::scheduler::{self, SamplerKind, SamplerSpec, Spacing};
@@ -107,6 +108,11 @@ pub struct GenArgs {
     pub from_png: Option<PathBuf>,
     #[arg(long, value_enum, default_value_t = DeviceChoice::Auto)]
     pub device: DeviceChoice,
+    /// Compute precision. auto: f16 on a GPU; on the CPU bf16 when it has AVX-512 BF16 and the
+    /// UNet has ≥ 100 M parameters (every real SDXL checkpoint), f32 otherwise. CPU bf16
+    /// keeps weights in bf16 and accumulates in f32; f16 needs a GPU.
+    #[arg(long, value_enum, default_value_t = DtypeChoice::Auto)]
+    pub dtype: DtypeChoice,
     /// Allow sizes outside 64..4096 and memory estimates above what the machine has.
     #[arg(long)]
     pub force: bool,
@@ -604,11 +610,19 @@ fn load_pipeline(a: &GenArgs, base: &Base, device: &candle_core::Device) -> Resu
             }
         }
     }
-    let dtype = pipeline::default_dtype(device);
+    let precision =
+        RunPrecision::resolve(a.dtype, device, parts.unet.numel()).map_err(bad_input)?;
+    if a.verbose {
+        eprintln!(
+            "precision: UNet {}, VAE {}",
+            precision.unet.name(),
+            precision.vae.name()
+        );
+    }
     if device.is_cpu() && !a.force {
         let need = pipeline::estimate_bytes(
             &parts,
-            dtype,
+            precision,
             base.width,
             base.height,
             a.batch_size,
@@ -628,7 +642,7 @@ fn load_pipeline(a: &GenArgs, base: &Base, device: &candle_core::Device) -> Resu
             )));
         }
     }
-    let pipe = Pipeline::load(parts, device, dtype).map_err(bad_input)?;
+    let pipe = Pipeline::load(parts, device, precision).map_err(bad_input)?;
     crate::lora::release_merge_buffers();
     let bad = crate::weights::take_non_finite();
     if !bad.is_empty() {

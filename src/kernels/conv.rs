@@ -7,11 +7,20 @@
 //! row (cheap, contiguous), and the GEMM writes straight into the NCHW output, whose
 //! accumulator starts at the bias.
 
+use super::bf16::{Lhs, Operand, PackedA, Rhs, Src};
 use rayon::prelude::*;
 
 /// im2col band size, in f32 elements (16 MiB: stays in the last-level cache while the GEMM
 /// streams it, yet wide enough for the GEMM to run at full speed).
 const COL_BUDGET: usize = 4 << 20;
+
+/// A convolution's weight as a `[c_out, c_in·k·k]` matrix: f32, or bf16 packed for the bf16
+/// dot-product GEMM.
+#[derive(Clone, Copy)]
+pub enum ConvWeight<'a> {
+    F32(&'a [f32]),
+    Bf16(&'a PackedA),
+}
 
 /// Convolution shape.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -33,7 +42,8 @@ impl ConvShape {
     }
 }
 
-/// `dst[m×n] (+)= lhs[m×k] · rhs[k×n]`, all row-major with the given row strides.
+/// `dst[m×n] (+)= lhs[m×k] · rhs[k×n]`, all row-major with the given row strides; a bf16
+/// `lhs` (the weight) goes through the bf16 dot-product GEMM.
 #[allow(clippy::too_many_arguments)]
 fn gemm_rowmajor(
     m: usize,
@@ -42,7 +52,7 @@ fn gemm_rowmajor(
     dst: &mut [f32],
     dst_rs: usize,
     accumulate: bool,
-    lhs: &[f32],
+    lhs: ConvWeight,
     lhs_rs: usize,
     rhs: &[f32],
     rhs_rs: usize,
@@ -53,19 +63,33 @@ fn gemm_rowmajor(
     } else {
         1
     };
-    super::gemm::gemm(
-        [m, n, k],
-        (dst, dst_rs, 1),
-        accumulate,
-        (lhs, lhs_rs, 1),
-        (rhs, rhs_rs, 1),
-        par,
-    );
+    match lhs {
+        ConvWeight::F32(lhs) => super::gemm::gemm(
+            [m, n, k],
+            (dst, dst_rs, 1),
+            accumulate,
+            (lhs, lhs_rs, 1),
+            (rhs, rhs_rs, 1),
+            par,
+        ),
+        ConvWeight::Bf16(lhs) => super::bf16::gemm(
+            [m, n, k],
+            (dst, dst_rs),
+            accumulate,
+            Lhs::Packed(lhs),
+            Rhs::Strided(Operand {
+                data: Src::F32(rhs),
+                rs: rhs_rs,
+                cs: 1,
+            }),
+            par,
+        ),
+    }
 }
 
 /// Convolution of `x` (`[batch, c_in, h, w]`) by `weight` (`[c_out, c_in, k, k]`) plus
-/// `bias` (`[c_out]`), returning `[batch, c_out, oh, ow]`.
-pub fn conv2d(x: &[f32], weight: &[f32], bias: Option<&[f32]>, s: ConvShape) -> Vec<f32> {
+/// `bias` (`[c_out]`), returning `[batch, c_out, oh, ow]`. The weight may be f32 or bf16.
+pub fn conv2d(x: &[f32], weight: ConvWeight, bias: Option<&[f32]>, s: ConvShape) -> Vec<f32> {
     let ConvShape {
         batch,
         c_in,
@@ -79,7 +103,10 @@ pub fn conv2d(x: &[f32], weight: &[f32], bias: Option<&[f32]>, s: ConvShape) -> 
     assert!(kk >= 1 && stride >= 1 && h + 2 * padding >= kk && w + 2 * padding >= kk);
     assert_eq!(x.len(), batch * c_in * h * w);
     let kdim = c_in * kk * kk;
-    assert_eq!(weight.len(), c_out * kdim);
+    match weight {
+        ConvWeight::F32(w) => assert_eq!(w.len(), c_out * kdim),
+        ConvWeight::Bf16(w) => assert_eq!((w.rows(), w.cols()), (c_out, kdim)),
+    }
     let (oh, ow) = s.out_hw();
     let plane = oh * ow;
     let threads = super::num_threads();

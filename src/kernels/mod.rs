@@ -13,6 +13,7 @@
 
 #[cfg(target_arch = "x86_64")]
 pub mod attention;
+pub mod bf16;
 #[cfg(target_arch = "x86_64")]
 pub mod conv;
 #[cfg(target_arch = "x86_64")]

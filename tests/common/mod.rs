@@ -97,7 +97,8 @@ pub fn pipeline(src: Source) -> Arc<Pipeline> {
             let parts =
                 checkpoint::open(&src.path()).unwrap_or_else(|e| panic!("{:?}: {e:#}", src));
             Arc::new(
-                Pipeline::load(parts, &Device::Cpu, DType::F32).unwrap_or_else(|e| panic!("{e:#}")),
+                Pipeline::load(parts, &Device::Cpu, dmd2::precision::RunPrecision::F32)
+                    .unwrap_or_else(|e| panic!("{e:#}")),
             )
         })
         .clone()

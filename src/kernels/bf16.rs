@@ -1,0 +1,866 @@
+//! GEMM through the CPU's bf16 dot-product instruction (AVX-512 BF16 `vdpbf16ps`):
+//! `C (f32) (+)= A · B`, each operand f32 or bf16, rounded to bf16 (round to nearest even)
+//! while it is packed, products accumulated in f32.
+//!
+//! `vdpbf16ps` multiplies pairs of bf16 along k and adds both products into one f32 lane, so
+//! both operands are packed as pairs `(x[2p], x[2p+1])` in one 32-bit word:
+//! - A in panels of [`MR`] rows: `apack[panel][p][i]`, one word per row, broadcast to all lanes;
+//! - B in panels of [`NR`] columns: `bpack[panel][p][j]`, four zmm registers per pair.
+//!
+//! The micro-kernel keeps an `MR × NR` block of C in 24 registers. Blocking as in BLIS
+//! (Van Zee & van de Geijn 2015): k in blocks of [`KC`] pairs so a B block stays in L2 and an
+//! A micro-panel in L1; A is packed once per call (shared by the threads), B per thread.
+//! Without AVX-512 BF16 the same call converts the operands to f32 and runs the f32 GEMM.
+
+use half::bf16;
+use rayon::prelude::*;
+
+/// Rows of A (and C) per micro-kernel.
+pub const MR: usize = 6;
+/// Columns of B (and C) per micro-kernel: four 16-lane registers.
+pub const NR: usize = 64;
+/// k pairs per block: a B micro-panel is `KC · NR · 4` bytes = 32 KiB.
+const KC: usize = 128;
+/// Columns of B packed at once per thread: a B block is `KC · NC · 4` bytes = 512 KiB (L2).
+const NC: usize = 1024;
+/// Bytes of C one task keeps hot across the k blocks (in the last-level cache).
+const C_BLOCK_BYTES: usize = 4 << 20;
+/// Row panels per task when B is packed at load (96 rows).
+const MC_PANELS: usize = 16;
+
+/// The data of an operand.
+#[derive(Clone, Copy)]
+pub enum Src<'a> {
+    F32(&'a [f32]),
+    Bf16(&'a [bf16]),
+}
+
+impl Src<'_> {
+    fn len(&self) -> usize {
+        match self {
+            Src::F32(s) => s.len(),
+            Src::Bf16(s) => s.len(),
+        }
+    }
+}
+
+/// A strided matrix operand: element (r, c) is `data[r * rs + c * cs]`.
+#[derive(Clone, Copy)]
+pub struct Operand<'a> {
+    pub data: Src<'a>,
+    pub rs: usize,
+    pub cs: usize,
+}
+
+/// A left operand (`[m × k]`, row-major bf16, e.g. a convolution kernel) packed once, at load,
+/// in the layout the kernels read: `data[panel][p][i]`.
+#[derive(Clone)]
+pub struct PackedA {
+    data: Vec<u32>,
+    m: usize,
+    k: usize,
+}
+
+impl PackedA {
+    pub fn new(w: &[bf16], m: usize, k: usize) -> Self {
+        assert_eq!(w.len(), m * k, "PackedA: {m}x{k} needs {} values", m * k);
+        let kp = k.div_ceil(2);
+        let mut data = vec![0u32; m.div_ceil(MR) * kp * MR];
+        for (panel, out) in data.chunks_mut(kp * MR).enumerate() {
+            for i in 0..MR.min(m - panel * MR) {
+                let row = &w[(panel * MR + i) * k..][..k];
+                for p in 0..kp {
+                    out[p * MR + i] = pair(row, 2 * p, k);
+                }
+            }
+        }
+        Self { data, m, k }
+    }
+
+    pub fn rows(&self) -> usize {
+        self.m
+    }
+
+    pub fn cols(&self) -> usize {
+        self.k
+    }
+
+    /// Element (r, c) as f32.
+    fn get(&self, r: usize, c: usize) -> f32 {
+        let w = self.data[(r / MR) * self.k.div_ceil(2) * MR + (c / 2) * MR + r % MR];
+        f32::from_bits(((w >> (16 * (c % 2))) & 0xffff) << 16)
+    }
+}
+
+/// A right operand given as `Wᵀ` of a row-major bf16 `W` (`[n × k]`, a linear layer's weight),
+/// packed once, at load: `data[panel][p][j]`.
+#[derive(Clone)]
+pub struct PackedB {
+    data: Vec<u32>,
+    k: usize,
+    n: usize,
+}
+
+impl PackedB {
+    pub fn from_transposed(w: &[bf16], n: usize, k: usize) -> Self {
+        assert_eq!(w.len(), n * k, "PackedB: {n}x{k} needs {} values", n * k);
+        let kp = k.div_ceil(2);
+        let mut data = vec![0u32; n.div_ceil(NR) * kp * NR];
+        for (panel, out) in data.chunks_mut(kp * NR).enumerate() {
+            for j in 0..NR.min(n - panel * NR) {
+                let row = &w[(panel * NR + j) * k..][..k];
+                for p in 0..kp {
+                    out[p * NR + j] = pair(row, 2 * p, k);
+                }
+            }
+        }
+        Self { data, k, n }
+    }
+
+    /// `k` (the input width of the layer).
+    pub fn rows(&self) -> usize {
+        self.k
+    }
+
+    /// `n` (the output width of the layer).
+    pub fn cols(&self) -> usize {
+        self.n
+    }
+
+    fn get(&self, r: usize, c: usize) -> f32 {
+        let w = self.data[(c / NR) * self.k.div_ceil(2) * NR + (r / 2) * NR + c % NR];
+        f32::from_bits(((w >> (16 * (r % 2))) & 0xffff) << 16)
+    }
+}
+
+/// `(row[e], row[e+1])` as one word, zero past `k`.
+#[inline(always)]
+fn pair(row: &[bf16], e: usize, k: usize) -> u32 {
+    let lo = row[e].to_bits() as u32;
+    let hi = if e + 1 < k {
+        row[e + 1].to_bits() as u32
+    } else {
+        0
+    };
+    lo | hi << 16
+}
+
+/// The left operand of [`gemm`].
+#[derive(Clone, Copy)]
+pub enum Lhs<'a> {
+    Strided(Operand<'a>),
+    Packed(&'a PackedA),
+}
+
+/// The right operand of [`gemm`].
+#[derive(Clone, Copy)]
+pub enum Rhs<'a> {
+    Strided(Operand<'a>),
+    Packed(&'a PackedB),
+}
+
+/// Whether this CPU runs the bf16 dot-product kernels (checked once).
+pub fn available() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        static HAS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        *HAS.get_or_init(|| {
+            std::arch::is_x86_feature_detected!("avx512f")
+                && std::arch::is_x86_feature_detected!("avx512bw")
+                && std::arch::is_x86_feature_detected!("avx512vl")
+                && std::arch::is_x86_feature_detected!("avx512bf16")
+        })
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// f32 → bf16 bits, rounding to nearest even; NaN stays NaN (what `vcvtne2ps2bf16` does).
+#[inline(always)]
+pub fn bf16_bits(x: f32) -> u16 {
+    let u = x.to_bits();
+    if u & 0x7fff_ffff > 0x7f80_0000 {
+        return ((u >> 16) | 0x40) as u16;
+    }
+    ((u + 0x7fff + ((u >> 16) & 1)) >> 16) as u16
+}
+
+fn extent(r: usize, c: usize, rs: usize, cs: usize) -> usize {
+    if r == 0 || c == 0 {
+        0
+    } else {
+        (r - 1) * rs + (c - 1) * cs + 1
+    }
+}
+
+/// `dst[m×n] = (accumulate ? dst : 0) + a[m×k] · b[k×n]`, `dst` row-major with row stride
+/// `dst_rs`, on `threads` rayon threads.
+///
+/// Panics if an operand's slice is too short for its shape and strides.
+pub fn gemm(
+    [m, n, k]: [usize; 3],
+    dst: (&mut [f32], usize),
+    accumulate: bool,
+    a: Lhs,
+    b: Rhs,
+    threads: usize,
+) {
+    let (dst, dst_rs) = dst;
+    if m == 0 || n == 0 {
+        return;
+    }
+    assert!(
+        dst.len() >= extent(m, n, dst_rs, 1),
+        "bf16 gemm: dst too short"
+    );
+    match a {
+        Lhs::Strided(a) => assert!(
+            a.data.len() >= extent(m, k, a.rs, a.cs),
+            "bf16 gemm: a too short"
+        ),
+        Lhs::Packed(a) => assert!(
+            a.m == m && a.k == k,
+            "bf16 gemm: packed a is {}x{}, not {m}x{k}",
+            a.m,
+            a.k
+        ),
+    }
+    match b {
+        Rhs::Strided(b) => assert!(
+            b.data.len() >= extent(k, n, b.rs, b.cs),
+            "bf16 gemm: b too short"
+        ),
+        Rhs::Packed(b) => assert!(
+            b.k == k && b.n == n,
+            "bf16 gemm: packed b is {}x{}, not {k}x{n}",
+            b.k,
+            b.n
+        ),
+    }
+    if k == 0 {
+        if !accumulate {
+            for row in dst.chunks_mut(dst_rs).take(m) {
+                row[..n].fill(0.0);
+            }
+        }
+        return;
+    }
+    #[cfg(target_arch = "x86_64")]
+    if available() {
+        // SAFETY: `available()` checked every CPU feature the kernels are compiled with; the
+        // asserts above bound every element the packing routines read.
+        unsafe { x86::gemm(m, n, k, dst, dst_rs, accumulate, a, b, threads) };
+        return;
+    }
+    fallback(m, n, k, dst, dst_rs, accumulate, a, b, threads);
+}
+
+/// Converts both operands to dense f32 and runs the f32 GEMM: correct everywhere, used on CPUs
+/// without AVX-512 BF16.
+#[allow(clippy::too_many_arguments)]
+fn fallback(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: &mut [f32],
+    dst_rs: usize,
+    accumulate: bool,
+    a: Lhs,
+    b: Rhs,
+    threads: usize,
+) {
+    let dense = |get: &dyn Fn(usize, usize) -> f32, r: usize, c: usize| -> Vec<f32> {
+        (0..r * c).map(|x| get(x / c, x % c)).collect()
+    };
+    let strided = |o: Operand, i: usize, j: usize| match o.data {
+        Src::F32(s) => s[i * o.rs + j * o.cs],
+        Src::Bf16(s) => s[i * o.rs + j * o.cs].to_f32(),
+    };
+    let ad = match a {
+        Lhs::Strided(o) => dense(&|i, j| strided(o, i, j), m, k),
+        Lhs::Packed(p) => dense(&|i, j| p.get(i, j), m, k),
+    };
+    let bd = match b {
+        Rhs::Strided(o) => dense(&|i, j| strided(o, i, j), k, n),
+        Rhs::Packed(p) => dense(&|i, j| p.get(i, j), k, n),
+    };
+    #[cfg(target_arch = "x86_64")]
+    super::gemm::gemm(
+        [m, n, k],
+        (dst, dst_rs, 1),
+        accumulate,
+        (&ad, k, 1),
+        (&bd, n, 1),
+        threads,
+    );
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = threads;
+        for i in 0..m {
+            for j in 0..n {
+                let s: f32 = (0..k).map(|p| ad[i * k + p] * bd[p * n + j]).sum();
+                let d = &mut dst[i * dst_rs + j];
+                *d = if accumulate { *d + s } else { s };
+            }
+        }
+    }
+}
+
+// The kernels below are unsafe functions from top to bottom (raw pointers and intrinsics that
+// need the target features), so their bodies are not wrapped in further `unsafe` blocks.
+#[cfg(target_arch = "x86_64")]
+#[allow(unsafe_op_in_unsafe_fn)]
+mod x86 {
+    use super::*;
+    use std::arch::x86_64::*;
+
+    /// Raw pointer that may cross threads: each task writes a disjoint set of C's tiles.
+    #[derive(Clone, Copy)]
+    struct SendPtr(*mut f32);
+    unsafe impl Send for SendPtr {}
+    unsafe impl Sync for SendPtr {}
+
+    impl SendPtr {
+        /// Through a method, so closures capture the whole (Send) wrapper.
+        fn get(self) -> *mut f32 {
+            self.0
+        }
+    }
+
+    #[inline(always)]
+    fn bh(v: __m512i) -> __m512bh {
+        // SAFETY: both are 512 bits of plain data.
+        unsafe { std::mem::transmute::<__m512i, __m512bh>(v) }
+    }
+
+    #[inline(always)]
+    fn si(v: __m512bh) -> __m512i {
+        // SAFETY: both are 512 bits of plain data.
+        unsafe { std::mem::transmute::<__m512bh, __m512i>(v) }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
+    pub(super) unsafe fn gemm(
+        m: usize,
+        n: usize,
+        k: usize,
+        dst: &mut [f32],
+        dst_rs: usize,
+        accumulate: bool,
+        a: Lhs,
+        b: Rhs,
+        threads: usize,
+    ) {
+        let kp = k.div_ceil(2);
+        let m_panels = m.div_ceil(MR);
+        let n_panels = n.div_ceil(NR);
+        let owned;
+        let apack: &[u32] = match a {
+            Lhs::Packed(p) => &p.data,
+            Lhs::Strided(a) => {
+                let mut apack = vec![0u32; m_panels * kp * MR];
+                let pack_panel = |(panel, out): (usize, &mut [u32])| {
+                    // SAFETY: the caller checked the CPU features; `pack_a` stays inside `a`.
+                    unsafe { pack_a(a, m, k, panel * MR, out) }
+                };
+                if threads > 1 && m * k >= 1 << 16 {
+                    apack
+                        .par_chunks_mut(kp * MR)
+                        .enumerate()
+                        .for_each(pack_panel);
+                } else {
+                    apack.chunks_mut(kp * MR).enumerate().for_each(pack_panel);
+                }
+                owned = apack;
+                &owned
+            }
+        };
+
+        // Split the work over n (each thread packs its own B) unless n is too narrow.
+        let work = if threads > 1 && (m as u128) * (n as u128) * (k as u128) >= 1 << 20 {
+            threads
+        } else {
+            1
+        };
+        let c = SendPtr(dst.as_mut_ptr());
+        let run = |(m0, m1, n0, n1): (usize, usize, usize, usize)| {
+            // SAFETY: tasks cover disjoint (row, column) ranges of C, all inside `dst`.
+            unsafe {
+                block(
+                    m,
+                    m0,
+                    m1,
+                    n0,
+                    n1,
+                    k,
+                    kp,
+                    apack,
+                    b,
+                    c.get(),
+                    dst_rs,
+                    accumulate,
+                )
+            }
+        };
+        if work == 1 && !(matches!(b, Rhs::Packed(_)) && m_panels > MC_PANELS) {
+            run((0, m_panels, 0, n));
+            return;
+        }
+        let tasks: Vec<(usize, usize, usize, usize)> = match b {
+            // Weights packed at load: nothing to pack per task, so cut C into blocks of
+            // MC_PANELS row panels (a block's C stays in L2 across the k blocks) and let the
+            // threads take them in turn.
+            Rhs::Packed(_) if m_panels > MC_PANELS => (0..m_panels)
+                .step_by(MC_PANELS)
+                .map(|p| (p, (p + MC_PANELS).min(m_panels), 0, n))
+                .collect(),
+            // Otherwise one task per thread, each packing its own B: split n unless n is too
+            // narrow.
+            _ if n_panels >= 2 * work || n_panels >= m_panels => {
+                let per = n_panels.div_ceil(work);
+                (0..work)
+                    .map(|t| {
+                        (
+                            0,
+                            m_panels,
+                            (t * per * NR).min(n),
+                            ((t + 1) * per * NR).min(n),
+                        )
+                    })
+                    .filter(|t| t.2 < t.3)
+                    .collect()
+            }
+            _ => {
+                let per = m_panels.div_ceil(work);
+                (0..work)
+                    .map(|t| ((t * per).min(m_panels), ((t + 1) * per).min(m_panels), 0, n))
+                    .filter(|t| t.0 < t.1)
+                    .collect()
+            }
+        };
+        tasks.into_par_iter().for_each(run);
+    }
+
+    /// C rows of A panels `mp0..mp1`, columns `n0..n1`.
+    #[allow(clippy::too_many_arguments)]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
+    unsafe fn block(
+        m: usize,
+        mp0: usize,
+        mp1: usize,
+        n0: usize,
+        n1: usize,
+        k: usize,
+        kp: usize,
+        apack: &[u32],
+        b: Rhs,
+        c: *mut f32,
+        ldc: usize,
+        accumulate: bool,
+    ) {
+        // Column blocks narrow enough that this task's C block (rows × nc) stays in cache
+        // while the k blocks pass over it.
+        let rows = (mp1 - mp0) * MR;
+        let nc_max = ((C_BLOCK_BYTES / 4 / rows.max(1)) / NR * NR).clamp(2 * NR, NC);
+        let mut bpack = match b {
+            Rhs::Strided(_) => vec![0u32; KC * nc_max.min((n1 - n0).div_ceil(NR) * NR)],
+            Rhs::Packed(_) => Vec::new(),
+        };
+        // k blocks of equal size (≤ KC pairs).
+        let kc_even = kp.div_ceil(kp.div_ceil(KC));
+        let mut jc = n0;
+        while jc < n1 {
+            let nc = nc_max.min(n1 - jc);
+            let ncp = nc.div_ceil(NR);
+            let mut pc = 0;
+            while pc < kp {
+                let kc = kc_even.min(kp - pc);
+                if let Rhs::Strided(b) = b {
+                    for jp in 0..ncp {
+                        let j0 = jc + jp * NR;
+                        let cols = NR.min(jc + nc - j0);
+                        unsafe { pack_b(b, k, pc, kc, j0, cols, &mut bpack[jp * kc * NR..]) };
+                    }
+                }
+                let load = accumulate || pc > 0;
+                for mp in mp0..mp1 {
+                    let rows = (m - mp * MR).min(MR);
+                    let ap = apack.as_ptr().add(mp * kp * MR + pc * MR);
+                    for jp in 0..ncp {
+                        let j0 = jc + jp * NR;
+                        let cols = NR.min(jc + nc - j0);
+                        let bp = match b {
+                            Rhs::Strided(_) => bpack.as_ptr().add(jp * kc * NR),
+                            // Panels start at multiples of NR (jc and the thread splits are).
+                            Rhs::Packed(pb) => pb.data.as_ptr().add((j0 / NR) * kp * NR + pc * NR),
+                        };
+                        unsafe {
+                            micro(kc, ap, bp, c.add(mp * MR * ldc + j0), ldc, rows, cols, load)
+                        };
+                    }
+                }
+                pc += kc;
+            }
+            jc += nc;
+        }
+    }
+
+    /// Packs rows `r0..r0+MR` of A (zero past `m`) as `out[p * MR + i]` = pair p of row i.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
+    unsafe fn pack_a(a: Operand, m: usize, k: usize, r0: usize, out: &mut [u32]) {
+        let kp = k.div_ceil(2);
+        for i in 0..MR {
+            let r = r0 + i;
+            if r >= m {
+                for p in 0..kp {
+                    out[p * MR + i] = 0;
+                }
+                continue;
+            }
+            match a.data {
+                Src::Bf16(s) if a.cs == 1 => {
+                    let row = &s[r * a.rs..r * a.rs + k];
+                    for p in 0..k / 2 {
+                        out[p * MR + i] =
+                            row[2 * p].to_bits() as u32 | (row[2 * p + 1].to_bits() as u32) << 16;
+                    }
+                    if k % 2 == 1 {
+                        out[(kp - 1) * MR + i] = row[k - 1].to_bits() as u32;
+                    }
+                }
+                Src::F32(s) if a.cs == 1 => {
+                    let row = &s[r * a.rs..r * a.rs + k];
+                    let mut p = 0;
+                    let mut tmp = [0u32; 16];
+                    while p < kp {
+                        // 16 pairs = 32 floats per step, masked at the end of the row.
+                        let e0 = 2 * p;
+                        let n_el = (k - e0).min(32);
+                        let lo = n_el.min(16);
+                        let hi = n_el - lo;
+                        let mlo: __mmask16 = ((1u32 << lo) - 1) as u16;
+                        let mhi: __mmask16 = ((1u32 << hi) - 1) as u16;
+                        let x0 = _mm512_maskz_loadu_ps(mlo, row.as_ptr().add(e0));
+                        let x1 = if hi > 0 {
+                            _mm512_maskz_loadu_ps(mhi, row.as_ptr().add(e0 + 16))
+                        } else {
+                            _mm512_setzero_ps()
+                        };
+                        let v = _mm512_cvtne2ps_pbh(x1, x0);
+                        _mm512_storeu_si512(tmp.as_mut_ptr().cast(), si(v));
+                        let np = (kp - p).min(16);
+                        for (t, &w) in tmp[..np].iter().enumerate() {
+                            out[(p + t) * MR + i] = w;
+                        }
+                        p += 16;
+                    }
+                }
+                _ => {
+                    for p in 0..kp {
+                        let lo = get(a, r, 2 * p);
+                        let hi = if 2 * p + 1 < k {
+                            get(a, r, 2 * p + 1)
+                        } else {
+                            0
+                        };
+                        out[p * MR + i] = lo as u32 | (hi as u32) << 16;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Element (r, c) of an operand as bf16 bits.
+    #[inline(always)]
+    fn get(o: Operand, r: usize, c: usize) -> u16 {
+        match o.data {
+            Src::F32(s) => bf16_bits(s[r * o.rs + c * o.cs]),
+            Src::Bf16(s) => s[r * o.rs + c * o.cs].to_bits(),
+        }
+    }
+
+    /// Packs pairs `p0..p0+kc` of B's columns `j0..j0+cols` (zero past `cols` and past `k`)
+    /// as `out[p * NR + j]`.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
+    unsafe fn pack_b(
+        b: Operand,
+        k: usize,
+        p0: usize,
+        kc: usize,
+        j0: usize,
+        cols: usize,
+        out: &mut [u32],
+    ) {
+        let out = &mut out[..kc * NR];
+        match b.data {
+            Src::F32(s) if b.cs == 1 => {
+                // Interleave rows 2p and 2p+1: [x0_0, x1_0, x0_1, x1_1, ...] as bf16.
+                let idx = _mm512_set_epi16(
+                    31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7, 22, 6, 21,
+                    5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0,
+                );
+                for p in 0..kc {
+                    let r0 = 2 * (p0 + p);
+                    let r1 = r0 + 1;
+                    let row0 = s.as_ptr().add(r0 * b.rs + j0);
+                    let has1 = r1 < k;
+                    let row1 = if has1 {
+                        s.as_ptr().add(r1 * b.rs + j0)
+                    } else {
+                        row0
+                    };
+                    for g in 0..NR / 16 {
+                        let c0 = g * 16;
+                        let dst = out.as_mut_ptr().add(p * NR + c0);
+                        if c0 >= cols {
+                            _mm512_storeu_si512(dst.cast(), _mm512_setzero_si512());
+                            continue;
+                        }
+                        let mask: __mmask16 = if cols - c0 >= 16 {
+                            0xffff
+                        } else {
+                            ((1u32 << (cols - c0)) - 1) as u16
+                        };
+                        let x0 = _mm512_maskz_loadu_ps(mask, row0.add(c0));
+                        let x1 = if has1 {
+                            _mm512_maskz_loadu_ps(mask, row1.add(c0))
+                        } else {
+                            _mm512_setzero_ps()
+                        };
+                        let v = si(_mm512_cvtne2ps_pbh(x1, x0));
+                        _mm512_storeu_si512(dst.cast(), _mm512_permutexvar_epi16(idx, v));
+                    }
+                }
+            }
+            Src::Bf16(s) if b.rs == 1 => {
+                // B = Wᵀ of a row-major W: column j is a contiguous row of W.
+                out.fill(0);
+                for jj in 0..cols {
+                    let col = &s[(j0 + jj) * b.cs..];
+                    for p in 0..kc {
+                        let e = 2 * (p0 + p);
+                        let lo = col[e].to_bits() as u32;
+                        let hi = if e + 1 < k {
+                            col[e + 1].to_bits() as u32
+                        } else {
+                            0
+                        };
+                        out[p * NR + jj] = lo | hi << 16;
+                    }
+                }
+            }
+            _ => {
+                out.fill(0);
+                for p in 0..kc {
+                    let e = 2 * (p0 + p);
+                    for jj in 0..cols {
+                        let lo = get(b, e, j0 + jj) as u32;
+                        let hi = if e + 1 < k {
+                            get(b, e + 1, j0 + jj) as u32
+                        } else {
+                            0
+                        };
+                        out[p * NR + jj] = lo | hi << 16;
+                    }
+                }
+            }
+        }
+    }
+
+    /// `C[rows×cols] (+)= A-panel · B-panel` over `kc` pairs, C row stride `ldc`.
+    #[allow(clippy::too_many_arguments)]
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
+    unsafe fn micro(
+        kc: usize,
+        a: *const u32,
+        b: *const u32,
+        c: *mut f32,
+        ldc: usize,
+        rows: usize,
+        cols: usize,
+        load: bool,
+    ) {
+        let mut acc = [[_mm512_setzero_ps(); 4]; MR];
+        for p in 0..kc {
+            let bp = b.add(p * NR);
+            let bv: [__m512bh; 4] = [
+                bh(_mm512_loadu_si512(bp.cast())),
+                bh(_mm512_loadu_si512(bp.add(16).cast())),
+                bh(_mm512_loadu_si512(bp.add(32).cast())),
+                bh(_mm512_loadu_si512(bp.add(48).cast())),
+            ];
+            let ap = a.add(p * MR);
+            for (i, acc_i) in acc.iter_mut().enumerate() {
+                let av = bh(_mm512_set1_epi32(*ap.add(i) as i32));
+                for (j, acc_ij) in acc_i.iter_mut().enumerate() {
+                    *acc_ij = _mm512_dpbf16_ps(*acc_ij, av, bv[j]);
+                }
+            }
+        }
+        for (i, acc_i) in acc.iter().enumerate().take(rows) {
+            let row = c.add(i * ldc);
+            for (j, &v) in acc_i.iter().enumerate() {
+                let c0 = j * 16;
+                if c0 >= cols {
+                    break;
+                }
+                let mask: __mmask16 = if cols - c0 >= 16 {
+                    0xffff
+                } else {
+                    ((1u32 << (cols - c0)) - 1) as u16
+                };
+                let ptr = row.add(c0);
+                let v = if load {
+                    _mm512_add_ps(v, _mm512_maskz_loadu_ps(mask, ptr))
+                } else {
+                    v
+                };
+                _mm512_mask_storeu_ps(ptr, mask, v);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rand_vec(n: usize, seed: u64) -> Vec<f32> {
+        let mut s = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        (0..n)
+            .map(|_| {
+                s = s
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+            })
+            .collect()
+    }
+
+    fn round(x: f32) -> f64 {
+        f32::from_bits((bf16_bits(x) as u32) << 16) as f64
+    }
+
+    /// Checks `gemm` against an f64 reference on bf16-rounded inputs, for operands given as
+    /// f32 or bf16, row- or column-major, with and without accumulation.
+    fn check(m: usize, n: usize, k: usize, threads: usize) {
+        let av = rand_vec(m * k, (m * 31 + k) as u64);
+        let bv = rand_vec(k * n, (n * 17 + k) as u64);
+        let a16: Vec<bf16> = av.iter().map(|&x| bf16::from_bits(bf16_bits(x))).collect();
+        let b16: Vec<bf16> = bv.iter().map(|&x| bf16::from_bits(bf16_bits(x))).collect();
+        // Column-major copies (element (r, c) at c * rows + r).
+        let at: Vec<f32> = (0..m * k).map(|i| av[(i % m) * k + i / m]).collect();
+        let bt16: Vec<bf16> = (0..k * n).map(|i| b16[(i % k) * n + i / k]).collect();
+        let init = rand_vec(m * n, 7);
+        let pa = PackedA::new(&a16, m, k);
+        let pb = PackedB::from_transposed(&bt16, n, k);
+        let op = |data, rs, cs| Operand { data, rs, cs };
+        for (variant, accumulate) in [
+            (0, false),
+            (1, true),
+            (2, false),
+            (3, true),
+            (4, true),
+            (5, false),
+        ] {
+            let a = match variant {
+                0 | 3 | 5 => Lhs::Strided(op(Src::F32(&av), k, 1)),
+                1 => Lhs::Strided(op(Src::Bf16(&a16), k, 1)),
+                4 => Lhs::Packed(&pa),
+                _ => Lhs::Strided(op(Src::F32(&at), 1, m)),
+            };
+            let b = match variant {
+                0 | 4 => Rhs::Strided(op(Src::F32(&bv), n, 1)),
+                1 => Rhs::Strided(op(Src::Bf16(&bt16), 1, k)),
+                2 => Rhs::Strided(op(Src::Bf16(&b16), n, 1)),
+                5 => Rhs::Packed(&pb),
+                _ => Rhs::Strided(op(Src::F32(&bv), n, 1)),
+            };
+            let ld = n + 3;
+            let mut dst = vec![f32::NAN; m * ld];
+            for i in 0..m {
+                dst[i * ld..i * ld + n].copy_from_slice(&init[i * n..(i + 1) * n]);
+            }
+            gemm([m, n, k], (&mut dst, ld), accumulate, a, b, threads);
+            for i in 0..m {
+                for j in 0..n {
+                    let (mut want, mut mag) = (0f64, 0f64);
+                    for p in 0..k {
+                        let t = round(av[i * k + p]) * round(bv[p * n + j]);
+                        want += t;
+                        mag += t.abs();
+                    }
+                    if accumulate {
+                        want += init[i * n + j] as f64;
+                        mag += (init[i * n + j] as f64).abs();
+                    }
+                    let got = dst[i * ld + j] as f64;
+                    assert!(
+                        (got - want).abs() <= 1e-5 * mag + 1e-6,
+                        "m{m} n{n} k{k} t{threads} variant {variant}: ({i},{j}) {got} vs {want}"
+                    );
+                }
+                assert!(
+                    dst[i * ld + n..i * ld + ld].iter().all(|x| x.is_nan()),
+                    "wrote past n"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn matches_reference_on_ragged_shapes() {
+        for &(m, n, k) in &[
+            (1, 1, 1),
+            (6, 64, 2),
+            (7, 65, 3),
+            (13, 130, 257),
+            (5, 200, 300),
+            (50, 17, 33),
+        ] {
+            check(m, n, k, 1);
+            check(m, n, k, 2);
+        }
+    }
+
+    #[test]
+    fn matches_reference_across_blocks() {
+        // k over two KC blocks, n over NC, m over several panels; both split directions.
+        check(20, 1100, 2 * KC * 2 + 5, 2);
+        check(200, 70, 2 * KC + 1, 2);
+    }
+
+    #[test]
+    fn packed_operands_read_back() {
+        let (m, k) = (7, 5);
+        let w: Vec<bf16> = rand_vec(m * k, 9)
+            .iter()
+            .map(|&x| bf16::from_f32(x))
+            .collect();
+        let pa = PackedA::new(&w, m, k);
+        let pb = PackedB::from_transposed(&w, m, k);
+        for i in 0..m {
+            for j in 0..k {
+                assert_eq!(pa.get(i, j), w[i * k + j].to_f32());
+                assert_eq!(pb.get(j, i), w[i * k + j].to_f32());
+            }
+        }
+    }
+
+    #[test]
+    fn rounding_matches_half() {
+        for x in rand_vec(10_000, 3)
+            .into_iter()
+            .chain([0.0, -0.0, 1e-40, f32::INFINITY, 65504.0])
+        {
+            assert_eq!(bf16_bits(x), bf16::from_f32(x).to_bits(), "{x}");
+        }
+        assert!(f32::from_bits((bf16_bits(f32::NAN) as u32) << 16).is_nan());
+    }
+}

@@ -1,0 +1,184 @@
+//! Compute precision: which dtype each part of the model is stored and computed in.
+//!
+//! - `f32` everywhere: the reference path (parity with diffusers in f32).
+//! - `bf16` on the CPU: weight matrices and convolution kernels stored in bf16 (half the
+//!   memory), multiplied through the CPU's bf16 dot-product instructions with f32 accumulation
+//!   ([`crate::kernels::bf16`]); activations are rounded to bf16 where they enter a matrix
+//!   product and kept in f32 between layers, so norms, softmax and residual sums run in f32.
+//!   Biases and norm weights stay f32.
+//! - `bf16` / `f16` on a GPU: everything in that dtype (candle's kernels), except that an f16
+//!   run decodes with the VAE in f32, as diffusers' `force_upcast` does for the SDXL VAE.
+
+use anyhow::{Result, bail};
+use candle_core::{DType, Device};
+use clap::ValueEnum;
+
+/// `--dtype`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DtypeChoice {
+    /// f16 on a GPU; on the CPU bf16 when it has AVX-512 BF16 and the model is of real size
+    /// (≥ 100 M UNet parameters), f32 otherwise.
+    Auto,
+    F32,
+    Bf16,
+    F16,
+}
+
+/// UNets smaller than this (test models) stay in f32 under `auto`: bf16 buys them nothing
+/// and f32 keeps them exactly comparable with diffusers' f32 outputs.
+pub const AUTO_BF16_MIN_PARAMS: u64 = 100_000_000;
+
+/// How one model component keeps its tensors and runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Precision {
+    /// Tensors of rank ≥ 2 (linear weights, convolution kernels, embeddings).
+    pub matrices: DType,
+    /// Tensors of rank ≤ 1 (biases, norm weights).
+    pub vectors: DType,
+    /// Activations passed between layers.
+    pub activations: DType,
+}
+
+impl Precision {
+    pub const F32: Precision = Precision::uniform(DType::F32);
+
+    pub const fn uniform(dtype: DType) -> Self {
+        Self {
+            matrices: dtype,
+            vectors: dtype,
+            activations: dtype,
+        }
+    }
+
+    /// bf16 matrices, f32 everything else: the CPU's bf16 path.
+    pub const CPU_BF16: Precision = Precision {
+        matrices: DType::BF16,
+        vectors: DType::F32,
+        activations: DType::F32,
+    };
+
+    /// The dtype a tensor of this rank is kept in.
+    pub fn dtype_for_rank(&self, rank: usize) -> DType {
+        if rank >= 2 {
+            self.matrices
+        } else {
+            self.vectors
+        }
+    }
+
+    /// Bytes per parameter, counting every tensor as a matrix (an upper bound).
+    pub fn weight_bytes(&self) -> usize {
+        self.matrices
+            .size_in_bytes()
+            .max(self.vectors.size_in_bytes())
+    }
+
+    pub fn name(&self) -> &'static str {
+        match (self.matrices, self.activations) {
+            (DType::BF16, DType::F32) => "bf16 (bf16 weights, f32 accumulation)",
+            (DType::BF16, _) => "bf16",
+            (DType::F16, _) => "f16",
+            _ => "f32",
+        }
+    }
+}
+
+/// The precisions of a run: the UNet's and the VAE's (the text encoders follow the UNet on a
+/// GPU and stay f32 on the CPU, where they cost under a second).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RunPrecision {
+    pub unet: Precision,
+    pub vae: Precision,
+    pub text: Precision,
+}
+
+impl RunPrecision {
+    pub const F32: RunPrecision = RunPrecision {
+        unet: Precision::F32,
+        vae: Precision::F32,
+        text: Precision::F32,
+    };
+
+    /// Resolves `--dtype` for a device and a UNet of `unet_params` parameters.
+    pub fn resolve(choice: DtypeChoice, device: &Device, unet_params: u64) -> Result<Self> {
+        if device.is_cpu() {
+            let bf16 = match choice {
+                DtypeChoice::F32 => false,
+                DtypeChoice::Bf16 => true,
+                DtypeChoice::Auto => {
+                    crate::kernels::bf16::available() && unet_params >= AUTO_BF16_MIN_PARAMS
+                }
+                DtypeChoice::F16 => bail!(
+                    "--dtype f16 runs on a GPU only (the CPU has no fast f16 path); use --dtype bf16 or f32"
+                ),
+            };
+            let p = if bf16 {
+                Precision::CPU_BF16
+            } else {
+                Precision::F32
+            };
+            return Ok(Self {
+                unet: p,
+                vae: p,
+                text: Precision::F32,
+            });
+        }
+        Ok(match choice {
+            DtypeChoice::F32 => Self::F32,
+            DtypeChoice::Bf16 => {
+                let p = Precision::uniform(DType::BF16);
+                Self {
+                    unet: p,
+                    vae: p,
+                    text: p,
+                }
+            }
+            DtypeChoice::Auto | DtypeChoice::F16 => {
+                let p = Precision::uniform(DType::F16);
+                // diffusers' force_upcast: the SDXL VAE overflows in f16.
+                Self {
+                    unet: p,
+                    vae: Precision::F32,
+                    text: p,
+                }
+            }
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cpu_choices() {
+        let cpu = Device::Cpu;
+        let r = RunPrecision::resolve(DtypeChoice::F32, &cpu, 3_000_000_000).unwrap();
+        assert_eq!(r, RunPrecision::F32);
+        let r = RunPrecision::resolve(DtypeChoice::Bf16, &cpu, 1000).unwrap();
+        assert_eq!(r.unet, Precision::CPU_BF16);
+        assert_eq!(r.vae, Precision::CPU_BF16);
+        assert_eq!(r.text, Precision::F32);
+        // Small models stay f32 under auto; big ones follow the CPU.
+        let r = RunPrecision::resolve(DtypeChoice::Auto, &cpu, 1000).unwrap();
+        assert_eq!(r, RunPrecision::F32);
+        let r = RunPrecision::resolve(DtypeChoice::Auto, &cpu, 2_600_000_000).unwrap();
+        let want = if crate::kernels::bf16::available() {
+            Precision::CPU_BF16
+        } else {
+            Precision::F32
+        };
+        assert_eq!(r.unet, want);
+        let e = RunPrecision::resolve(DtypeChoice::F16, &cpu, 1000).unwrap_err();
+        assert!(e.to_string().contains("GPU"), "{e}");
+    }
+
+    #[test]
+    fn ranks() {
+        assert_eq!(Precision::CPU_BF16.dtype_for_rank(4), DType::BF16);
+        assert_eq!(Precision::CPU_BF16.dtype_for_rank(2), DType::BF16);
+        assert_eq!(Precision::CPU_BF16.dtype_for_rank(1), DType::F32);
+        assert_eq!(Precision::CPU_BF16.dtype_for_rank(0), DType::F32);
+    }
+}
