@@ -21,7 +21,9 @@ pub fn exp(x: f32) -> f32 {
     p = p * r + 0.5;
     let y = p * r * r + r + 1.0;
     // n is in [-126, 128]: 2^n built from its exponent bits (n = 128 handled by splitting).
-    let ni = n as i32;
+    // n as an integer without a (scalar, saturating) float→int cast: n + 1.5·2²³ holds n in
+    // its low mantissa bits, which keeps the whole function vectorisable.
+    let ni = ((n + 12_582_912.0).to_bits() as i32) - 0x4B40_0000;
     let half = ni >> 1;
     let s1 = f32::from_bits(((half + 127) as u32) << 23);
     let s2 = f32::from_bits(((ni - half + 127) as u32) << 23);
@@ -99,9 +101,18 @@ pub fn gelu_erf_slice(x: &[f32], out: &mut [f32]) {
 
 dispatch_simd! {
     fn softmax_row_impl(row: &mut [f32], scale: f32) {
+        // Sixteen partial maxima, compared with `>` (not f32::max and its NaN rules) so the
+        // loop vectorises.
+        let mut maxes = [f32::NEG_INFINITY; 16];
+        let mut chunks = row.chunks_exact(16);
+        for c in &mut chunks {
+            for (m, &v) in maxes.iter_mut().zip(c) {
+                *m = if v > *m { v } else { *m };
+            }
+        }
         let mut max = f32::NEG_INFINITY;
-        for &v in row.iter() {
-            max = max.max(v);
+        for &v in chunks.remainder().iter().chain(&maxes) {
+            max = if v > max { v } else { max };
         }
         if max == f32::NEG_INFINITY {
             // A fully masked row: torch gives NaN; keep it finite and uniform-free (zeros).
