@@ -69,6 +69,8 @@ pub struct Pipeline {
     vae: VaeDecoder,
     device: Device,
     precision: RunPrecision,
+    /// Tile size in latents when the VAE decodes in tiles.
+    vae_tile: Option<usize>,
     force_zeros_for_empty_prompt: bool,
 }
 
@@ -130,12 +132,17 @@ impl Pipeline {
             vae,
             device: device.clone(),
             precision,
+            vae_tile: None,
             force_zeros_for_empty_prompt: parts.force_zeros_for_empty_prompt,
         })
     }
 
     pub fn unet(&self) -> &UNet {
         &self.unet
+    }
+
+    pub fn vae(&self) -> &VaeDecoder {
+        &self.vae
     }
 
     pub fn precision(&self) -> RunPrecision {
@@ -310,7 +317,17 @@ impl Pipeline {
     /// Raw VAE output in [-1, 1] before post-processing, `[B, 3, H, W]`.
     pub fn decode_raw(&self, latents: &Tensor) -> Result<Tensor> {
         let z = latents.to_dtype(self.precision.vae.activations)?;
-        Ok(self.vae.decode(&z)?.to_dtype(DType::F32)?)
+        let image = match self.vae_tile {
+            Some(tile) => self.vae.decode_tiled(&z, tile)?,
+            None => self.vae.decode(&z)?,
+        };
+        Ok(image.to_dtype(DType::F32)?)
+    }
+
+    /// Decode in tiles of `tile` latents from now on (`None`: whole images); see
+    /// [`VaeDecoder::decode_tiled`].
+    pub fn set_vae_tiling(&mut self, tile: Option<usize>) {
+        self.vae_tile = tile;
     }
 
     /// Encode, denoise and decode a batch of compatible requests (see [`Pipeline::denoise`]).
@@ -424,6 +441,7 @@ pub fn estimate_bytes(
     height: usize,
     batch: usize,
     cfg: bool,
+    vae_tile_px: Option<usize>,
 ) -> u64 {
     let bytes = |c: &crate::weights::ComponentWeights, p: Precision| -> u64 {
         c.numel() * p.weight_bytes() as u64
@@ -449,8 +467,15 @@ pub fn estimate_bytes(
         .first()
         .copied()
         .unwrap_or(128) as u64;
-    // A handful of full-resolution feature maps per image during the last decoder level.
-    let vae_act = batch as u64 * px * 4 * v0 * 6 + (64 << 20);
+    // A handful of full-resolution feature maps per image during the last decoder level
+    // (of one tile when tiling, plus the decoded tiles themselves).
+    let vae_act = match vae_tile_px {
+        Some(t) => {
+            let tile_px = (t * t) as u64;
+            batch as u64 * (tile_px.min(px) * 4 * v0 * 6 + px * 3 * 4 * 2) + (64 << 20)
+        }
+        None => batch as u64 * px * 4 * v0 * 6 + (64 << 20),
+    };
     // The text encoders run first (and are freed when all prompts are known up front); the
     // UNet and VAE weights stay for the whole run.
     (text_w + unet_w + vae_w).max(unet_w + vae_w + unet_act.max(vae_act))

@@ -147,8 +147,80 @@ impl VaeDecoder {
     /// Decode sampler latents (not yet divided by the scaling factor) to images in [-1, 1].
     pub fn decode(&self, latents: &Tensor) -> Result<Tensor> {
         // The SDXL pipeline divides by the scaling factor only (no shift_factor).
+        self.decode_scaled(&(latents / self.config.scaling_factor)?)
+    }
+
+    /// Pixels per latent (2 per upsampling level: 8 for SDXL).
+    pub fn scale_factor(&self) -> usize {
+        1 << self.up.iter().filter(|l| l.upsampler.is_some()).count()
+    }
+
+    /// Decode in overlapping tiles of `tile` latents (square), as diffusers'
+    /// `AutoencoderKL.tiled_decode`: tiles start every `⌊0.75·tile⌋` latents, each is decoded
+    /// on its own, and the quarter-tile overlaps are blended linearly, top then left, into
+    /// the tiles already placed. Peak memory is that of one tile's decode. Latents no larger
+    /// than a tile are decoded whole.
+    pub fn decode_tiled(&self, latents: &Tensor, tile: usize) -> Result<Tensor> {
+        let (_, _, h, w) = latents.dims4()?;
+        if tile == 0 || (h <= tile && w <= tile) {
+            return self.decode(latents);
+        }
         let z = (latents / self.config.scaling_factor)?;
-        let z = self.post_quant_conv.forward(&z)?;
+        let f = self.scale_factor();
+        let stride = (tile * 3 / 4).max(1);
+        let tile_px = tile * f;
+        let blend = tile_px / 4;
+        let row_limit = tile_px - blend;
+        // rows[i][j]: decoded tile (i, j) as [b, 3, th, tw] data, blended in place.
+        let mut rows: Vec<Vec<Tile>> = Vec::new();
+        for i in (0..h).step_by(stride) {
+            let mut row = Vec::new();
+            for j in (0..w).step_by(stride) {
+                let t = z
+                    .narrow(2, i, tile.min(h - i))?
+                    .narrow(3, j, tile.min(w - j))?;
+                row.push(Tile::from_tensor(&self.decode_scaled(&t)?)?);
+            }
+            rows.push(row);
+        }
+        for i in 0..rows.len() {
+            for j in 0..rows[i].len() {
+                if i > 0 {
+                    let (above, cur) = rows.split_at_mut(i);
+                    blend_v(&above[i - 1][j], &mut cur[0][j], blend);
+                }
+                if j > 0 {
+                    let (left, cur) = rows[i].split_at_mut(j);
+                    blend_h(&left[j - 1], &mut cur[0], blend);
+                }
+            }
+        }
+        // Crop each tile to row_limit and stitch.
+        let (b, c) = (rows[0][0].b, rows[0][0].c);
+        let out_h: usize = rows.iter().map(|r| r[0].h.min(row_limit)).sum();
+        let out_w: usize = rows[0].iter().map(|t| t.w.min(row_limit)).sum();
+        let mut out = vec![0f32; b * c * out_h * out_w];
+        let mut y0 = 0;
+        for row in &rows {
+            let mut x0 = 0;
+            for t in row {
+                let (th, tw) = (t.h.min(row_limit), t.w.min(row_limit));
+                for bc in 0..b * c {
+                    for y in 0..th {
+                        let src = &t.data[(bc * t.h + y) * t.w..][..tw];
+                        out[(bc * out_h + y0 + y) * out_w + x0..][..tw].copy_from_slice(src);
+                    }
+                }
+                x0 += tw;
+            }
+            y0 += row[0].h.min(row_limit);
+        }
+        Tensor::from_vec(out, (b, c, out_h, out_w), latents.device())
+    }
+
+    /// post_quant_conv + decoder on latents already divided by the scaling factor.
+    fn decode_scaled(&self, z: &Tensor) -> Result<Tensor> {
+        let z = self.post_quant_conv.forward(z)?;
         let mut x = self.conv_in.forward(&z)?;
         x = self.mid_resnets[0].forward(&x, None)?;
         if let Some(attn) = &self.mid_attention {
@@ -166,6 +238,56 @@ impl VaeDecoder {
         }
         self.conv_out
             .forward(&nn::group_norm_silu(&self.conv_norm_out, &x)?)
+    }
+}
+
+/// One decoded tile, `[b, c, h, w]` in f32 on the CPU.
+struct Tile {
+    data: Vec<f32>,
+    b: usize,
+    c: usize,
+    h: usize,
+    w: usize,
+}
+
+impl Tile {
+    fn from_tensor(t: &Tensor) -> Result<Self> {
+        let (b, c, h, w) = t.dims4()?;
+        let data = t
+            .to_dtype(candle_core::DType::F32)?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
+        Ok(Self { data, b, c, h, w })
+    }
+}
+
+/// diffusers' `blend_v`: the first rows of `b` fade in from the last rows of `a`.
+fn blend_v(a: &Tile, b: &mut Tile, extent: usize) {
+    let e = extent.min(a.h).min(b.h);
+    for bc in 0..b.b * b.c {
+        for y in 0..e {
+            let t = y as f32 / e as f32;
+            let ar = (bc * a.h + a.h - e + y) * a.w;
+            let br = (bc * b.h + y) * b.w;
+            for x in 0..b.w.min(a.w) {
+                b.data[br + x] = a.data[ar + x] * (1.0 - t) + b.data[br + x] * t;
+            }
+        }
+    }
+}
+
+/// diffusers' `blend_h`: the first columns of `b` fade in from the last columns of `a`.
+fn blend_h(a: &Tile, b: &mut Tile, extent: usize) {
+    let e = extent.min(a.w).min(b.w);
+    for bc in 0..b.b * b.c {
+        for y in 0..b.h.min(a.h) {
+            let ar = (bc * a.h + y) * a.w + a.w - e;
+            let br = (bc * b.h + y) * b.w;
+            for x in 0..e {
+                let t = x as f32 / e as f32;
+                b.data[br + x] = a.data[ar + x] * (1.0 - t) + b.data[br + x] * t;
+            }
+        }
     }
 }
 

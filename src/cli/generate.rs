@@ -113,6 +113,15 @@ pub struct GenArgs {
     /// keeps weights in bf16 and accumulates in f32; f16 needs a GPU.
     #[arg(long, value_enum, default_value_t = DtypeChoice::Auto)]
     pub dtype: DtypeChoice,
+    /// Decode with the VAE in overlapping tiles (diffusers' tiled decode: quarter-tile
+    /// overlaps blended linearly): less memory for large images, tiles decoded independently
+    /// so results differ slightly from a whole decode. Turned on automatically when a whole
+    /// decode would not fit in memory.
+    #[arg(long)]
+    pub vae_tiling: bool,
+    /// Tile size for --vae-tiling, in pixels (a multiple of 64).
+    #[arg(long, value_name = "PX", default_value_t = 512, value_parser = parse_tile_size)]
+    pub vae_tile_size: usize,
     /// Allow sizes outside 64..4096 and memory estimates above what the machine has.
     #[arg(long)]
     pub force: bool,
@@ -131,6 +140,15 @@ pub struct GenArgs {
 pub enum OnError {
     Skip,
     Fail,
+}
+
+fn parse_tile_size(s: &str) -> Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(n) if n >= 64 && n % 64 == 0 => Ok(n),
+        _ => Err(format!(
+            "tile size must be a multiple of 64 pixels, at least 64 (got {s:?})"
+        )),
+    }
 }
 
 fn parse_shard(s: &str) -> Result<(u64, u64), String> {
@@ -619,15 +637,35 @@ fn load_pipeline(a: &GenArgs, base: &Base, device: &candle_core::Device) -> Resu
             precision.vae.name()
         );
     }
+    let mut tile_px = a.vae_tiling.then_some(a.vae_tile_size);
     if device.is_cpu() && !a.force {
-        let need = pipeline::estimate_bytes(
-            &parts,
-            precision,
-            base.width,
-            base.height,
-            a.batch_size,
-            base.cfg > 1.0,
-        );
+        let estimate = |tile: Option<usize>| {
+            pipeline::estimate_bytes(
+                &parts,
+                precision,
+                base.width,
+                base.height,
+                a.batch_size,
+                base.cfg > 1.0,
+                tile,
+            )
+        };
+        let mut need = estimate(tile_px);
+        if let Some(have) = pipeline::available_memory()
+            && need > have
+            && tile_px.is_none()
+            && base.width.max(base.height) > a.vae_tile_size
+            && estimate(Some(a.vae_tile_size)) <= have
+        {
+            tile_px = Some(a.vae_tile_size);
+            need = estimate(tile_px);
+            if !a.quiet {
+                eprintln!(
+                    "note: a whole {}x{} VAE decode would not fit in memory; decoding in {}px tiles (--vae-tiling)",
+                    base.width, base.height, a.vae_tile_size
+                );
+            }
+        }
         if let Some(have) = pipeline::available_memory()
             && need > have
         {
@@ -642,7 +680,8 @@ fn load_pipeline(a: &GenArgs, base: &Base, device: &candle_core::Device) -> Resu
             )));
         }
     }
-    let pipe = Pipeline::load(parts, device, precision).map_err(bad_input)?;
+    let mut pipe = Pipeline::load(parts, device, precision).map_err(bad_input)?;
+    pipe.set_vae_tiling(tile_px.map(|px| px / pipe.vae().scale_factor()));
     crate::lora::release_merge_buffers();
     let bad = crate::weights::take_non_finite();
     if !bad.is_empty() {
