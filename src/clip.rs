@@ -35,7 +35,7 @@ impl Attention {
         let q = self.q.forward(x)?;
         let k = self.k.forward(x)?;
         let v = self.v.forward(x)?;
-        let o = nn::attention_tokens(&q, &k, &v, self.heads, self.scale, true)?;
+        let o = nn::attention_tokens(&q, &k, &v, self.heads, self.scale, true, false)?;
         self.out.forward(&o)
     }
 }

@@ -110,8 +110,46 @@ impl Conv2d {
         }
     }
 
+    /// `conv(x) + extra_bias[b, c] + residual`, with both additions done in the GEMM's
+    /// accumulator on the CPU path. `extra_bias` is `[batch, c_out]` (e.g. the time
+    /// embedding), `residual` has the output's shape.
+    pub fn forward_add(
+        &self,
+        x: &Tensor,
+        extra_bias: Option<&Tensor>,
+        residual: Option<&Tensor>,
+    ) -> Result<Tensor> {
+        if let Some(y) = self.forward_cpu(x, extra_bias, residual, 1)? {
+            return Ok(y);
+        }
+        let mut y = self.forward_candle(x)?;
+        if let Some(e) = extra_bias {
+            y = y.broadcast_add(&e.unsqueeze(2)?.unsqueeze(3)?)?;
+        }
+        match residual {
+            Some(r) => y + r,
+            None => Ok(y),
+        }
+    }
+
+    /// `conv(upsample_nearest2d(x, 2h, 2w))` (diffusers' Upsample2D); on the CPU path the
+    /// upsampled map is never built.
+    pub fn forward_upsample2x(&self, x: &Tensor) -> Result<Tensor> {
+        if let Some(y) = self.forward_cpu(x, None, None, 2)? {
+            return Ok(y);
+        }
+        let (_, _, h, w) = x.dims4()?;
+        self.forward_candle(&x.upsample_nearest2d(2 * h, 2 * w)?)
+    }
+
     #[cfg(target_arch = "x86_64")]
-    fn forward_cpu(&self, x: &Tensor) -> Result<Option<Tensor>> {
+    fn forward_cpu(
+        &self,
+        x: &Tensor,
+        extra_bias: Option<&Tensor>,
+        residual: Option<&Tensor>,
+        upsample: usize,
+    ) -> Result<Option<Tensor>> {
         use crate::kernels::conv::{ConvShape, ConvWeight, conv2d};
         let (batch, c_in, h, w) = x.dims4()?;
         let &[c_out, wc_in, kh, kw] = self.dims() else {
@@ -120,7 +158,9 @@ impl Conv2d {
         if wc_in != c_in || kh != self.kernel || kw != self.kernel {
             return Ok(None);
         }
-        if h + 2 * self.padding < self.kernel || w + 2 * self.padding < self.kernel {
+        if h * upsample + 2 * self.padding < self.kernel
+            || w * upsample + 2 * self.padding < self.kernel
+        {
             return Ok(None);
         }
         let shape = ConvShape {
@@ -132,26 +172,43 @@ impl Conv2d {
             kernel: self.kernel,
             stride: self.stride,
             padding: self.padding,
+            upsample,
+        };
+        if x.dtype() != DType::F32 || !matches!(x.device(), Device::Cpu) {
+            return Ok(None);
+        }
+        // Per-image bias when an extra [batch, c_out] term is added.
+        let bias = match (&self.bias, extra_bias) {
+            (Some(b), Some(e)) => Some(e.to_dtype(DType::F32)?.broadcast_add(&b.unsqueeze(0)?)?),
+            (None, Some(e)) => Some(e.to_dtype(DType::F32)?),
+            (b, None) => b.clone(),
+        };
+        let (oh, ow) = shape.out_hw();
+        let init = match residual {
+            Some(r) if r.dims() == [batch, c_out, oh, ow] => {
+                Some(r.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?)
+            }
+            Some(_) => return Ok(None),
+            None => None,
         };
         let mut ts = vec![x];
-        if let Some(b) = &self.bias {
+        if let Some(b) = &bias {
             ts.push(b);
         }
         if let Weight::Tensor(t) = &self.weight {
             ts.push(t);
         }
         let out = with_cpu_f32(&ts, |d| {
-            let bias = self.bias.as_ref().map(|_| d[1]);
+            let bias = bias.as_ref().map(|_| d[1]);
             let weight = match &self.weight {
                 Weight::Packed { packed, .. } => ConvWeight::Bf16(packed),
                 Weight::Tensor(_) => ConvWeight::F32(d[d.len() - 1]),
             };
-            conv2d(d[0], weight, bias, shape)
+            conv2d(d[0], weight, bias, shape, init)
         })?;
         let Some(out) = out else {
             return Ok(None);
         };
-        let (oh, ow) = shape.out_hw();
         Ok(Some(Tensor::from_vec(
             out,
             (batch, c_out, oh, ow),
@@ -160,17 +217,20 @@ impl Conv2d {
     }
 
     #[cfg(not(target_arch = "x86_64"))]
-    fn forward_cpu(&self, _x: &Tensor) -> Result<Option<Tensor>> {
+    fn forward_cpu(
+        &self,
+        _x: &Tensor,
+        _extra_bias: Option<&Tensor>,
+        _residual: Option<&Tensor>,
+        _upsample: usize,
+    ) -> Result<Option<Tensor>> {
         Ok(None)
     }
 }
 
 impl Module for Conv2d {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        if let Some(y) = self.forward_cpu(x)? {
-            return Ok(y);
-        }
-        self.forward_candle(x)
+        self.forward_add(x, None, None)
     }
 }
 
@@ -218,8 +278,30 @@ impl Linear {
         Ok(Self { weight, bias })
     }
 
-    /// `x[.., in] → [.., out]` through a packed weight: `None` unless on the CPU with f32 `x`.
-    fn forward_packed(&self, x: &Tensor, packed: &PackedB) -> Result<Option<Tensor>> {
+    /// Whether this layer runs on the CPU bf16 path (its weight is packed for the bf16 GEMM).
+    pub fn is_packed_bf16(&self) -> bool {
+        matches!(self.weight, Weight::Packed { .. })
+    }
+
+    /// `x·Wᵀ + b + residual`; on the CPU bf16 path the bias and the residual start the
+    /// GEMM's accumulator instead of costing passes of their own.
+    pub fn forward_add(&self, x: &Tensor, residual: &Tensor) -> Result<Tensor> {
+        if let Weight::Packed { packed, .. } = &self.weight
+            && let Some(y) = self.forward_packed(x, packed, Some(residual))?
+        {
+            return Ok(y);
+        }
+        self.forward(x)? + residual
+    }
+
+    /// `x[.., in] → [.., out]` (+ `residual`) through a packed weight: `None` unless on the
+    /// CPU with f32 `x`.
+    fn forward_packed(
+        &self,
+        x: &Tensor,
+        packed: &PackedB,
+        residual: Option<&Tensor>,
+    ) -> Result<Option<Tensor>> {
         if x.dtype() != DType::F32 || !matches!(x.device(), Device::Cpu) {
             return Ok(None);
         }
@@ -229,13 +311,32 @@ impl Linear {
             return Ok(None);
         }
         let rows: usize = dims[..dims.len() - 1].iter().product();
-        let mut y = vec![0f32; rows * out_dim];
+        let mut out_dims = dims;
+        *out_dims.last_mut().expect("rank checked above") = out_dim;
+        let mut y = match residual {
+            Some(r) if r.dims() == out_dims.as_slice() => {
+                r.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?
+            }
+            Some(_) => return Ok(None),
+            None => vec![0f32; rows * out_dim],
+        };
+        let accumulate = residual.is_some() || self.bias.is_some();
+        if let Some(b) = &self.bias {
+            let b = b.to_dtype(DType::F32)?.to_vec1::<f32>()?;
+            for row in y.chunks_exact_mut(out_dim) {
+                if residual.is_some() {
+                    row.iter_mut().zip(&b).for_each(|(v, bv)| *v += bv);
+                } else {
+                    row.copy_from_slice(&b);
+                }
+            }
+        }
         let done = with_cpu_f32(&[x], |d| {
             use crate::kernels::bf16::{Lhs, Operand, Rhs, gemm};
             gemm(
                 [rows, out_dim, in_dim],
                 (&mut y, out_dim),
-                false,
+                accumulate,
                 Lhs::Strided(Operand {
                     data: Src::F32(d[0]),
                     rs: in_dim,
@@ -248,13 +349,7 @@ impl Linear {
         if done.is_none() {
             return Ok(None);
         }
-        let mut out_dims = dims;
-        *out_dims.last_mut().expect("rank checked above") = out_dim;
-        let y = Tensor::from_vec(y, out_dims, &Device::Cpu)?;
-        Ok(Some(match &self.bias {
-            Some(b) => y.broadcast_add(&b.to_dtype(DType::F32)?)?,
-            None => y,
-        }))
+        Ok(Some(Tensor::from_vec(y, out_dims, &Device::Cpu)?))
     }
 }
 
@@ -262,7 +357,7 @@ impl Module for Linear {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let w = match &self.weight {
             Weight::Packed { packed, .. } => {
-                return match self.forward_packed(x, packed)? {
+                return match self.forward_packed(x, packed, None)? {
                     Some(y) => Ok(y),
                     None => {
                         candle_core::bail!("packed bf16 linear layer needs f32 input on the CPU")
@@ -525,6 +620,7 @@ pub fn attention_tokens(
     heads: usize,
     scale: f64,
     causal: bool,
+    bf16: bool,
 ) -> Result<Tensor> {
     #[cfg(target_arch = "x86_64")]
     {
@@ -538,8 +634,14 @@ pub fn attention_tokens(
                 sq,
                 sk,
             };
+            use crate::kernels::attention::{attention, attention_bf16};
+            let bf16 = bf16 && crate::kernels::bf16::available();
             let res = with_cpu_f32(&[q, k, v], |d| {
-                crate::kernels::attention::attention(d[0], d[1], d[2], shape, scale as f32, causal)
+                if bf16 {
+                    attention_bf16(d[0], d[1], d[2], shape, scale as f32, causal)
+                } else {
+                    attention(d[0], d[1], d[2], shape, scale as f32, causal)
+                }
             })?;
             if let Some(out) = res {
                 return Tensor::from_vec(out, (b, sq, hd), &Device::Cpu);
@@ -659,6 +761,65 @@ mod tests {
     }
 
     #[test]
+    fn bf16_attention_close_to_f32() {
+        if !crate::kernels::bf16::available() {
+            return;
+        }
+        let dev = Device::Cpu;
+        for (b, sq, sk, h, d, causal) in [
+            (1, 70, 77, 2, 64, false),
+            (2, 300, 300, 3, 40, false),
+            (1, 77, 77, 2, 8, true),
+        ] {
+            let q = Tensor::randn(0f32, 1.0, (b, sq, h * d), &dev).unwrap();
+            let k = Tensor::randn(0f32, 1.0, (b, sk, h * d), &dev).unwrap();
+            let v = Tensor::randn(0f32, 1.0, (b, sk, h * d), &dev).unwrap();
+            let scale = (d as f64).powf(-0.5);
+            let want = attention_tokens(&q, &k, &v, h, scale, causal, false).unwrap();
+            let got = attention_tokens(&q, &k, &v, h, scale, causal, true).unwrap();
+            let e = max_rel(&got, &want);
+            assert!(e < 2e-2, "{:?}: {e}", (b, sq, sk, h, d, causal));
+            assert!(e > 0.0, "bf16 path not taken");
+        }
+    }
+
+    #[test]
+    fn upsampling_conv_matches_candle() {
+        let dev = Device::Cpu;
+        for (b, ci, co, h, w) in [(1, 4, 8, 5, 7), (2, 6, 3, 1, 2), (1, 16, 16, 8, 8)] {
+            let conv = conv2d(ci, co, 3, 1, vb_random(&dev)).unwrap();
+            let x = Tensor::randn(0f32, 1.0, (b, ci, h, w), &dev).unwrap();
+            let want = conv
+                .forward_candle(&x.upsample_nearest2d(2 * h, 2 * w).unwrap())
+                .unwrap();
+            let e = max_rel(&conv.forward_upsample2x(&x).unwrap(), &want);
+            assert!(e < 1e-5, "{:?}: {e}", (b, ci, co, h, w));
+        }
+    }
+
+    #[test]
+    fn conv_adds_bias_per_image_and_residual() {
+        let dev = Device::Cpu;
+        let conv = conv2d(5, 6, 3, 1, vb_random(&dev)).unwrap();
+        let x = Tensor::randn(0f32, 1.0, (2, 5, 7, 9), &dev).unwrap();
+        let extra = Tensor::randn(0f32, 1.0, (2, 6), &dev).unwrap();
+        let res = Tensor::randn(0f32, 1.0, (2, 6, 7, 9), &dev).unwrap();
+        let want = ((conv.forward_candle(&x).unwrap()
+            + extra
+                .unsqueeze(2)
+                .unwrap()
+                .unsqueeze(3)
+                .unwrap()
+                .broadcast_as((2, 6, 7, 9))
+                .unwrap())
+        .unwrap()
+            + &res)
+            .unwrap();
+        let got = conv.forward_add(&x, Some(&extra), Some(&res)).unwrap();
+        assert!(max_rel(&got, &want) < 1e-5);
+    }
+
+    #[test]
     fn group_norm_matches_candle() {
         let dev = Device::Cpu;
         for (b, c, h, w, g) in [
@@ -726,7 +887,7 @@ mod tests {
             let k = Tensor::randn(0f32, 1.0, (b, sk, h * d), &dev).unwrap();
             let v = Tensor::randn(0f32, 1.0, (b, sk, h * d), &dev).unwrap();
             let scale = (d as f64).powf(-0.5);
-            let got = attention_tokens(&q, &k, &v, h, scale, causal).unwrap();
+            let got = attention_tokens(&q, &k, &v, h, scale, causal, false).unwrap();
             let want = merge_heads(
                 &attention(
                     &split_heads(&q, h).unwrap(),

@@ -51,16 +51,25 @@ impl ResnetBlock {
     }
 
     /// `emb_silu` is `silu(temb)`, computed once per forward by the caller.
+    /// The time embedding and the residual are added inside the convolutions (see
+    /// [`Conv2d::forward_add`]).
     pub fn forward(&self, x: &Tensor, emb_silu: Option<&Tensor>) -> Result<Tensor> {
-        let mut h = self.conv1.forward(&nn::group_norm_silu(&self.norm1, x)?)?;
-        if let (Some(proj), Some(e)) = (&self.time_emb_proj, emb_silu) {
-            h = h.broadcast_add(&proj.forward(e)?.unsqueeze(2)?.unsqueeze(3)?)?;
-        }
-        let h = self.conv2.forward(&nn::group_norm_silu(&self.norm2, &h)?)?;
-        match &self.conv_shortcut {
-            Some(s) => s.forward(x)? + h,
-            None => x + h,
-        }
+        let temb = match (&self.time_emb_proj, emb_silu) {
+            (Some(proj), Some(e)) => Some(proj.forward(e)?),
+            _ => None,
+        };
+        let h =
+            self.conv1
+                .forward_add(&nn::group_norm_silu(&self.norm1, x)?, temb.as_ref(), None)?;
+        let shortcut = match &self.conv_shortcut {
+            Some(s) => s.forward(x)?,
+            None => x.clone(),
+        };
+        self.conv2.forward_add(
+            &nn::group_norm_silu(&self.norm2, &h)?,
+            None,
+            Some(&shortcut),
+        )
     }
 }
 
@@ -85,13 +94,15 @@ impl CrossAttention {
         })
     }
 
-    fn forward(&self, x: &Tensor, context: Option<&Tensor>) -> Result<Tensor> {
+    /// Attention of `x` over `context` (itself when `None`), plus `residual`.
+    fn forward(&self, x: &Tensor, context: Option<&Tensor>, residual: &Tensor) -> Result<Tensor> {
         let ctx = context.unwrap_or(x);
         let q = self.to_q.forward(x)?;
         let k = self.to_k.forward(ctx)?;
         let v = self.to_v.forward(ctx)?;
-        let o = nn::attention_tokens(&q, &k, &v, self.heads, self.scale, false)?;
-        self.to_out.forward(&o)
+        let bf16 = self.to_q.is_packed_bf16();
+        let o = nn::attention_tokens(&q, &k, &v, self.heads, self.scale, false, bf16)?;
+        self.to_out.forward_add(&o, residual)
     }
 }
 
@@ -120,14 +131,13 @@ impl BasicTransformerBlock {
     }
 
     fn forward(&self, x: &Tensor, context: &Tensor) -> Result<Tensor> {
-        let x = (self.attn1.forward(&self.norm1.forward(x)?, None)? + x)?;
-        let x = (self
+        let x = self.attn1.forward(&self.norm1.forward(x)?, None, x)?;
+        let x = self
             .attn2
-            .forward(&self.norm2.forward(&x)?, Some(context))?
-            + &x)?;
+            .forward(&self.norm2.forward(&x)?, Some(context), &x)?;
         // GEGLU: hidden, gate = proj(x).chunk(2); hidden * gelu(gate) (exact GELU)
         let h = self.ff_proj.forward(&self.norm3.forward(&x)?)?;
-        self.ff_out.forward(&nn::geglu(&h)?)? + x
+        self.ff_out.forward_add(&nn::geglu(&h)?, &x)
     }
 }
 
@@ -456,7 +466,11 @@ impl UNet {
                     Some(s) => (s.dim(2)?, s.dim(3)?),
                     None => (x.dim(2)? * 2, x.dim(3)? * 2),
                 };
-                x = up.forward(&x.upsample_nearest2d(h, w)?)?;
+                x = if (h, w) == (x.dim(2)? * 2, x.dim(3)? * 2) {
+                    up.forward_upsample2x(&x)?
+                } else {
+                    up.forward(&x.upsample_nearest2d(h, w)?)?
+                };
             }
         }
         self.conv_out

@@ -42,7 +42,8 @@ impl SpatialAttention {
         let q = self.to_q.forward(&t)?;
         let k = self.to_k.forward(&t)?;
         let v = self.to_v.forward(&t)?;
-        let o = nn::attention_tokens(&q, &k, &v, 1, (c as f64).powf(-0.5), false)?;
+        let bf16 = self.to_q.is_packed_bf16();
+        let o = nn::attention_tokens(&q, &k, &v, 1, (c as f64).powf(-0.5), false, bf16)?;
         let o = self
             .to_out
             .forward(&o)?
@@ -232,8 +233,7 @@ impl VaeDecoder {
                 x = res.forward(&x, None)?;
             }
             if let Some(conv) = &level.upsampler {
-                let (_, _, h, w) = x.dims4()?;
-                x = conv.forward(&x.upsample_nearest2d(h * 2, w * 2)?)?;
+                x = conv.forward_upsample2x(&x)?;
             }
         }
         self.conv_out

@@ -100,3 +100,92 @@ pub fn attention(
     }
     out
 }
+
+/// [`attention`] with both products through the bf16 dot-product GEMM (the CPU bf16 path):
+/// per (image, head) the keys are packed once as `Kᵀ` and the values as `V`, then query
+/// blocks run in parallel, each with an f32 score block and an f32 softmax. Same layouts and
+/// result (to bf16 rounding of Q, K, V and the probabilities) as [`attention`].
+pub fn attention_bf16(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    s: AttnShape,
+    scale: f32,
+    causal: bool,
+) -> Vec<f32> {
+    use super::bf16::{Lhs, MR, Operand, PackedB, Rhs, Src, gemm as gemm16};
+    let AttnShape {
+        batch,
+        heads,
+        head_dim: d,
+        sq,
+        sk,
+    } = s;
+    let hd = heads * d;
+    assert_eq!(q.len(), batch * sq * hd);
+    assert_eq!(k.len(), batch * sk * hd);
+    assert_eq!(v.len(), batch * sk * hd);
+    let mut out = vec![0f32; batch * sq * hd];
+    if sq == 0 || d == 0 || sk == 0 {
+        return out;
+    }
+    // Query rows per block: a multiple of the micro-kernel's rows.
+    let rows = ((SCORE_BLOCK / sk).clamp(48, 256) / MR * MR).min(sq);
+    let blocks = sq.div_ceil(rows);
+    for b in 0..batch {
+        for h in 0..heads {
+            let kb = &k[b * sk * hd + h * d..];
+            let vb = &v[b * sk * hd + h * d..];
+            fn op(data: Src, rs: usize, cs: usize) -> Operand {
+                Operand { data, rs, cs }
+            }
+            // Kᵀ: element (e, j) = K[j][e]; V: element (j, e) = V[j][e].
+            let kt = PackedB::from_operand(op(Src::F32(kb), 1, hd), d, sk);
+            let vp = PackedB::from_operand(op(Src::F32(vb), hd, 1), sk, d);
+            let results: Vec<Vec<f32>> = (0..blocks)
+                .into_par_iter()
+                .map_init(
+                    || vec![0f32; rows * sk],
+                    |scores, blk| {
+                        let r0 = blk * rows;
+                        let nr = rows.min(sq - r0);
+                        let qb = &q[(b * sq + r0) * hd + h * d..];
+                        let sc = &mut scores[..nr * sk];
+                        gemm16(
+                            [nr, sk, d],
+                            (sc, sk),
+                            false,
+                            Lhs::Strided(op(Src::F32(qb), hd, 1)),
+                            Rhs::Packed(&kt),
+                            1,
+                        );
+                        for (i, row) in sc.chunks_exact_mut(sk).enumerate() {
+                            if causal && r0 + i + 1 < sk {
+                                row[r0 + i + 1..].fill(f32::NEG_INFINITY);
+                            }
+                            math::softmax_row(row, scale);
+                        }
+                        let mut o = vec![0f32; nr * d];
+                        gemm16(
+                            [nr, d, sk],
+                            (&mut o, d),
+                            false,
+                            Lhs::Strided(op(Src::F32(sc), sk, 1)),
+                            Rhs::Packed(&vp),
+                            1,
+                        );
+                        o
+                    },
+                )
+                .collect();
+            for (blk, o) in results.iter().enumerate() {
+                let r0 = blk * rows;
+                for (i, src) in o.chunks_exact(d).enumerate() {
+                    let at = (b * sq + r0 + i) * hd + h * d;
+                    out[at..at + d].copy_from_slice(src);
+                }
+            }
+        }
+    }
+    out
+}

@@ -117,6 +117,39 @@ impl PackedB {
         Self { data, k, n }
     }
 
+    /// Packs any `[k × n]` operand (e.g. the keys of one attention head as `Kᵀ`), to be
+    /// multiplied many times.
+    pub fn from_operand(b: Operand, k: usize, n: usize) -> Self {
+        assert!(
+            b.data.len() >= extent(k, n, b.rs, b.cs),
+            "PackedB: operand too short"
+        );
+        let kp = k.div_ceil(2);
+        let mut data = vec![0u32; n.div_ceil(NR) * kp * NR];
+        for (panel, out) in data.chunks_mut((kp * NR).max(1)).enumerate() {
+            let (j0, cols) = (panel * NR, NR.min(n - panel * NR));
+            #[cfg(target_arch = "x86_64")]
+            if available() {
+                // SAFETY: features checked; the assert above bounds every read.
+                unsafe { x86::pack_b(b, k, 0, kp, j0, cols, out) };
+                continue;
+            }
+            for p in 0..kp {
+                for j in 0..cols {
+                    let e = 2 * p;
+                    let lo = bits_of(b, e, j0 + j) as u32;
+                    let hi = if e + 1 < k {
+                        bits_of(b, e + 1, j0 + j) as u32
+                    } else {
+                        0
+                    };
+                    out[p * NR + j] = lo | hi << 16;
+                }
+            }
+        }
+        Self { data, k, n }
+    }
+
     /// `k` (the input width of the layer).
     pub fn rows(&self) -> usize {
         self.k
@@ -130,6 +163,14 @@ impl PackedB {
     fn get(&self, r: usize, c: usize) -> f32 {
         let w = self.data[(c / NR) * self.k.div_ceil(2) * NR + (r / 2) * NR + c % NR];
         f32::from_bits(((w >> (16 * (r % 2))) & 0xffff) << 16)
+    }
+}
+
+/// Element (r, c) of an operand as bf16 bits.
+fn bits_of(o: Operand, r: usize, c: usize) -> u16 {
+    match o.data {
+        Src::F32(s) => bf16_bits(s[r * o.rs + c * o.cs]),
+        Src::Bf16(s) => s[r * o.rs + c * o.cs].to_bits(),
     }
 }
 
@@ -585,7 +626,7 @@ mod x86 {
     /// Packs pairs `p0..p0+kc` of B's columns `j0..j0+cols` (zero past `cols` and past `k`)
     /// as `out[p * NR + j]`.
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
-    unsafe fn pack_b(
+    pub(super) unsafe fn pack_b(
         b: Operand,
         k: usize,
         p0: usize,
@@ -632,6 +673,38 @@ mod x86 {
                         };
                         let v = si(_mm512_cvtne2ps_pbh(x1, x0));
                         _mm512_storeu_si512(dst.cast(), _mm512_permutexvar_epi16(idx, v));
+                    }
+                }
+            }
+            Src::F32(s) if b.rs == 1 => {
+                // B = Xᵀ of a row-major f32 X (attention keys): column j is a contiguous row
+                // of X; 16 pairs converted at a time.
+                out.fill(0);
+                let mut tmp = [0u32; 16];
+                for jj in 0..cols {
+                    let col = s.as_ptr().add((j0 + jj) * b.cs);
+                    let mut p = 0;
+                    while p < kc {
+                        let e0 = 2 * (p0 + p);
+                        let n_el = (k - e0).min(32);
+                        let lo = n_el.min(16);
+                        let hi = n_el - lo;
+                        let mlo: __mmask16 = ((1u32 << lo) - 1) as u16;
+                        let mhi: __mmask16 = ((1u32 << hi) - 1) as u16;
+                        let x0 = _mm512_maskz_loadu_ps(mlo, col.add(e0));
+                        let x1 = if hi > 0 {
+                            _mm512_maskz_loadu_ps(mhi, col.add(e0 + 16))
+                        } else {
+                            _mm512_setzero_ps()
+                        };
+                        _mm512_storeu_si512(
+                            tmp.as_mut_ptr().cast(),
+                            si(_mm512_cvtne2ps_pbh(x1, x0)),
+                        );
+                        for (t, &w) in tmp[..(kc - p).min(16)].iter().enumerate() {
+                            out[(p + t) * NR + jj] = w;
+                        }
+                        p += 16;
                     }
                 }
             }
@@ -761,6 +834,10 @@ mod tests {
         let pa = PackedA::new(&a16, m, k);
         let pb = PackedB::from_transposed(&bt16, n, k);
         let op = |data, rs, cs| Operand { data, rs, cs };
+        // Packed from f32 operands in both layouts (as attention packs K and V).
+        let bt: Vec<f32> = (0..k * n).map(|i| bv[(i % k) * n + i / k]).collect();
+        let pb_t = PackedB::from_operand(op(Src::F32(&bt), 1, k), k, n);
+        let pb_r = PackedB::from_operand(op(Src::F32(&bv), n, 1), k, n);
         for (variant, accumulate) in [
             (0, false),
             (1, true),
@@ -770,7 +847,7 @@ mod tests {
             (5, false),
         ] {
             let a = match variant {
-                0 | 3 | 5 => Lhs::Strided(op(Src::F32(&av), k, 1)),
+                0 | 3 | 5 | 6 | 7 => Lhs::Strided(op(Src::F32(&av), k, 1)),
                 1 => Lhs::Strided(op(Src::Bf16(&a16), k, 1)),
                 4 => Lhs::Packed(&pa),
                 _ => Lhs::Strided(op(Src::F32(&at), 1, m)),
@@ -780,6 +857,8 @@ mod tests {
                 1 => Rhs::Strided(op(Src::Bf16(&bt16), 1, k)),
                 2 => Rhs::Strided(op(Src::Bf16(&b16), n, 1)),
                 5 => Rhs::Packed(&pb),
+                6 => Rhs::Packed(&pb_t),
+                7 => Rhs::Packed(&pb_r),
                 _ => Rhs::Strided(op(Src::F32(&bv), n, 1)),
             };
             let ld = n + 3;

@@ -33,12 +33,21 @@ pub struct ConvShape {
     pub kernel: usize,
     pub stride: usize,
     pub padding: usize,
+    /// Nearest-neighbour upsampling factor applied to `x` before the convolution (1 or 2):
+    /// the unfolding reads the small input directly, so the upsampled map is never built.
+    pub upsample: usize,
 }
 
 impl ConvShape {
+    /// Input size as the convolution sees it (after upsampling).
+    pub fn in_hw(&self) -> (usize, usize) {
+        (self.h * self.upsample, self.w * self.upsample)
+    }
+
     pub fn out_hw(&self) -> (usize, usize) {
         let o = |i: usize| (i + 2 * self.padding - self.kernel) / self.stride + 1;
-        (o(self.h), o(self.w))
+        let (h, w) = self.in_hw();
+        (o(h), o(w))
     }
 }
 
@@ -88,8 +97,16 @@ fn gemm_rowmajor(
 }
 
 /// Convolution of `x` (`[batch, c_in, h, w]`) by `weight` (`[c_out, c_in, k, k]`) plus
-/// `bias` (`[c_out]`), returning `[batch, c_out, oh, ow]`. The weight may be f32 or bf16.
-pub fn conv2d(x: &[f32], weight: ConvWeight, bias: Option<&[f32]>, s: ConvShape) -> Vec<f32> {
+/// `bias` (`[c_out]`, or `[batch, c_out]`: one per image) plus `init` (`[batch, c_out, oh,
+/// ow]`, e.g. a residual), returning `[batch, c_out, oh, ow]`. Bias and residual are added
+/// into the GEMM's accumulator, not in extra passes.
+pub fn conv2d(
+    x: &[f32],
+    weight: ConvWeight,
+    bias: Option<&[f32]>,
+    s: ConvShape,
+    init: Option<Vec<f32>>,
+) -> Vec<f32> {
     let ConvShape {
         batch,
         c_in,
@@ -99,8 +116,11 @@ pub fn conv2d(x: &[f32], weight: ConvWeight, bias: Option<&[f32]>, s: ConvShape)
         kernel: kk,
         stride,
         padding,
+        upsample,
     } = s;
-    assert!(kk >= 1 && stride >= 1 && h + 2 * padding >= kk && w + 2 * padding >= kk);
+    let (uh, uw) = s.in_hw();
+    assert!(kk >= 1 && stride >= 1 && uh + 2 * padding >= kk && uw + 2 * padding >= kk);
+    assert!(upsample == 1 || upsample == 2);
     assert_eq!(x.len(), batch * c_in * h * w);
     let kdim = c_in * kk * kk;
     match weight {
@@ -110,17 +130,28 @@ pub fn conv2d(x: &[f32], weight: ConvWeight, bias: Option<&[f32]>, s: ConvShape)
     let (oh, ow) = s.out_hw();
     let plane = oh * ow;
     let threads = super::num_threads();
-    let mut out = vec![0f32; batch * c_out * plane];
-    let accumulate = bias.is_some();
+    let has_init = init.is_some();
+    let mut out = init.unwrap_or_else(|| vec![0f32; batch * c_out * plane]);
+    assert_eq!(out.len(), batch * c_out * plane);
+    let accumulate = bias.is_some() || has_init;
     if let Some(b) = bias {
-        assert_eq!(b.len(), c_out);
-        for ob in out.chunks_mut(plane * c_out) {
-            for (o, &bv) in ob.chunks_mut(plane).zip(b) {
-                o.fill(bv);
+        assert!(b.len() == c_out || b.len() == batch * c_out);
+        for (bi, ob) in out.chunks_mut(plane * c_out).enumerate() {
+            let bb = if b.len() == c_out {
+                b
+            } else {
+                &b[bi * c_out..][..c_out]
+            };
+            for (o, &bv) in ob.chunks_mut(plane).zip(bb) {
+                if has_init {
+                    o.iter_mut().for_each(|v| *v += bv);
+                } else {
+                    o.fill(bv);
+                }
             }
         }
     }
-    if kk == 1 && stride == 1 && padding == 0 {
+    if kk == 1 && stride == 1 && padding == 0 && upsample == 1 {
         for (ob, xb) in out.chunks_mut(c_out * plane).zip(x.chunks(c_in * plane)) {
             gemm_rowmajor(
                 c_out, plane, c_in, ob, plane, accumulate, weight, c_in, xb, plane, threads,
@@ -154,15 +185,38 @@ pub fn conv2d(x: &[f32], weight: ConvWeight, bias: Option<&[f32]>, s: ConvShape)
     out
 }
 
+/// `d[j] = src[(ix0 + j) / 2]`: each source value written twice, in a loop that vectorises.
+fn upsample2_row(d: &mut [f32], src: &[f32], ix0: usize) {
+    let (mut j, mut ix) = (0, ix0);
+    if ix % 2 == 1 && !d.is_empty() {
+        d[0] = src[ix / 2];
+        j = 1;
+        ix += 1;
+    }
+    let rest = &mut d[j..];
+    let pairs = rest.len() / 2;
+    for (pair, &v) in rest.chunks_exact_mut(2).zip(&src[ix / 2..ix / 2 + pairs]) {
+        pair[0] = v;
+        pair[1] = v;
+    }
+    if rest.len() % 2 == 1 {
+        rest[rest.len() - 1] = src[(ix + rest.len() - 1) / 2];
+    }
+}
+
 /// Fills `col` (`[c_in·k·k, nr·ow]`) for output rows `oy0..oy0+nr` of one image.
 fn im2col_band(x: &[f32], col: &mut [f32], s: ConvShape, oy0: usize, nr: usize, ow: usize) {
-    let (h, w, kk, stride, pad) = (s.h, s.w, s.kernel, s.stride, s.padding);
+    let (kk, stride, pad, u) = (s.kernel, s.stride, s.padding, s.upsample);
+    // (h, w): the input as the convolution sees it; rows and columns of the stored input
+    // are those divided by the upsampling factor.
+    let (h, w) = s.in_hw();
+    let (sh, sw) = (s.h, s.w);
     let n = nr * ow;
     col.par_chunks_mut(n).enumerate().for_each(|(r, dst)| {
         let ci = r / (kk * kk);
         let ky = (r / kk) % kk;
         let kx = r % kk;
-        let src = &x[ci * h * w..(ci + 1) * h * w];
+        let src = &x[ci * sh * sw..(ci + 1) * sh * sw];
         // Output columns whose input column ox*stride + kx - pad falls inside [0, w).
         let lo = pad.saturating_sub(kx).div_ceil(stride).min(ow);
         let hi = if w + pad > kx {
@@ -177,12 +231,19 @@ fn im2col_band(x: &[f32], col: &mut [f32], s: ConvShape, oy0: usize, nr: usize, 
                 d.fill(0.0);
                 continue;
             }
-            let srow = &src[(iy - pad) * w..(iy - pad + 1) * w];
+            let sy = (iy - pad) / u;
+            let srow = &src[sy * sw..(sy + 1) * sw];
             d[..lo].fill(0.0);
             d[hi..].fill(0.0);
             if hi > lo {
                 let ix0 = lo * stride + kx - pad;
-                if stride == 1 {
+                if u == 2 && stride == 1 {
+                    upsample2_row(&mut d[lo..hi], srow, ix0);
+                } else if u > 1 {
+                    for (j, v) in d[lo..hi].iter_mut().enumerate() {
+                        *v = srow[(ix0 + j * stride) / u];
+                    }
+                } else if stride == 1 {
                     d[lo..hi].copy_from_slice(&srow[ix0..ix0 + (hi - lo)]);
                 } else {
                     for (j, v) in d[lo..hi].iter_mut().enumerate() {
