@@ -129,8 +129,9 @@ pub fn attention_bf16(
     if sq == 0 || d == 0 || sk == 0 {
         return out;
     }
-    // Query rows per block: a multiple of the micro-kernel's rows.
-    let rows = ((SCORE_BLOCK / sk).clamp(48, 256) / MR * MR).min(sq);
+    // Query rows per block: a multiple of the micro-kernel's rows; half the f32 path's score
+    // block, so it stays in L2 next to the packed K and V.
+    let rows = ((SCORE_BLOCK / 2 / sk).clamp(24, 256) / MR * MR).min(sq);
     let blocks = sq.div_ceil(rows);
     for b in 0..batch {
         for h in 0..heads {
@@ -159,11 +160,13 @@ pub fn attention_bf16(
                             Rhs::Packed(&kt),
                             1,
                         );
+                        let mut inv = vec![0f32; nr];
                         for (i, row) in sc.chunks_exact_mut(sk).enumerate() {
                             if causal && r0 + i + 1 < sk {
                                 row[r0 + i + 1..].fill(f32::NEG_INFINITY);
                             }
-                            math::softmax_row(row, scale);
+                            let sum = math::softmax_unnormalized_bf16(row, scale);
+                            inv[i] = if sum > 0.0 { 1.0 / sum } else { 0.0 };
                         }
                         let mut o = vec![0f32; nr * d];
                         gemm16(
@@ -174,6 +177,10 @@ pub fn attention_bf16(
                             Rhs::Packed(&vp),
                             1,
                         );
+                        // The softmax's division, on the [nr, d] product.
+                        for (row, &f) in o.chunks_exact_mut(d).zip(&inv) {
+                            row.iter_mut().for_each(|v| *v *= f);
+                        }
                         o
                     },
                 )

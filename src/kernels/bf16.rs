@@ -4,7 +4,8 @@
 //!
 //! `vdpbf16ps` multiplies pairs of bf16 along k and adds both products into one f32 lane, so
 //! both operands are packed as pairs `(x[2p], x[2p+1])` in one 32-bit word:
-//! - A in panels of [`MR`] rows: `apack[panel][p][i]`, one word per row, broadcast to all lanes;
+//! - A in panels of [`MR`] rows: `apack[panel][i][p]` (each row's pairs contiguous, so f32 rows
+//!   convert with plain vector stores), one word broadcast to all lanes per row and pair;
 //! - B in panels of [`NR`] columns: `bpack[panel][p][j]`, four zmm registers per pair.
 //!
 //! The micro-kernel keeps an `MR × NR` block of C in 24 registers. Blocking as in BLIS
@@ -53,7 +54,7 @@ pub struct Operand<'a> {
 }
 
 /// A left operand (`[m × k]`, row-major bf16, e.g. a convolution kernel) packed once, at load,
-/// in the layout the kernels read: `data[panel][p][i]`.
+/// in the layout the kernels read: `data[panel][i][p]`.
 #[derive(Clone)]
 pub struct PackedA {
     data: Vec<u32>,
@@ -70,7 +71,7 @@ impl PackedA {
             for i in 0..MR.min(m - panel * MR) {
                 let row = &w[(panel * MR + i) * k..][..k];
                 for p in 0..kp {
-                    out[p * MR + i] = pair(row, 2 * p, k);
+                    out[i * kp + p] = pair(row, 2 * p, k);
                 }
             }
         }
@@ -87,7 +88,8 @@ impl PackedA {
 
     /// Element (r, c) as f32.
     fn get(&self, r: usize, c: usize) -> f32 {
-        let w = self.data[(r / MR) * self.k.div_ceil(2) * MR + (c / 2) * MR + r % MR];
+        let kp = self.k.div_ceil(2);
+        let w = self.data[(r / MR) * kp * MR + (r % MR) * kp + c / 2];
         f32::from_bits(((w >> (16 * (c % 2))) & 0xffff) << 16)
     }
 }
@@ -454,10 +456,20 @@ mod x86 {
             // Weights packed at load: nothing to pack per task, so cut C into blocks of
             // MC_PANELS row panels (a block's C stays in L2 across the k blocks) and let the
             // threads take them in turn.
-            Rhs::Packed(_) if m_panels > MC_PANELS => (0..m_panels)
-                .step_by(MC_PANELS)
-                .map(|p| (p, (p + MC_PANELS).min(m_panels), 0, n))
-                .collect(),
+            // Columns are split too when there are few row blocks, so that every thread gets
+            // several tasks and none waits on an unlucky last one.
+            Rhs::Packed(_) if m_panels > MC_PANELS => {
+                let m_chunks = m_panels.div_ceil(MC_PANELS);
+                let n_chunks = (4 * work).div_ceil(m_chunks).clamp(1, n_panels);
+                let n_per = n_panels.div_ceil(n_chunks) * NR;
+                let mut tasks = Vec::with_capacity(m_chunks * n_chunks);
+                for p in (0..m_panels).step_by(MC_PANELS) {
+                    for j in (0..n).step_by(n_per) {
+                        tasks.push((p, (p + MC_PANELS).min(m_panels), j, (j + n_per).min(n)));
+                    }
+                }
+                tasks
+            }
             // Otherwise one task per thread, each packing its own B: split n unless n is too
             // narrow.
             _ if n_panels >= 2 * work || n_panels >= m_panels => {
@@ -529,7 +541,7 @@ mod x86 {
                 let load = accumulate || pc > 0;
                 for mp in mp0..mp1 {
                     let rows = (m - mp * MR).min(MR);
-                    let ap = apack.as_ptr().add(mp * kp * MR + pc * MR);
+                    let ap = apack.as_ptr().add(mp * kp * MR + pc);
                     for jp in 0..ncp {
                         let j0 = jc + jp * NR;
                         let cols = NR.min(jc + nc - j0);
@@ -539,7 +551,17 @@ mod x86 {
                             Rhs::Packed(pb) => pb.data.as_ptr().add((j0 / NR) * kp * NR + pc * NR),
                         };
                         unsafe {
-                            micro(kc, ap, bp, c.add(mp * MR * ldc + j0), ldc, rows, cols, load)
+                            micro(
+                                kc,
+                                ap,
+                                kp,
+                                bp,
+                                c.add(mp * MR * ldc + j0),
+                                ldc,
+                                rows,
+                                cols,
+                                load,
+                            )
                         };
                     }
                 }
@@ -549,33 +571,27 @@ mod x86 {
         }
     }
 
-    /// Packs rows `r0..r0+MR` of A (zero past `m`) as `out[p * MR + i]` = pair p of row i.
+    /// Packs rows `r0..r0+MR` of A (zero past `m`) as `out[i * kp + p]` = pair p of row i.
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
     unsafe fn pack_a(a: Operand, m: usize, k: usize, r0: usize, out: &mut [u32]) {
         let kp = k.div_ceil(2);
         for i in 0..MR {
             let r = r0 + i;
             if r >= m {
-                for p in 0..kp {
-                    out[p * MR + i] = 0;
-                }
+                out[i * kp..(i + 1) * kp].fill(0);
                 continue;
             }
             match a.data {
                 Src::Bf16(s) if a.cs == 1 => {
                     let row = &s[r * a.rs..r * a.rs + k];
-                    for p in 0..k / 2 {
-                        out[p * MR + i] =
-                            row[2 * p].to_bits() as u32 | (row[2 * p + 1].to_bits() as u32) << 16;
-                    }
-                    if k % 2 == 1 {
-                        out[(kp - 1) * MR + i] = row[k - 1].to_bits() as u32;
+                    for p in 0..kp {
+                        out[i * kp + p] = pair(row, 2 * p, k);
                     }
                 }
                 Src::F32(s) if a.cs == 1 => {
                     let row = &s[r * a.rs..r * a.rs + k];
                     let mut p = 0;
-                    let mut tmp = [0u32; 16];
+                    let dst = out[i * kp..(i + 1) * kp].as_mut_ptr();
                     while p < kp {
                         // 16 pairs = 32 floats per step, masked at the end of the row.
                         let e0 = 2 * p;
@@ -591,11 +607,9 @@ mod x86 {
                             _mm512_setzero_ps()
                         };
                         let v = _mm512_cvtne2ps_pbh(x1, x0);
-                        _mm512_storeu_si512(tmp.as_mut_ptr().cast(), si(v));
                         let np = (kp - p).min(16);
-                        for (t, &w) in tmp[..np].iter().enumerate() {
-                            out[(p + t) * MR + i] = w;
-                        }
+                        let m: __mmask16 = ((1u32 << np) - 1) as u16;
+                        _mm512_mask_storeu_epi32(dst.add(p).cast(), m, si(v));
                         p += 16;
                     }
                 }
@@ -607,7 +621,7 @@ mod x86 {
                         } else {
                             0
                         };
-                        out[p * MR + i] = lo as u32 | (hi as u32) << 16;
+                        out[i * kp + p] = lo as u32 | (hi as u32) << 16;
                     }
                 }
             }
@@ -750,6 +764,7 @@ mod x86 {
     unsafe fn micro(
         kc: usize,
         a: *const u32,
+        lda: usize,
         b: *const u32,
         c: *mut f32,
         ldc: usize,
@@ -766,9 +781,8 @@ mod x86 {
                 bh(_mm512_loadu_si512(bp.add(32).cast())),
                 bh(_mm512_loadu_si512(bp.add(48).cast())),
             ];
-            let ap = a.add(p * MR);
             for (i, acc_i) in acc.iter_mut().enumerate() {
-                let av = bh(_mm512_set1_epi32(*ap.add(i) as i32));
+                let av = bh(_mm512_set1_epi32(*a.add(i * lda + p) as i32));
                 for (j, acc_ij) in acc_i.iter_mut().enumerate() {
                     *acc_ij = _mm512_dpbf16_ps(*acc_ij, av, bv[j]);
                 }

@@ -144,6 +144,68 @@ dispatch_simd! {
     }
 }
 
+/// `2^t` to about 1e-4 relative error (degree-3 polynomial on the fraction, exponent built
+/// from bits), 0 below −126: plenty where the result is rounded to bf16 (8 mantissa bits)
+/// next, as attention probabilities are on the bf16 path.
+#[inline(always)]
+pub fn exp2_bf16(t: f32) -> f32 {
+    let tc = t.max(-126.0);
+    let n = tc.floor();
+    let f = tc - n;
+    let p = 1.0 + f * (0.695_976_1 + f * (0.224_940_2 + f * 0.079_083_7));
+    let ni = ((n + 12_582_912.0).to_bits() as i32) - 0x4B40_0000;
+    let v = p * f32::from_bits(((ni + 127) as u32) << 23);
+    if t < -126.0 { 0.0 } else { v }
+}
+
+dispatch_simd! {
+    fn softmax_unnormalized_impl(row: &mut [f32], scale: f32, sum_out: &mut f32) {
+        let mut maxes = [f32::NEG_INFINITY; 16];
+        let mut chunks = row.chunks_exact(16);
+        for c in &mut chunks {
+            for (m, &v) in maxes.iter_mut().zip(c) {
+                *m = if v > *m { v } else { *m };
+            }
+        }
+        let mut max = f32::NEG_INFINITY;
+        for &v in chunks.remainder().iter().chain(&maxes) {
+            max = if v > max { v } else { max };
+        }
+        if max == f32::NEG_INFINITY {
+            row.fill(0.0);
+            *sum_out = 0.0;
+            return;
+        }
+        // exp(scale·(v − max)) = 2^(scale·log2e·(v − max))
+        let k = scale * std::f32::consts::LOG2_E;
+        let mut acc = [0f32; 16];
+        let mut chunks = row.chunks_exact_mut(16);
+        for c in &mut chunks {
+            for (a, v) in acc.iter_mut().zip(c.iter_mut()) {
+                let e = exp2_bf16((*v - max) * k);
+                *v = e;
+                *a += e;
+            }
+        }
+        let mut sum: f32 = 0.0;
+        for v in chunks.into_remainder() {
+            let e = exp2_bf16((*v - max) * k);
+            *v = e;
+            sum += e;
+        }
+        *sum_out = sum + acc.iter().sum::<f32>();
+    }
+}
+
+/// `row ← exp(scale · (row − max row))`, returning the sum (0 for an all −∞ row, which is
+/// zeroed): softmax without the final division, which the caller applies to the (much
+/// smaller) product with V. Uses [`exp2_bf16`]: for the bf16 path only.
+pub fn softmax_unnormalized_bf16(row: &mut [f32], scale: f32) -> f32 {
+    let mut sum = 0.0;
+    softmax_unnormalized_impl(row, scale, &mut sum);
+    sum
+}
+
 /// In-place `softmax(scale · row)` (scale > 0).
 pub fn softmax_row(row: &mut [f32], scale: f32) {
     softmax_row_impl(row, scale)
@@ -229,6 +291,29 @@ mod tests {
             }
             let erfc = (-z * z).exp() / f / std::f64::consts::PI.sqrt();
             (1.0 - erfc).copysign(x)
+        }
+    }
+
+    #[test]
+    fn exp2_bf16_accuracy() {
+        for i in -130_000..10_000 {
+            let t = i as f32 * 1e-3;
+            let (a, b) = (exp2_bf16(t), (t as f64).exp2());
+            if t < -126.0 {
+                assert_eq!(a, 0.0);
+            } else {
+                assert!(((a as f64 - b) / b).abs() < 2e-4, "2^{t}: {a} vs {b}");
+            }
+        }
+        let mut row = vec![1.0f32, 2.0, f32::NEG_INFINITY, 0.5];
+        let s = softmax_unnormalized_bf16(&mut row, 0.5);
+        let want: Vec<f64> = [1.0f64, 2.0, f64::NEG_INFINITY, 0.5]
+            .iter()
+            .map(|v| ((v - 2.0) * 0.5).exp())
+            .collect();
+        assert!((s as f64 - want.iter().sum::<f64>()).abs() < 1e-3);
+        for (a, b) in row.iter().zip(&want) {
+            assert!((*a as f64 - b).abs() < 1e-3);
         }
     }
 
