@@ -78,6 +78,9 @@ impl<P> std::fmt::Debug for Weight<P> {
 #[derive(Clone, Debug)]
 pub struct Conv2d {
     weight: Weight<PackedA>,
+    /// The kernel transformed for Winograd's F(2×2, 3×3), when enabled (CPU f32, 3×3).
+    #[cfg(target_arch = "x86_64")]
+    winograd: Option<Arc<crate::kernels::winograd::WinogradWeight>>,
     bias: Option<Tensor>,
     kernel: usize,
     stride: usize,
@@ -96,11 +99,34 @@ impl Conv2d {
         };
         Ok(Self {
             weight,
+            #[cfg(target_arch = "x86_64")]
+            winograd: None,
             bias,
             kernel,
             stride,
             padding: kernel / 2,
         })
+    }
+
+    /// Run this convolution through Winograd's F(2×2, 3×3) on the CPU from now on, when it is
+    /// a 3×3, stride-1 convolution with an f32 weight (2.25× fewer multiplications; the
+    /// transformed kernel takes 16/9 of the weight's memory). A no-op otherwise.
+    pub fn use_winograd(&mut self) -> Result<()> {
+        #[cfg(target_arch = "x86_64")]
+        if let Weight::Tensor(w) = &self.weight
+            && w.dtype() == DType::F32
+            && matches!(w.device(), Device::Cpu)
+            && self.kernel == 3
+            && self.stride == 1
+            && self.padding == 1
+        {
+            let (c_out, c_in, _, _) = w.dims4()?;
+            let data = w.flatten_all()?.to_vec1::<f32>()?;
+            self.winograd = Some(Arc::new(crate::kernels::winograd::WinogradWeight::new(
+                &data, c_out, c_in,
+            )));
+        }
+        Ok(())
     }
 
     fn dims(&self) -> &[usize] {
@@ -200,9 +226,10 @@ impl Conv2d {
         }
         let out = with_cpu_f32(&ts, |d| {
             let bias = bias.as_ref().map(|_| d[1]);
-            let weight = match &self.weight {
-                Weight::Packed { packed, .. } => ConvWeight::Bf16(packed),
-                Weight::Tensor(_) => ConvWeight::F32(d[d.len() - 1]),
+            let weight = match (&self.weight, &self.winograd) {
+                (Weight::Packed { packed, .. }, _) => ConvWeight::Bf16(packed),
+                (_, Some(wg)) => ConvWeight::Winograd(wg),
+                (Weight::Tensor(_), _) => ConvWeight::F32(d[d.len() - 1]),
             };
             conv2d(d[0], weight, bias, shape, init)
         })?;

@@ -51,6 +51,12 @@ impl ResnetBlock {
     }
 
     /// `emb_silu` is `silu(temb)`, computed once per forward by the caller.
+    /// Winograd convolutions for both 3×3 convolutions (see [`Conv2d::use_winograd`]).
+    pub fn use_winograd(&mut self) -> Result<()> {
+        self.conv1.use_winograd()?;
+        self.conv2.use_winograd()
+    }
+
     /// The time embedding and the residual are added inside the convolutions (see
     /// [`Conv2d::forward_add`]).
     pub fn forward(&self, x: &Tensor, emb_silu: Option<&Tensor>) -> Result<Tensor> {

@@ -20,6 +20,8 @@ const COL_BUDGET: usize = 4 << 20;
 pub enum ConvWeight<'a> {
     F32(&'a [f32]),
     Bf16(&'a PackedA),
+    /// A 3×3 kernel transformed for Winograd's F(2×2, 3×3) (stride 1, padding 1 only).
+    Winograd(&'a super::winograd::WinogradWeight),
 }
 
 /// Convolution shape.
@@ -81,6 +83,7 @@ fn gemm_rowmajor(
             (rhs, rhs_rs, 1),
             par,
         ),
+        ConvWeight::Winograd(_) => unreachable!("Winograd convolutions do not unfold"),
         ConvWeight::Bf16(lhs) => super::bf16::gemm(
             [m, n, k],
             (dst, dst_rs),
@@ -126,6 +129,10 @@ pub fn conv2d(
     match weight {
         ConvWeight::F32(w) => assert_eq!(w.len(), c_out * kdim),
         ConvWeight::Bf16(w) => assert_eq!((w.rows(), w.cols()), (c_out, kdim)),
+        ConvWeight::Winograd(w) => {
+            assert_eq!((w.c_out(), w.c_in()), (c_out, c_in));
+            assert!(kk == 3 && stride == 1 && padding == 1);
+        }
     }
     let (oh, ow) = s.out_hw();
     let plane = oh * ow;
@@ -150,6 +157,10 @@ pub fn conv2d(
                 }
             }
         }
+    }
+    if let ConvWeight::Winograd(wt) = weight {
+        super::winograd::conv3x3(x, wt, batch, uh, uw, upsample, &mut out, accumulate);
+        return out;
     }
     if kk == 1 && stride == 1 && padding == 0 && upsample == 1 {
         for (ob, xb) in out.chunks_mut(c_out * plane).zip(x.chunks(c_in * plane)) {

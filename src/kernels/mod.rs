@@ -20,6 +20,8 @@ pub mod conv;
 pub mod gemm;
 pub mod math;
 pub mod norm;
+#[cfg(target_arch = "x86_64")]
+pub mod winograd;
 
 /// Number of worker threads candle uses (and that the kernels split work over).
 pub fn num_threads() -> usize {
