@@ -26,8 +26,9 @@ const KC: usize = 128;
 const NC: usize = 1024;
 /// Bytes of C one task keeps hot across the k blocks (in the last-level cache).
 const C_BLOCK_BYTES: usize = 4 << 20;
-/// Row panels per task when B is packed at load (96 rows).
-const MC_PANELS: usize = 16;
+/// Row panels per task when B is packed at load (384 rows: each task streams the packed
+/// weight once, so fewer, taller tasks read it fewer times).
+const MC_PANELS: usize = 64;
 
 /// The data of an operand.
 #[derive(Clone, Copy)]
