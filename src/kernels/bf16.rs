@@ -68,14 +68,17 @@ impl PackedA {
         assert_eq!(w.len(), m * k, "PackedA: {m}x{k} needs {} values", m * k);
         let kp = k.div_ceil(2);
         let mut data = vec![0u32; m.div_ceil(MR) * kp * MR];
-        for (panel, out) in data.chunks_mut(kp * MR).enumerate() {
-            for i in 0..MR.min(m - panel * MR) {
-                let row = &w[(panel * MR + i) * k..][..k];
-                for p in 0..kp {
-                    out[i * kp + p] = pair(row, 2 * p, k);
+        // Panels in parallel: packing every weight at load is a pass over the whole model.
+        data.par_chunks_mut((kp * MR).max(1))
+            .enumerate()
+            .for_each(|(panel, out)| {
+                for i in 0..MR.min(m - panel * MR) {
+                    let row = &w[(panel * MR + i) * k..][..k];
+                    for p in 0..kp {
+                        out[i * kp + p] = pair(row, 2 * p, k);
+                    }
                 }
-            }
-        }
+            });
         Self { data, m, k }
     }
 
@@ -109,14 +112,16 @@ impl PackedB {
         assert_eq!(w.len(), n * k, "PackedB: {n}x{k} needs {} values", n * k);
         let kp = k.div_ceil(2);
         let mut data = vec![0u32; n.div_ceil(NR) * kp * NR];
-        for (panel, out) in data.chunks_mut(kp * NR).enumerate() {
-            for j in 0..NR.min(n - panel * NR) {
-                let row = &w[(panel * NR + j) * k..][..k];
-                for p in 0..kp {
-                    out[p * NR + j] = pair(row, 2 * p, k);
+        data.par_chunks_mut((kp * NR).max(1))
+            .enumerate()
+            .for_each(|(panel, out)| {
+                for j in 0..NR.min(n - panel * NR) {
+                    let row = &w[(panel * NR + j) * k..][..k];
+                    for p in 0..kp {
+                        out[p * NR + j] = pair(row, 2 * p, k);
+                    }
                 }
-            }
-        }
+            });
         Self { data, k, n }
     }
 
