@@ -29,6 +29,10 @@ pub struct ImageSettings {
     pub unet: Option<String>,
     #[serde(default)]
     pub preset: Option<String>,
+    /// The UNet's compute precision ("f32", "bf16", "f16"): bit-exact regeneration needs the
+    /// same one (`--dtype`). Informational; absent in PNGs from older versions.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub precision: Option<String>,
 }
 
 fn display_name(path: &str) -> String {
@@ -274,6 +278,7 @@ pub fn settings_from_png(path: &Path) -> Result<ImageSettings> {
         loras: Vec::new(),
         unet: None,
         preset: p.get("Preset").map(str::to_string),
+        precision: None,
     })
 }
 
@@ -297,6 +302,7 @@ mod tests {
             }],
             unet: None,
             preset: None,
+            precision: Some("bf16".into()),
         }
     }
 

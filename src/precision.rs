@@ -75,6 +75,15 @@ impl Precision {
             .max(self.vectors.size_in_bytes())
     }
 
+    /// "f32", "bf16" or "f16".
+    pub fn short_name(&self) -> &'static str {
+        match self.matrices {
+            DType::BF16 => "bf16",
+            DType::F16 => "f16",
+            _ => "f32",
+        }
+    }
+
     pub fn name(&self) -> &'static str {
         match (self.matrices, self.activations) {
             (DType::BF16, DType::F32) => "bf16 (bf16 weights, f32 accumulation)",

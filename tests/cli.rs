@@ -423,6 +423,11 @@ fn dtype_flag() {
         };
         assert!(err.contains(want), "--dtype {d}: {err}");
     }
+    // The precision is recorded with the other settings.
+    for (p, want) in [(&b, "bf16"), (&f, "f32")] {
+        let s = dmd2::metadata::settings_from_png(p).unwrap();
+        assert_eq!(s.precision.as_deref(), Some(want), "{}", p.display());
+    }
     let (_, _, auto) = decode_png(&a);
     let (_, _, bf16) = decode_png(&b);
     let (_, _, f32) = decode_png(&f);

@@ -778,7 +778,7 @@ fn jobs_for(
     Ok(jobs)
 }
 
-fn settings_of(base: &Base, req: &Request) -> ImageSettings {
+fn settings_of(base: &Base, req: &Request, precision: &str) -> ImageSettings {
     ImageSettings {
         prompt: req.prompt.clone(),
         negative_prompt: req.negative_prompt.clone(),
@@ -798,6 +798,7 @@ fn settings_of(base: &Base, req: &Request) -> ImageSettings {
             .collect(),
         unet: base.unet.clone(),
         preset: base.preset.clone(),
+        precision: Some(precision.to_string()),
     }
 }
 
@@ -838,7 +839,7 @@ fn run_batch(
         }
     };
     for (job, img) in jobs.iter().zip(images) {
-        let settings = settings_of(base, &job.req);
+        let settings = settings_of(base, &job.req, pipe.precision().unet.short_name());
         let text = PngText {
             parameters: settings.a1111(),
             json: settings.to_json(),
