@@ -102,8 +102,9 @@ pub fn attention(
 }
 
 /// [`attention`] with both products through the bf16 dot-product GEMM (the CPU bf16 path):
-/// per (image, head) the keys are packed once as `Kᵀ` and the values as `V`, then query
-/// blocks run in parallel, each with an f32 score block and an f32 softmax. Same layouts and
+/// per (image, head) the keys are packed once as `Kᵀ` and the values as `V`, then all
+/// (image, head, query block) tasks run in parallel, each with an f32 score block and an f32
+/// softmax. Same layouts and
 /// result (to bf16 rounding of Q, K, V and the probabilities) as [`attention`].
 pub fn attention_bf16(
     q: &[f32],
@@ -133,65 +134,77 @@ pub fn attention_bf16(
     // block, so it stays in L2 next to the packed K and V.
     let rows = ((SCORE_BLOCK / 2 / sk).clamp(24, 256) / MR * MR).min(sq);
     let blocks = sq.div_ceil(rows);
-    for b in 0..batch {
-        for h in 0..heads {
+    fn op(data: Src, rs: usize, cs: usize) -> Operand {
+        Operand { data, rs, cs }
+    }
+    // Kᵀ (element (e, j) = K[j][e]) and V packed once per (image, head), all heads at once.
+    let packs: Vec<(PackedB, PackedB)> = (0..batch * heads)
+        .into_par_iter()
+        .map(|bh| {
+            let (b, h) = (bh / heads, bh % heads);
             let kb = &k[b * sk * hd + h * d..];
             let vb = &v[b * sk * hd + h * d..];
-            fn op(data: Src, rs: usize, cs: usize) -> Operand {
-                Operand { data, rs, cs }
-            }
-            // Kᵀ: element (e, j) = K[j][e]; V: element (j, e) = V[j][e].
-            let kt = PackedB::from_operand(op(Src::F32(kb), 1, hd), d, sk);
-            let vp = PackedB::from_operand(op(Src::F32(vb), hd, 1), sk, d);
-            let results: Vec<Vec<f32>> = (0..blocks)
-                .into_par_iter()
-                .map_init(
-                    || vec![0f32; rows * sk],
-                    |scores, blk| {
-                        let r0 = blk * rows;
-                        let nr = rows.min(sq - r0);
-                        let qb = &q[(b * sq + r0) * hd + h * d..];
-                        let sc = &mut scores[..nr * sk];
-                        gemm16(
-                            [nr, sk, d],
-                            (sc, sk),
-                            false,
-                            Lhs::Strided(op(Src::F32(qb), hd, 1)),
-                            Rhs::Packed(&kt),
-                            1,
-                        );
-                        let mut inv = vec![0f32; nr];
-                        for (i, row) in sc.chunks_exact_mut(sk).enumerate() {
-                            if causal && r0 + i + 1 < sk {
-                                row[r0 + i + 1..].fill(f32::NEG_INFINITY);
-                            }
-                            let sum = math::softmax_unnormalized_bf16(row, scale);
-                            inv[i] = if sum > 0.0 { 1.0 / sum } else { 0.0 };
-                        }
-                        let mut o = vec![0f32; nr * d];
-                        gemm16(
-                            [nr, d, sk],
-                            (&mut o, d),
-                            false,
-                            Lhs::Strided(op(Src::F32(sc), sk, 1)),
-                            Rhs::Packed(&vp),
-                            1,
-                        );
-                        // The softmax's division, on the [nr, d] product.
-                        for (row, &f) in o.chunks_exact_mut(d).zip(&inv) {
-                            row.iter_mut().for_each(|v| *v *= f);
-                        }
-                        o
-                    },
-                )
-                .collect();
-            for (blk, o) in results.iter().enumerate() {
+            (
+                PackedB::from_operand(op(Src::F32(kb), 1, hd), d, sk),
+                PackedB::from_operand(op(Src::F32(vb), hd, 1), sk, d),
+            )
+        })
+        .collect();
+    // Then every (image, head, query block) is one task, so short sequences with many heads
+    // still keep every thread busy.
+    let tasks: Vec<(usize, usize)> = (0..batch * heads)
+        .flat_map(|bh| (0..blocks).map(move |blk| (bh, blk)))
+        .collect();
+    let results: Vec<Vec<f32>> = tasks
+        .par_iter()
+        .map_init(
+            || vec![0f32; rows * sk],
+            |scores, &(bh, blk)| {
+                let (b, h) = (bh / heads, bh % heads);
+                let (kt, vp) = &packs[bh];
                 let r0 = blk * rows;
-                for (i, src) in o.chunks_exact(d).enumerate() {
-                    let at = (b * sq + r0 + i) * hd + h * d;
-                    out[at..at + d].copy_from_slice(src);
+                let nr = rows.min(sq - r0);
+                let qb = &q[(b * sq + r0) * hd + h * d..];
+                let sc = &mut scores[..nr * sk];
+                gemm16(
+                    [nr, sk, d],
+                    (sc, sk),
+                    false,
+                    Lhs::Strided(op(Src::F32(qb), hd, 1)),
+                    Rhs::Packed(kt),
+                    1,
+                );
+                let mut inv = vec![0f32; nr];
+                for (i, row) in sc.chunks_exact_mut(sk).enumerate() {
+                    if causal && r0 + i + 1 < sk {
+                        row[r0 + i + 1..].fill(f32::NEG_INFINITY);
+                    }
+                    let sum = math::softmax_unnormalized_bf16(row, scale);
+                    inv[i] = if sum > 0.0 { 1.0 / sum } else { 0.0 };
                 }
-            }
+                let mut o = vec![0f32; nr * d];
+                gemm16(
+                    [nr, d, sk],
+                    (&mut o, d),
+                    false,
+                    Lhs::Strided(op(Src::F32(sc), sk, 1)),
+                    Rhs::Packed(vp),
+                    1,
+                );
+                // The softmax's division, on the [nr, d] product.
+                for (row, &f) in o.chunks_exact_mut(d).zip(&inv) {
+                    row.iter_mut().for_each(|v| *v *= f);
+                }
+                o
+            },
+        )
+        .collect();
+    for (&(bh, blk), o) in tasks.iter().zip(&results) {
+        let (b, h) = (bh / heads, bh % heads);
+        let r0 = blk * rows;
+        for (i, src) in o.chunks_exact(d).enumerate() {
+            let at = (b * sq + r0 + i) * hd + h * d;
+            out[at..at + d].copy_from_slice(src);
         }
     }
     out
