@@ -465,13 +465,15 @@ mod x86 {
             // Columns are split too when there are few row blocks, so that every thread gets
             // several tasks and none waits on an unlucky last one.
             Rhs::Packed(_) if m_panels > MC_PANELS => {
+                // Row chunks of (nearly) equal height, at most MC_PANELS panels each.
                 let m_chunks = m_panels.div_ceil(MC_PANELS);
+                let m_per = m_panels.div_ceil(m_chunks);
                 let n_chunks = (4 * work).div_ceil(m_chunks).clamp(1, n_panels);
                 let n_per = n_panels.div_ceil(n_chunks) * NR;
                 let mut tasks = Vec::with_capacity(m_chunks * n_chunks);
-                for p in (0..m_panels).step_by(MC_PANELS) {
+                for p in (0..m_panels).step_by(m_per) {
                     for j in (0..n).step_by(n_per) {
-                        tasks.push((p, (p + MC_PANELS).min(m_panels), j, (j + n_per).min(n)));
+                        tasks.push((p, (p + m_per).min(m_panels), j, (j + n_per).min(n)));
                     }
                 }
                 tasks
