@@ -8,25 +8,10 @@
 mod common;
 
 use candle_core::Device;
-use common::{Source, cases, pipeline};
+use common::{Source, cases, pipeline, psnr};
 use dmd2::checkpoint;
 use dmd2::pipeline::Pipeline;
 use dmd2::precision::{DtypeChoice, Precision, RunPrecision};
-
-fn psnr(a: &[u8], b: &[u8]) -> f64 {
-    assert_eq!(a.len(), b.len());
-    let mse = a
-        .iter()
-        .zip(b)
-        .map(|(&x, &y)| (x as f64 - y as f64).powi(2))
-        .sum::<f64>()
-        / a.len() as f64;
-    if mse == 0.0 {
-        f64::INFINITY
-    } else {
-        10.0 * (255.0f64 * 255.0 / mse).log10()
-    }
-}
 
 #[test]
 fn bf16_images_within_35_db_of_f32() {

@@ -432,14 +432,8 @@ fn dtype_flag() {
     let (_, _, bf16) = decode_png(&b);
     let (_, _, f32) = decode_png(&f);
     assert_eq!(auto, f32, "auto must be f32 for a test-size model");
-    let mse = bf16
-        .iter()
-        .zip(&f32)
-        .map(|(&x, &y)| (x as f64 - y as f64).powi(2))
-        .sum::<f64>()
-        / f32.len() as f64;
-    let psnr = 10.0 * (255.0f64.powi(2) / mse.max(1e-12)).log10();
-    assert!(psnr >= 35.0, "bf16 image {psnr:.1} dB from f32");
+    let db = psnr(&bf16, &f32);
+    assert!(db >= 35.0, "bf16 image {db:.1} dB from f32");
 }
 
 #[test]

@@ -175,6 +175,7 @@ impl PackedB {
 }
 
 /// Element (r, c) of an operand as bf16 bits.
+#[inline(always)]
 fn bits_of(o: Operand, r: usize, c: usize) -> u16 {
     match o.data {
         Src::F32(s) => bf16_bits(s[r * o.rs + c * o.cs]),
@@ -623,9 +624,9 @@ mod x86 {
                 }
                 _ => {
                     for p in 0..kp {
-                        let lo = get(a, r, 2 * p);
+                        let lo = bits_of(a, r, 2 * p);
                         let hi = if 2 * p + 1 < k {
-                            get(a, r, 2 * p + 1)
+                            bits_of(a, r, 2 * p + 1)
                         } else {
                             0
                         };
@@ -633,15 +634,6 @@ mod x86 {
                     }
                 }
             }
-        }
-    }
-
-    /// Element (r, c) of an operand as bf16 bits.
-    #[inline(always)]
-    fn get(o: Operand, r: usize, c: usize) -> u16 {
-        match o.data {
-            Src::F32(s) => bf16_bits(s[r * o.rs + c * o.cs]),
-            Src::Bf16(s) => s[r * o.rs + c * o.cs].to_bits(),
         }
     }
 
@@ -752,9 +744,9 @@ mod x86 {
                 for p in 0..kc {
                     let e = 2 * (p0 + p);
                     for jj in 0..cols {
-                        let lo = get(b, e, j0 + jj) as u32;
+                        let lo = bits_of(b, e, j0 + jj) as u32;
                         let hi = if e + 1 < k {
-                            get(b, e + 1, j0 + jj) as u32
+                            bits_of(b, e + 1, j0 + jj) as u32
                         } else {
                             0
                         };

@@ -167,3 +167,19 @@ pub fn max_level_diff(a: &[u8], b: &[u8]) -> u8 {
         .max()
         .unwrap_or(0)
 }
+
+/// Peak signal-to-noise ratio of two 8-bit images, in dB (∞ when equal).
+pub fn psnr(a: &[u8], b: &[u8]) -> f64 {
+    assert_eq!(a.len(), b.len());
+    let mse = a
+        .iter()
+        .zip(b)
+        .map(|(&x, &y)| (x as f64 - y as f64).powi(2))
+        .sum::<f64>()
+        / a.len() as f64;
+    if mse == 0.0 {
+        f64::INFINITY
+    } else {
+        10.0 * (255.0f64 * 255.0 / mse).log10()
+    }
+}
