@@ -110,19 +110,12 @@ pub struct PackedB {
 impl PackedB {
     pub fn from_transposed(w: &[bf16], n: usize, k: usize) -> Self {
         assert_eq!(w.len(), n * k, "PackedB: {n}x{k} needs {} values", n * k);
-        let kp = k.div_ceil(2);
-        let mut data = vec![0u32; n.div_ceil(NR) * kp * NR];
-        data.par_chunks_mut((kp * NR).max(1))
-            .enumerate()
-            .for_each(|(panel, out)| {
-                for j in 0..NR.min(n - panel * NR) {
-                    let row = &w[(panel * NR + j) * k..][..k];
-                    for p in 0..kp {
-                        out[p * NR + j] = pair(row, 2 * p, k);
-                    }
-                }
-            });
-        Self { data, k, n }
+        let wt = Operand {
+            data: Src::Bf16(w),
+            rs: 1,
+            cs: k,
+        };
+        Self::from_operand(wt, k, n)
     }
 
     /// Packs any `[k × n]` operand (e.g. the keys of one attention head as `Kᵀ`), to be
@@ -134,27 +127,30 @@ impl PackedB {
         );
         let kp = k.div_ceil(2);
         let mut data = vec![0u32; n.div_ceil(NR) * kp * NR];
-        for (panel, out) in data.chunks_mut((kp * NR).max(1)).enumerate() {
-            let (j0, cols) = (panel * NR, NR.min(n - panel * NR));
-            #[cfg(target_arch = "x86_64")]
-            if available() {
-                // SAFETY: features checked; the assert above bounds every read.
-                unsafe { x86::pack_b(b, k, 0, kp, j0, cols, out) };
-                continue;
-            }
-            for p in 0..kp {
-                for j in 0..cols {
-                    let e = 2 * p;
-                    let lo = bits_of(b, e, j0 + j) as u32;
-                    let hi = if e + 1 < k {
-                        bits_of(b, e + 1, j0 + j) as u32
-                    } else {
-                        0
-                    };
-                    out[p * NR + j] = lo | hi << 16;
+        // Panels in parallel: packing every weight at load is a pass over the whole model.
+        data.par_chunks_mut((kp * NR).max(1))
+            .enumerate()
+            .for_each(|(panel, out)| {
+                let (j0, cols) = (panel * NR, NR.min(n - panel * NR));
+                #[cfg(target_arch = "x86_64")]
+                if available() {
+                    // SAFETY: features checked; the assert above bounds every read.
+                    unsafe { x86::pack_b(b, k, 0, kp, j0, cols, out) };
+                    return;
                 }
-            }
-        }
+                for p in 0..kp {
+                    for j in 0..cols {
+                        let e = 2 * p;
+                        let lo = bits_of(b, e, j0 + j) as u32;
+                        let hi = if e + 1 < k {
+                            bits_of(b, e + 1, j0 + j) as u32
+                        } else {
+                            0
+                        };
+                        out[p * NR + j] = lo | hi << 16;
+                    }
+                }
+            });
         Self { data, k, n }
     }
 
