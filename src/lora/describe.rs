@@ -2,14 +2,14 @@
 //! checkpoint (layout, architecture inferred from the shapes, dtypes, parameters).
 
 use super::file::{Adapter, Factor, LoraFile, Spelling};
-use super::names::{Lookup, NameTable, Target};
+use super::names::{Lookup, NameTable};
 use super::{format_name, part_name};
-use crate::checkpoint::single_file::{self, Component, UNET_PREFIX, canonical_maps};
+use crate::checkpoint::single_file::{self, Component};
 use crate::checkpoint::{self, ModelParts};
 use crate::config::{ClipConfig, UNetConfig, VaeConfig, sdxl_base};
 use crate::weights::{ComponentWeights, WeightFiles};
 use anyhow::{Result, bail};
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write;
 use std::path::Path;
 use std::sync::Arc;
@@ -98,44 +98,6 @@ fn part_of(name: &str) -> Option<Component> {
     }
 }
 
-/// Name table of SDXL base, for "how many modules have SDXL names" (shapes not checked).
-fn sdxl_base_table() -> Option<NameTable> {
-    let maps = canonical_maps(
-        &sdxl_base::unet(),
-        &sdxl_base::text_encoder(),
-        &sdxl_base::text_encoder_2(),
-        &sdxl_base::vae(),
-    )
-    .ok()?;
-    let mut targets = Vec::new();
-    let mut ldm = HashMap::new();
-    for c in [
-        Component::Unet,
-        Component::TextEncoder,
-        Component::TextEncoder2,
-    ] {
-        for (name, m) in maps.get(&c)? {
-            if !name.ends_with(".weight") {
-                continue;
-            }
-            if c == Component::Unet
-                && let Some(l) = m
-                    .source
-                    .strip_prefix(UNET_PREFIX)
-                    .and_then(|s| s.strip_suffix(".weight"))
-            {
-                ldm.insert(name.clone(), l.to_string());
-            }
-            targets.push(Target {
-                component: c,
-                weight: name.clone(),
-                shape: Vec::new(),
-            });
-        }
-    }
-    Some(NameTable::from_targets(targets, &ldm))
-}
-
 fn describe_lora(f: &LoraFile) -> String {
     let mut spellings = BTreeSet::new();
     let mut algorithms = BTreeSet::new();
@@ -144,7 +106,7 @@ fn describe_lora(f: &LoraFile) -> String {
     let mut alphas = Vec::new();
     let mut parts: BTreeMap<Option<Component>, usize> = BTreeMap::new();
     let mut dtypes: BTreeMap<String, usize> = BTreeMap::new();
-    let base = sdxl_base_table();
+    let base = NameTable::sdxl_base();
     let mut sdxl_named = 0;
     for m in &f.modules {
         spellings.insert(m.spelling);

@@ -11,6 +11,7 @@
 
 use crate::checkpoint::ModelParts;
 use crate::checkpoint::single_file::{Component, UNET_PREFIX, canonical_maps};
+use crate::config::sdxl_base;
 use crate::weights::ComponentWeights;
 use std::collections::HashMap;
 
@@ -76,6 +77,45 @@ fn component_targets(c: Component, w: &ComponentWeights) -> Vec<Target> {
 }
 
 impl NameTable {
+    /// Name table of SDXL base's weights (shapes left empty: for naming only, e.g. "how many
+    /// modules have SDXL names").
+    pub fn sdxl_base() -> Option<Self> {
+        let maps = canonical_maps(
+            &sdxl_base::unet(),
+            &sdxl_base::text_encoder(),
+            &sdxl_base::text_encoder_2(),
+            &sdxl_base::vae(),
+        )
+        .ok()?;
+        let mut targets = Vec::new();
+        let mut ldm = HashMap::new();
+        for c in [
+            Component::Unet,
+            Component::TextEncoder,
+            Component::TextEncoder2,
+        ] {
+            for (name, m) in maps.get(&c)? {
+                if !name.ends_with(".weight") {
+                    continue;
+                }
+                if c == Component::Unet
+                    && let Some(l) = m
+                        .source
+                        .strip_prefix(UNET_PREFIX)
+                        .and_then(|s| s.strip_suffix(".weight"))
+                {
+                    ldm.insert(name.clone(), l.to_string());
+                }
+                targets.push(Target {
+                    component: c,
+                    weight: name.clone(),
+                    shape: Vec::new(),
+                });
+            }
+        }
+        Some(Self::from_targets(targets, &ldm))
+    }
+
     pub fn build(parts: &ModelParts) -> Self {
         let mut targets = Vec::new();
         for (c, w) in [
@@ -258,42 +298,8 @@ mod tests {
     /// Every spelling of SDXL base's weights names exactly one weight.
     #[test]
     fn sdxl_base_has_no_ambiguous_spellings() {
-        use crate::config::sdxl_base;
-        let maps = canonical_maps(
-            &sdxl_base::unet(),
-            &sdxl_base::text_encoder(),
-            &sdxl_base::text_encoder_2(),
-            &sdxl_base::vae(),
-        )
-        .expect("canonical maps");
-        let mut targets = Vec::new();
-        let mut ldm = HashMap::new();
-        for c in [
-            Component::Unet,
-            Component::TextEncoder,
-            Component::TextEncoder2,
-        ] {
-            for (name, m) in &maps[&c] {
-                if !name.ends_with(".weight") {
-                    continue;
-                }
-                if c == Component::Unet
-                    && let Some(l) = m
-                        .source
-                        .strip_prefix(UNET_PREFIX)
-                        .and_then(|s| s.strip_suffix(".weight"))
-                {
-                    ldm.insert(name.clone(), l.to_string());
-                }
-                targets.push(Target {
-                    component: c,
-                    weight: name.clone(),
-                    shape: vec![1, 1],
-                });
-            }
-        }
-        let n = targets.len();
-        let table = NameTable::from_targets(targets, &ldm);
+        let table = NameTable::sdxl_base().expect("canonical maps");
+        let n = table.targets.len();
         assert!(n > 1000, "{n} targets");
         assert_eq!(table.ambiguous(), Vec::<&str>::new());
         match table.lookup("lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q") {
