@@ -13,10 +13,7 @@ fn bin() -> Command {
 }
 
 fn tmpdir(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("dmd2-batch-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
+    common::fresh_dir("batch", name)
 }
 
 fn base_args(model: &Path) -> Vec<String> {

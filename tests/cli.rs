@@ -15,10 +15,7 @@ fn dmd2(args: &[&str]) -> Output {
 }
 
 fn tmpdir(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("dmd2-cli-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
+    common::fresh_dir("cli", name)
 }
 
 fn decode_png(path: &Path) -> (usize, usize, Vec<u8>) {

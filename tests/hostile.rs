@@ -9,9 +9,10 @@ use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
+/// A fresh directory whose `out/` already holds an image finished earlier (which no failure
+/// may touch).
 fn tmpdir(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("dmd2-hostile-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
+    let d = common::fresh_dir("hostile", name);
     std::fs::create_dir_all(d.join("out")).unwrap();
     std::fs::write(d.join("out/keep.png"), b"finished earlier").unwrap();
     d

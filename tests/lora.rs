@@ -349,9 +349,7 @@ fn every_lora_case_is_tested() {
 // ---------------------------------------------------------------------------------------
 
 fn tmp_dir(tag: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("dmd2-lora-test-{tag}-{}", std::process::id()));
-    std::fs::create_dir_all(&d).unwrap();
-    d
+    common::fresh_dir("lora-test", tag)
 }
 
 fn keys_and_dtypes(path: &Path) -> BTreeMap<String, DType> {

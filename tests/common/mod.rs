@@ -183,3 +183,11 @@ pub fn psnr(a: &[u8], b: &[u8]) -> f64 {
         10.0 * (255.0f64 * 255.0 / mse).log10()
     }
 }
+
+/// An empty directory `<tmp>/dmd2-<kind>-<pid>-<name>`, removed first if an earlier run left it.
+pub fn fresh_dir(kind: &str, name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("dmd2-{kind}-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
