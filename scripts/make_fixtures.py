@@ -489,13 +489,13 @@ def asset_encoder(tok, pad_token):
     return lambda text: t.encode(text).ids
 
 
-def check_asset_against_refs(tok, cases):
+def check_asset_against_refs(tok, cases, refs=REFS):
     enc = {"1": asset_encoder(tok, EOS), "2": asset_encoder(tok, "!")}
     n = 0
     for case in cases:
-        ref = load_file(str(REFS / f"{case['name']}.safetensors"))
+        ref = load_file(str(refs / f"{case['name']}.safetensors"))
         for which in ("1", "2"):
-            for prefix, text in (("", case["prompt"]), ("neg_", case["negative_prompt"])):
+            for prefix, text in (("", case["prompt"]), ("neg_", case["negative_prompt"] or "")):
                 key = f"{prefix}ids_{which}"
                 if key in ref:
                     assert enc[which](text) == ref[key][0].tolist(), (case["name"], key)
@@ -971,7 +971,9 @@ def run_case(pipe, case):
         pipe.scheduler = base_scheduler
 
     cfg_on = case["guidance_scale"] > 1
-    n_prompts = 2 if cfg_on and case["negative_prompt"] is not None else 1
+    # The negative prompt is encoded when given, or as "" when the pipeline does not zero it.
+    zeros = pipe.config.force_zeros_for_empty_prompt
+    n_prompts = 2 if cfg_on and (case["negative_prompt"] is not None or not zeros) else 1
     assert len(te_inputs["text_encoder"]) == len(te_inputs["text_encoder_2"]) == n_prompts
     rec["ids_1"], rec["ids_2"] = te_inputs["text_encoder"][0], te_inputs["text_encoder_2"][0]
     if n_prompts == 2:

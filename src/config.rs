@@ -216,7 +216,11 @@ pub struct VaeConfig {
     pub layers_per_block: usize,
     pub norm_num_groups: usize,
     pub scaling_factor: f64,
-    pub shift_factor: Option<f64>,
+    /// Per-channel latent statistics (`latents_mean`, `latents_std`): when a VAE config
+    /// has both, the SDXL pipeline decodes `latents · std / scaling_factor + mean`.
+    pub latents_mean_std: Option<(Vec<f64>, Vec<f64>)>,
+    /// `use_post_quant_conv` (true for every SDXL VAE).
+    pub use_post_quant_conv: bool,
     pub mid_block_add_attention: bool,
 }
 
@@ -239,13 +243,40 @@ impl VaeConfig {
         if block_out_channels.is_empty() {
             bail!("{}: empty block_out_channels", path.display());
         }
+        let latent_channels = usize_field(&v, "latent_channels", 4)?;
+        let stats = |key: &str| -> Result<Option<Vec<f64>>> {
+            match v.get(key) {
+                None | Some(Value::Null) => Ok(None),
+                Some(x) => {
+                    let list: Vec<f64> = serde_json::from_value(x.clone()).with_context(|| {
+                        format!("{}: {key} is not a list of numbers", path.display())
+                    })?;
+                    if list.len() != latent_channels {
+                        bail!(
+                            "{}: {key} has {} entries for {latent_channels} latent channels",
+                            path.display(),
+                            list.len()
+                        );
+                    }
+                    Ok(Some(list))
+                }
+            }
+        };
+        let latents_mean_std = match (stats("latents_mean")?, stats("latents_std")?) {
+            (Some(mean), Some(std)) => Some((mean, std)),
+            _ => None,
+        };
         Ok(Self {
-            latent_channels: usize_field(&v, "latent_channels", 4)?,
+            latent_channels,
             out_channels: usize_field(&v, "out_channels", 3)?,
             layers_per_block: usize_field(&v, "layers_per_block", 2)?,
             norm_num_groups: usize_field(&v, "norm_num_groups", 32)?,
             scaling_factor: f64_field(&v, "scaling_factor", Self::SDXL_SCALING_FACTOR),
-            shift_factor: v.get("shift_factor").and_then(Value::as_f64),
+            latents_mean_std,
+            use_post_quant_conv: v
+                .get("use_post_quant_conv")
+                .and_then(Value::as_bool)
+                .unwrap_or(true),
             mid_block_add_attention: v
                 .get("mid_block_add_attention")
                 .and_then(Value::as_bool)
@@ -363,8 +394,65 @@ pub mod sdxl_base {
             layers_per_block: 2,
             norm_num_groups: 32,
             scaling_factor: VaeConfig::SDXL_SCALING_FACTOR,
-            shift_factor: None,
+            latents_mean_std: None,
+            use_post_quant_conv: true,
             mid_block_add_attention: true,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn vae_config(json: &str) -> Result<VaeConfig> {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        static N: AtomicUsize = AtomicUsize::new(0);
+        let n = N.fetch_add(1, Ordering::Relaxed);
+        let path =
+            std::env::temp_dir().join(format!("dmd2-vae-config-{}-{n}.json", std::process::id()));
+        std::fs::write(&path, json)?;
+        let c = VaeConfig::from_diffusers_json(&path);
+        let _ = std::fs::remove_file(&path);
+        c
+    }
+
+    #[test]
+    fn vae_latent_statistics_need_both_lists_of_the_right_length() {
+        let base = r#""block_out_channels": [32, 64], "latent_channels": 4"#;
+        let c = vae_config(&format!("{{{base}}}")).unwrap();
+        assert_eq!(c.latents_mean_std, None);
+        assert!(c.use_post_quant_conv);
+        assert_eq!(c.scaling_factor, VaeConfig::SDXL_SCALING_FACTOR);
+        let c = vae_config(&format!(
+            r#"{{{base}, "latents_mean": [0, 1, 2, 3], "latents_std": [1, 1, 1, 2], "use_post_quant_conv": false}}"#
+        ))
+        .unwrap();
+        assert_eq!(
+            c.latents_mean_std,
+            Some((vec![0.0, 1.0, 2.0, 3.0], vec![1.0, 1.0, 1.0, 2.0]))
+        );
+        assert!(!c.use_post_quant_conv);
+        // The pipeline uses the statistics only when both are present.
+        let c = vae_config(&format!(
+            r#"{{{base}, "latents_mean": [0, 1, 2, 3], "latents_std": null}}"#
+        ))
+        .unwrap();
+        assert_eq!(c.latents_mean_std, None);
+        let e = vae_config(&format!(
+            r#"{{{base}, "latents_mean": [0, 1], "latents_std": [1, 1]}}"#
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("latents_mean has 2 entries for 4 latent channels"),
+            "{e}"
+        );
+        let e = vae_config(&format!(
+            r#"{{{base}, "latents_mean": "x", "latents_std": [1, 1, 1, 1]}}"#
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("latents_mean is not a list of numbers"), "{e}");
     }
 }

@@ -60,7 +60,7 @@ struct UpLevel {
 
 pub struct VaeDecoder {
     config: VaeConfig,
-    post_quant_conv: Conv2d,
+    post_quant_conv: Option<Conv2d>,
     conv_in: Conv2d,
     mid_resnets: Vec<ResnetBlock>,
     mid_attention: Option<SpatialAttention>,
@@ -124,13 +124,17 @@ impl VaeDecoder {
             prev = out;
         }
         let mut vae = Self {
-            post_quant_conv: nn::conv2d(
-                c.latent_channels,
-                c.latent_channels,
-                1,
-                1,
-                vb.pp("post_quant_conv"),
-            )?,
+            post_quant_conv: if c.use_post_quant_conv {
+                Some(nn::conv2d(
+                    c.latent_channels,
+                    c.latent_channels,
+                    1,
+                    1,
+                    vb.pp("post_quant_conv"),
+                )?)
+            } else {
+                None
+            },
             conv_in: nn::conv2d(c.latent_channels, top, 3, 1, d.pp("conv_in"))?,
             mid_resnets,
             mid_attention,
@@ -163,8 +167,27 @@ impl VaeDecoder {
 
     /// Decode sampler latents (not yet divided by the scaling factor) to images in [-1, 1].
     pub fn decode(&self, latents: &Tensor) -> Result<Tensor> {
-        // The SDXL pipeline divides by the scaling factor only (no shift_factor).
-        self.decode_scaled(&(latents / self.config.scaling_factor)?)
+        self.decode_scaled(&self.unscale(latents)?)
+    }
+
+    /// Sampler latents to the VAE's latent space, as StableDiffusionXLPipeline does before
+    /// `vae.decode`: `latents · std / scaling_factor + mean` when the VAE config has
+    /// `latents_mean` and `latents_std`, else `latents / scaling_factor` (it ignores
+    /// `shift_factor`).
+    fn unscale(&self, latents: &Tensor) -> Result<Tensor> {
+        match &self.config.latents_mean_std {
+            None => Ok((latents / self.config.scaling_factor)?),
+            Some((mean, std)) => {
+                let per_channel = |v: &[f64]| -> Result<Tensor> {
+                    let v: Vec<f32> = v.iter().map(|&x| x as f32).collect();
+                    Tensor::from_vec(v, (1, mean.len(), 1, 1), latents.device())?
+                        .to_dtype(latents.dtype())
+                };
+                let scaled =
+                    (latents.broadcast_mul(&per_channel(std)?)? / self.config.scaling_factor)?;
+                Ok(scaled.broadcast_add(&per_channel(mean)?)?)
+            }
+        }
     }
 
     /// Pixels per latent (2 per upsampling level: 8 for SDXL).
@@ -182,7 +205,7 @@ impl VaeDecoder {
         if tile == 0 || (h <= tile && w <= tile) {
             return self.decode(latents);
         }
-        let z = (latents / self.config.scaling_factor)?;
+        let z = self.unscale(latents)?;
         let f = self.scale_factor();
         let stride = (tile * 3 / 4).max(1);
         let tile_px = tile * f;
@@ -237,7 +260,10 @@ impl VaeDecoder {
 
     /// post_quant_conv + decoder on latents already divided by the scaling factor.
     fn decode_scaled(&self, z: &Tensor) -> Result<Tensor> {
-        let z = self.post_quant_conv.forward(z)?;
+        let z = match &self.post_quant_conv {
+            Some(conv) => conv.forward(z)?,
+            None => z.clone(),
+        };
         let mut x = self.conv_in.forward(&z)?;
         x = self.mid_resnets[0].forward(&x, None)?;
         if let Some(attn) = &self.mid_attention {

@@ -678,7 +678,8 @@ fn infer_vae(s: &Shapes) -> Result<(VaeConfig, usize)> {
         layers_per_block: layers,
         norm_num_groups: NORM_GROUPS,
         scaling_factor: VaeConfig::SDXL_SCALING_FACTOR,
-        shift_factor: None,
+        latents_mean_std: None,
+        use_post_quant_conv: true,
         mid_block_add_attention: enc_attn,
     };
     Ok((config, positive(c, "the input channel count", in_channels)?))

@@ -24,6 +24,9 @@ pub struct Case {
     pub seed: u64,
     pub width: usize,
     pub height: usize,
+    /// Where the case's `<name>.safetensors` lies (set when cases.json is read).
+    #[serde(skip)]
+    pub refs_dir: PathBuf,
 }
 
 impl Case {
@@ -40,18 +43,26 @@ impl Case {
     }
 
     pub fn refs(&self) -> HashMap<String, Tensor> {
-        let p = fixtures()
-            .join("refs")
-            .join(format!("{}.safetensors", self.name));
+        let p = self.refs_dir.join(format!("{}.safetensors", self.name));
         candle_core::safetensors::load(&p, &Device::Cpu)
             .unwrap_or_else(|e| panic!("{}: {e}", p.display()))
     }
 }
 
+/// The reference cases of scripts/make_fixtures.py (`refs/`) and of
+/// scripts/make_variant_fixtures.py (`variants/refs/`).
 pub fn cases() -> Vec<Case> {
-    let p = fixtures().join("refs/cases.json");
-    let text = std::fs::read_to_string(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
-    serde_json::from_str(&text).expect("cases.json")
+    let mut all = Vec::new();
+    for dir in [fixtures().join("refs"), fixtures().join("variants/refs")] {
+        let p = dir.join("cases.json");
+        let text = std::fs::read_to_string(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+        let mut cases: Vec<Case> = serde_json::from_str(&text).expect("cases.json");
+        for c in &mut cases {
+            c.refs_dir = dir.clone();
+        }
+        all.extend(cases);
+    }
+    all
 }
 
 pub fn case(name: &str) -> Case {
@@ -67,6 +78,8 @@ pub enum Source {
     Folder,
     SingleFile,
     Tiny2,
+    /// A diffusers folder under `variants/` (scripts/make_variant_fixtures.py).
+    Variant(&'static str),
 }
 
 impl Source {
@@ -75,14 +88,17 @@ impl Source {
             Source::Folder => fixtures().join("tiny"),
             Source::SingleFile => fixtures().join("tiny.safetensors"),
             Source::Tiny2 => fixtures().join("tiny2.safetensors"),
+            Source::Variant(name) => fixtures().join("variants").join(name),
         }
     }
 
     pub fn for_case(c: &Case) -> Vec<Source> {
-        if c.model == "tiny2" {
-            vec![Source::Tiny2]
-        } else {
-            vec![Source::Folder, Source::SingleFile]
+        match c.model.as_str() {
+            "tiny" => vec![Source::Folder, Source::SingleFile],
+            "tiny2" => vec![Source::Tiny2],
+            "va" => vec![Source::Variant("va")],
+            "vb" => vec![Source::Variant("vb")],
+            other => panic!("case {}: unknown model {other}", c.name),
         }
     }
 }
