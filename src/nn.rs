@@ -340,30 +340,29 @@ impl Linear {
         let rows: usize = dims[..dims.len() - 1].iter().product();
         let mut out_dims = dims;
         *out_dims.last_mut().expect("rank checked above") = out_dim;
-        let mut y = match residual {
-            Some(r) if r.dims() == out_dims.as_slice() => {
-                r.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?
+        let mut inputs = vec![x];
+        if let Some(r) = residual {
+            if r.dims() != out_dims.as_slice() {
+                return Ok(None);
             }
-            Some(_) => return Ok(None),
-            None => vec![0f32; rows * out_dim],
-        };
-        let accumulate = residual.is_some() || self.bias.is_some();
-        if let Some(b) = &self.bias {
-            let b = b.to_dtype(DType::F32)?.to_vec1::<f32>()?;
-            for row in y.chunks_exact_mut(out_dim) {
-                if residual.is_some() {
-                    row.iter_mut().zip(&b).for_each(|(v, bv)| *v += bv);
-                } else {
-                    row.copy_from_slice(&b);
-                }
-            }
+            inputs.push(r);
         }
-        let done = with_cpu_f32(&[x], |d| {
-            use crate::kernels::bf16::{Lhs, Operand, Rhs, gemm};
-            gemm(
+        let bias = match &self.bias {
+            Some(b) => Some(b.to_dtype(DType::F32)?.to_vec1::<f32>()?),
+            None => None,
+        };
+        let total = rows * out_dim;
+        let mut y: Vec<f32> = Vec::with_capacity(total);
+        let done = with_cpu_f32(&inputs, |d| {
+            use crate::kernels::bf16::{Epilogue, Lhs, Operand, Rhs, gemm_uninit};
+            gemm_uninit(
                 [rows, out_dim, in_dim],
-                (&mut y, out_dim),
-                accumulate,
+                (&mut y.spare_capacity_mut()[..total], out_dim),
+                Epilogue {
+                    row_bias: None,
+                    col_bias: bias.as_deref(),
+                    residual: d.get(1).map(|r| (*r, out_dim)),
+                },
                 Lhs::Strided(Operand {
                     data: Src::F32(d[0]),
                     rs: in_dim,
@@ -376,6 +375,8 @@ impl Linear {
         if done.is_none() {
             return Ok(None);
         }
+        // SAFETY: gemm_uninit wrote all rows × out_dim elements.
+        unsafe { y.set_len(total) };
         Ok(Some(Tensor::from_vec(y, out_dims, &Device::Cpu)?))
     }
 }

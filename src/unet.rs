@@ -404,6 +404,19 @@ impl UNet {
         text_embeds: &Tensor,
         time_ids: &Tensor,
     ) -> Result<Tensor> {
+        crate::kernels::in_pool(|| {
+            self.forward_impl(sample, timestep, context, text_embeds, time_ids)
+        })
+    }
+
+    fn forward_impl(
+        &self,
+        sample: &Tensor,
+        timestep: f64,
+        context: &Tensor,
+        text_embeds: &Tensor,
+        time_ids: &Tensor,
+    ) -> Result<Tensor> {
         let c = &self.config;
         let b = sample.dim(0)?;
         let dtype = sample.dtype();

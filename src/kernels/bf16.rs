@@ -241,26 +241,137 @@ fn extent(r: usize, c: usize, rs: usize, cs: usize) -> usize {
     }
 }
 
+/// Terms added to the product once, in the first k block while C's tile is in registers, so
+/// a bias or a residual costs no pass over C of its own.
+#[derive(Clone, Copy, Default)]
+pub struct Epilogue<'a> {
+    /// `row_bias[i]` added to row i (a convolution's per-channel bias), `len ≥ m`.
+    pub row_bias: Option<&'a [f32]>,
+    /// `col_bias[j]` added to column j (a linear layer's bias), `len ≥ n`.
+    pub col_bias: Option<&'a [f32]>,
+    /// A row-major `[m × n]` matrix with the given row stride, added element-wise.
+    pub residual: Option<(&'a [f32], usize)>,
+}
+
+impl Epilogue<'_> {
+    fn is_empty(&self) -> bool {
+        self.row_bias.is_none() && self.col_bias.is_none() && self.residual.is_none()
+    }
+
+    fn check(&self, m: usize, n: usize) {
+        if let Some(b) = self.row_bias {
+            assert!(b.len() >= m, "bf16 gemm: row bias too short");
+        }
+        if let Some(b) = self.col_bias {
+            assert!(b.len() >= n, "bf16 gemm: column bias too short");
+        }
+        if let Some((r, rs)) = self.residual {
+            assert!(
+                r.len() >= extent(m, n, rs, 1),
+                "bf16 gemm: residual too short"
+            );
+        }
+    }
+
+    fn at(&self, i: usize, j: usize) -> f32 {
+        self.row_bias.map_or(0.0, |b| b[i])
+            + self.col_bias.map_or(0.0, |b| b[j])
+            + self.residual.map_or(0.0, |(r, rs)| r[i * rs + j])
+    }
+}
+
 /// `dst[m×n] = (accumulate ? dst : 0) + a[m×k] · b[k×n]`, `dst` row-major with row stride
 /// `dst_rs`, on `threads` rayon threads.
 ///
 /// Panics if an operand's slice is too short for its shape and strides.
 pub fn gemm(
-    [m, n, k]: [usize; 3],
+    dims: [usize; 3],
     dst: (&mut [f32], usize),
     accumulate: bool,
     a: Lhs,
     b: Rhs,
     threads: usize,
 ) {
-    let (dst, dst_rs) = dst;
+    gemm_add(dims, dst, accumulate, Epilogue::default(), a, b, threads)
+}
+
+/// [`gemm`] plus the [`Epilogue`]'s terms: `dst = (accumulate ? dst : 0) + a · b + epi`.
+pub fn gemm_add(
+    [m, n, k]: [usize; 3],
+    (dst, dst_rs): (&mut [f32], usize),
+    accumulate: bool,
+    epi: Epilogue,
+    a: Lhs,
+    b: Rhs,
+    threads: usize,
+) {
+    assert!(
+        m == 0 || n == 0 || dst.len() >= extent(m, n, dst_rs, 1),
+        "bf16 gemm: dst too short"
+    );
+    // SAFETY: dst is initialised and long enough for the m × n block.
+    unsafe {
+        gemm_raw(
+            [m, n, k],
+            dst.as_mut_ptr(),
+            dst_rs,
+            accumulate,
+            epi,
+            a,
+            b,
+            threads,
+        )
+    }
+}
+
+/// `dst = a · b + epi` into memory that need not be initialised (C is only written): every
+/// element of the `m × n` block (row stride `dst_rs`) is initialised when it returns. Saves
+/// the caller zeroing a fresh output buffer.
+pub fn gemm_uninit(
+    [m, n, k]: [usize; 3],
+    (dst, dst_rs): (&mut [std::mem::MaybeUninit<f32>], usize),
+    epi: Epilogue,
+    a: Lhs,
+    b: Rhs,
+    threads: usize,
+) {
+    assert!(
+        m == 0 || n == 0 || dst.len() >= extent(m, n, dst_rs, 1),
+        "bf16 gemm: dst too short"
+    );
+    // SAFETY: long enough for the m × n block; with accumulate = false C is written before it
+    // is read, so uninitialised memory is fine.
+    unsafe {
+        gemm_raw(
+            [m, n, k],
+            dst.as_mut_ptr().cast(),
+            dst_rs,
+            false,
+            epi,
+            a,
+            b,
+            threads,
+        )
+    }
+}
+
+/// # Safety
+/// `dst` must be valid for writes of the `m × n` block with row stride `dst_rs`, and
+/// initialised there when `accumulate`.
+#[allow(clippy::too_many_arguments)]
+unsafe fn gemm_raw(
+    [m, n, k]: [usize; 3],
+    dst: *mut f32,
+    dst_rs: usize,
+    accumulate: bool,
+    epi: Epilogue,
+    a: Lhs,
+    b: Rhs,
+    threads: usize,
+) {
     if m == 0 || n == 0 {
         return;
     }
-    assert!(
-        dst.len() >= extent(m, n, dst_rs, 1),
-        "bf16 gemm: dst too short"
-    );
     match a {
         Lhs::Strided(a) => assert!(
             a.data.len() >= extent(m, k, a.rs, a.cs),
@@ -285,22 +396,36 @@ pub fn gemm(
             b.n
         ),
     }
-    if k == 0 {
-        if !accumulate {
-            for row in dst.chunks_mut(dst_rs).take(m) {
-                row[..n].fill(0.0);
+    epi.check(m, n);
+    #[cfg(target_arch = "x86_64")]
+    if k > 0 && available() {
+        // SAFETY: `available()` checked every CPU feature the kernels are compiled with; the
+        // asserts above bound every element the packing routines read and the epilogue's.
+        unsafe { x86::gemm(m, n, k, dst, dst_rs, accumulate, epi, a, b, threads) };
+        return;
+    }
+    // k = 0 or no AVX-512 BF16: C = (accumulate ? C : 0) [+ a · b through f32] + epi.
+    if !accumulate {
+        for i in 0..m {
+            for j in 0..n {
+                // SAFETY: (i, j) is inside the block (caller's contract); a plain write, as
+                // the memory may be uninitialised.
+                unsafe { dst.add(i * dst_rs + j).write(0.0) };
             }
         }
-        return;
     }
-    #[cfg(target_arch = "x86_64")]
-    if available() {
-        // SAFETY: `available()` checked every CPU feature the kernels are compiled with; the
-        // asserts above bound every element the packing routines read.
-        unsafe { x86::gemm(m, n, k, dst, dst_rs, accumulate, a, b, threads) };
-        return;
+    // SAFETY: every element of the block is initialised now.
+    let c = unsafe { std::slice::from_raw_parts_mut(dst, extent(m, n, dst_rs, 1)) };
+    if k > 0 {
+        fallback(m, n, k, c, dst_rs, true, a, b, threads);
     }
-    fallback(m, n, k, dst, dst_rs, accumulate, a, b, threads);
+    if !epi.is_empty() {
+        for i in 0..m {
+            for j in 0..n {
+                c[i * dst_rs + j] += epi.at(i, j);
+            }
+        }
+    }
 }
 
 /// Converts both operands to dense f32 and runs the f32 GEMM: correct everywhere, used on CPUs
@@ -393,9 +518,10 @@ mod x86 {
         m: usize,
         n: usize,
         k: usize,
-        dst: &mut [f32],
+        dst: *mut f32,
         dst_rs: usize,
         accumulate: bool,
+        epi: Epilogue,
         a: Lhs,
         b: Rhs,
         threads: usize,
@@ -431,7 +557,7 @@ mod x86 {
         } else {
             1
         };
-        let c = SendPtr(dst.as_mut_ptr());
+        let c = SendPtr(dst);
         let run = |(m0, m1, n0, n1): (usize, usize, usize, usize)| {
             // SAFETY: tasks cover disjoint (row, column) ranges of C, all inside `dst`.
             unsafe {
@@ -448,6 +574,7 @@ mod x86 {
                     c.get(),
                     dst_rs,
                     accumulate,
+                    epi,
                 )
             }
         };
@@ -518,6 +645,7 @@ mod x86 {
         c: *mut f32,
         ldc: usize,
         accumulate: bool,
+        epi: Epilogue,
     ) {
         // Column blocks narrow enough that this task's C block (rows × nc) stays in cache
         // while the k blocks pass over it.
@@ -544,6 +672,7 @@ mod x86 {
                     }
                 }
                 let load = accumulate || pc > 0;
+                let first = pc == 0 && !epi.is_empty();
                 for mp in mp0..mp1 {
                     let rows = (m - mp * MR).min(MR);
                     let ap = apack.as_ptr().add(mp * kp * MR + pc);
@@ -554,6 +683,11 @@ mod x86 {
                             Rhs::Strided(_) => bpack.as_ptr().add(jp * kc * NR),
                             // Panels start at multiples of NR (jc and the thread splits are).
                             Rhs::Packed(pb) => pb.data.as_ptr().add((j0 / NR) * kp * NR + pc * NR),
+                        };
+                        let tile_epi = if first {
+                            TileEpilogue::at(&epi, mp * MR, j0)
+                        } else {
+                            TileEpilogue::NONE
                         };
                         unsafe {
                             micro(
@@ -566,6 +700,7 @@ mod x86 {
                                 rows,
                                 cols,
                                 load,
+                                tile_epi,
                             )
                         };
                     }
@@ -753,7 +888,48 @@ mod x86 {
         }
     }
 
-    /// `C[rows×cols] (+)= A-panel · B-panel` over `kc` pairs, C row stride `ldc`.
+    /// The epilogue's terms for one micro-tile: pointers at its (row, column) origin, null
+    /// where a term is absent.
+    #[derive(Clone, Copy)]
+    struct TileEpilogue {
+        row: *const f32,
+        col: *const f32,
+        res: *const f32,
+        ld_res: usize,
+    }
+
+    impl TileEpilogue {
+        const NONE: Self = Self {
+            row: std::ptr::null(),
+            col: std::ptr::null(),
+            res: std::ptr::null(),
+            ld_res: 0,
+        };
+
+        /// # Safety
+        /// (i0, j0) must lie inside the matrices `epi` was checked for.
+        unsafe fn at(epi: &Epilogue, i0: usize, j0: usize) -> Self {
+            let ptr =
+                |s: Option<&[f32]>, off: usize| s.map_or(std::ptr::null(), |s| s.as_ptr().add(off));
+            let (res, ld_res) = match epi.residual {
+                Some((r, rs)) => (r.as_ptr().add(i0 * rs + j0), rs),
+                None => (std::ptr::null(), 0),
+            };
+            Self {
+                row: ptr(epi.row_bias, i0),
+                col: ptr(epi.col_bias, j0),
+                res,
+                ld_res,
+            }
+        }
+
+        fn is_none(&self) -> bool {
+            self.row.is_null() && self.col.is_null() && self.res.is_null()
+        }
+    }
+
+    /// `C[rows×cols] (+)= A-panel · B-panel` over `kc` pairs, C row stride `ldc`, plus the
+    /// tile's epilogue terms.
     #[allow(clippy::too_many_arguments)]
     #[inline]
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
@@ -767,6 +943,7 @@ mod x86 {
         rows: usize,
         cols: usize,
         load: bool,
+        epi: TileEpilogue,
     ) {
         let mut acc = [[_mm512_setzero_ps(); 4]; MR];
         for p in 0..kc {
@@ -797,11 +974,23 @@ mod x86 {
                     ((1u32 << (cols - c0)) - 1) as u16
                 };
                 let ptr = row.add(c0);
-                let v = if load {
+                let mut v = if load {
                     _mm512_add_ps(v, _mm512_maskz_loadu_ps(mask, ptr))
                 } else {
                     v
                 };
+                if !epi.is_none() {
+                    if !epi.col.is_null() {
+                        v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(mask, epi.col.add(c0)));
+                    }
+                    if !epi.row.is_null() {
+                        v = _mm512_add_ps(v, _mm512_set1_ps(*epi.row.add(i)));
+                    }
+                    if !epi.res.is_null() {
+                        let r = epi.res.add(i * epi.ld_res + c0);
+                        v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(mask, r));
+                    }
+                }
                 _mm512_mask_storeu_ps(ptr, mask, v);
             }
         }
@@ -899,6 +1088,84 @@ mod tests {
                     dst[i * ld + n..i * ld + ld].iter().all(|x| x.is_nan()),
                     "wrote past n"
                 );
+            }
+        }
+    }
+
+    /// Bias, per-row bias and residual terms, into initialised and uninitialised outputs,
+    /// match the product plus the terms added afterwards.
+    #[test]
+    fn epilogue_terms_are_added_once() {
+        for &(m, n, k, threads) in &[
+            (1, 1, 1, 1),
+            (7, 65, 3, 2),
+            (13, 130, 2 * KC * 2 + 5, 2),
+            (400, 70, 33, 2),
+            (5, 9, 0, 1),
+        ] {
+            let av = rand_vec(m * k, 11);
+            let bv = rand_vec(k * n, 12);
+            let row_bias = rand_vec(m, 13);
+            let col_bias = rand_vec(n, 14);
+            let ldr = n + 5;
+            let res = rand_vec(m * ldr, 15);
+            let init = rand_vec(m * n, 16);
+            let a = Lhs::Strided(Operand {
+                data: Src::F32(&av),
+                rs: k,
+                cs: 1,
+            });
+            let strided = Operand {
+                data: Src::F32(&bv),
+                rs: n,
+                cs: 1,
+            };
+            let packed = PackedB::from_operand(strided, k, n);
+            let mut product = vec![0f32; m * n];
+            gemm(
+                [m, n, k],
+                (&mut product, n),
+                false,
+                a,
+                Rhs::Strided(strided),
+                threads,
+            );
+            for (mask, b) in (1..8u32)
+                .flat_map(|mask| [(mask, Rhs::Strided(strided)), (mask, Rhs::Packed(&packed))])
+            {
+                let epi = Epilogue {
+                    row_bias: (mask & 1 != 0).then_some(&row_bias[..]),
+                    col_bias: (mask & 2 != 0).then_some(&col_bias[..]),
+                    residual: (mask & 4 != 0).then_some((&res[..], ldr)),
+                };
+                let want = |i: usize, j: usize, acc: bool| {
+                    product[i * n + j] + epi.at(i, j) + if acc { init[i * n + j] } else { 0.0 }
+                };
+                let close = |got: f32, want: f32| (got - want).abs() <= 1e-5 * (1.0 + want.abs());
+                for acc in [false, true] {
+                    let mut c = init.clone();
+                    gemm_add([m, n, k], (&mut c, n), acc, epi, a, b, threads);
+                    for i in 0..m {
+                        for j in 0..n {
+                            assert!(
+                                close(c[i * n + j], want(i, j, acc)),
+                                "m{m} n{n} k{k} mask {mask} acc {acc}: ({i},{j})"
+                            );
+                        }
+                    }
+                }
+                let mut c: Vec<f32> = Vec::with_capacity(m * n);
+                gemm_uninit([m, n, k], (c.spare_capacity_mut(), n), epi, a, b, threads);
+                // SAFETY: gemm_uninit initialised all m × n elements.
+                unsafe { c.set_len(m * n) };
+                for i in 0..m {
+                    for j in 0..n {
+                        assert!(
+                            close(c[i * n + j], want(i, j, false)),
+                            "uninit m{m} n{n} k{k} mask {mask}: ({i},{j})"
+                        );
+                    }
+                }
             }
         }
     }

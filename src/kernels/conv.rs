@@ -84,19 +84,27 @@ fn gemm_rowmajor(
             par,
         ),
         ConvWeight::Winograd(_) => unreachable!("Winograd convolutions do not unfold"),
-        ConvWeight::Bf16(lhs) => super::bf16::gemm(
-            [m, n, k],
-            (dst, dst_rs),
-            accumulate,
-            Lhs::Packed(lhs),
-            Rhs::Strided(Operand {
-                data: Src::F32(rhs),
-                rs: rhs_rs,
-                cs: 1,
-            }),
-            par,
-        ),
+        ConvWeight::Bf16(_) => unreachable!("bf16 convolutions run in conv2d_bf16"),
     }
+}
+
+/// An im2col buffer at least `len` long, lent to `f`. Buffers are kept for the next call: the
+/// unfolding writes every element it hands to the GEMM, so they are never cleared (allocating
+/// and zeroing up to 16 MiB per convolution was a serial pass of its own). A shared stack,
+/// not a thread-local: rayon may start another convolution on this thread while it waits.
+fn with_col<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
+    static SPARE: std::sync::Mutex<Vec<Vec<f32>>> = std::sync::Mutex::new(Vec::new());
+    let spare = || SPARE.lock().unwrap_or_else(|e| e.into_inner());
+    let mut col = spare().pop().unwrap_or_default();
+    if col.len() < len {
+        col.resize(len, 0.0);
+    }
+    let r = f(&mut col[..len]);
+    let mut kept = spare();
+    if kept.len() < 2 {
+        kept.push(col);
+    }
+    r
 }
 
 /// Convolution of `x` (`[batch, c_in, h, w]`) by `weight` (`[c_out, c_in, k, k]`) plus
@@ -133,6 +141,9 @@ pub fn conv2d(
             assert_eq!((w.c_out(), w.c_in()), (c_out, c_in));
             assert!(kk == 3 && stride == 1 && padding == 1);
         }
+    }
+    if let ConvWeight::Bf16(w) = weight {
+        return conv2d_bf16(x, w, bias, s, init);
     }
     let (oh, ow) = s.out_hw();
     let plane = oh * ow;
@@ -171,29 +182,177 @@ pub fn conv2d(
         return out;
     }
     let rows = (COL_BUDGET / (kdim * ow).max(1)).clamp(1, oh);
-    let mut col = vec![0f32; kdim * rows * ow];
-    for (ob, xb) in out.chunks_mut(c_out * plane).zip(x.chunks(c_in * h * w)) {
-        for oy0 in (0..oh).step_by(rows) {
-            let nr = rows.min(oh - oy0);
-            let n = nr * ow;
-            let col = &mut col[..kdim * n];
-            im2col_band(xb, col, s, oy0, nr, ow);
-            gemm_rowmajor(
-                c_out,
-                n,
-                kdim,
-                &mut ob[oy0 * ow..],
-                plane,
-                accumulate,
-                weight,
-                kdim,
-                col,
-                n,
-                threads,
-            );
+    with_col(kdim * rows * ow, |col| {
+        for (ob, xb) in out.chunks_mut(c_out * plane).zip(x.chunks(c_in * h * w)) {
+            for oy0 in (0..oh).step_by(rows) {
+                let nr = rows.min(oh - oy0);
+                let n = nr * ow;
+                let col = &mut col[..kdim * n];
+                im2col_band(xb, col, s, oy0, nr, ow);
+                gemm_rowmajor(
+                    c_out,
+                    n,
+                    kdim,
+                    &mut ob[oy0 * ow..],
+                    plane,
+                    accumulate,
+                    weight,
+                    kdim,
+                    col,
+                    n,
+                    threads,
+                );
+            }
+        }
+    });
+    out
+}
+
+/// The output of [`conv2d_bf16`]: the caller's initial values (accumulated into) or fresh
+/// memory (written only).
+enum Out<'a> {
+    Init(&'a mut [f32]),
+    Fresh(&'a mut [std::mem::MaybeUninit<f32>]),
+}
+
+impl Out<'_> {
+    /// `out[off..]` (row stride `ld`) (+)= w · rhs + epi.
+    #[allow(clippy::too_many_arguments)]
+    fn gemm(
+        &mut self,
+        off: usize,
+        ld: usize,
+        [m, n, k]: [usize; 3],
+        w: &PackedA,
+        rhs: Operand,
+        epi: super::bf16::Epilogue,
+        threads: usize,
+    ) {
+        use super::bf16::{gemm_add, gemm_uninit};
+        let (a, b) = (Lhs::Packed(w), Rhs::Strided(rhs));
+        match self {
+            Out::Init(d) => gemm_add([m, n, k], (&mut d[off..], ld), true, epi, a, b, threads),
+            Out::Fresh(d) => gemm_uninit([m, n, k], (&mut d[off..], ld), epi, a, b, threads),
         }
     }
-    out
+}
+
+/// [`conv2d`] with a packed bf16 weight: the bias (per channel = per row of the GEMM) goes in
+/// through the GEMM's epilogue and a fresh output is never zeroed, so nothing but the
+/// unfolding and the GEMM touches the data.
+fn conv2d_bf16(
+    x: &[f32],
+    w: &PackedA,
+    bias: Option<&[f32]>,
+    s: ConvShape,
+    init: Option<Vec<f32>>,
+) -> Vec<f32> {
+    let ConvShape {
+        batch,
+        c_in,
+        h,
+        w: width,
+        c_out,
+        kernel: kk,
+        stride,
+        padding,
+        upsample,
+    } = s;
+    let kdim = c_in * kk * kk;
+    let (oh, ow) = s.out_hw();
+    let plane = oh * ow;
+    let total = batch * c_out * plane;
+    let threads = super::num_threads();
+    if let Some(b) = bias {
+        assert!(b.len() == c_out || b.len() == batch * c_out);
+    }
+    let bias_of = |bi: usize| {
+        bias.map(|b| {
+            if b.len() == c_out {
+                b
+            } else {
+                &b[bi * c_out..][..c_out]
+            }
+        })
+    };
+    let epi = |bi: usize| super::bf16::Epilogue {
+        row_bias: bias_of(bi),
+        ..Default::default()
+    };
+    let mut fresh: Vec<f32> = Vec::new();
+    let mut init = init;
+    let mut out = match &mut init {
+        Some(v) => {
+            assert_eq!(v.len(), total);
+            Out::Init(v)
+        }
+        None => {
+            fresh.reserve_exact(total);
+            Out::Fresh(&mut fresh.spare_capacity_mut()[..total])
+        }
+    };
+    let par = |m: usize, n: usize, k: usize| {
+        if threads > 1 && m * n * k >= 1 << 18 {
+            threads
+        } else {
+            1
+        }
+    };
+    if kk == 1 && stride == 1 && padding == 0 && upsample == 1 {
+        for (bi, xb) in x.chunks(c_in * plane).enumerate() {
+            let rhs = Operand {
+                data: Src::F32(xb),
+                rs: plane,
+                cs: 1,
+            };
+            let dims = [c_out, plane, c_in];
+            out.gemm(
+                bi * c_out * plane,
+                plane,
+                dims,
+                w,
+                rhs,
+                epi(bi),
+                par(c_out, plane, c_in),
+            );
+        }
+    } else {
+        let rows = (COL_BUDGET / (kdim * ow).max(1)).clamp(1, oh);
+        with_col(kdim * rows * ow, |col| {
+            for (bi, xb) in x.chunks(c_in * h * width).enumerate() {
+                for oy0 in (0..oh).step_by(rows) {
+                    let nr = rows.min(oh - oy0);
+                    let n = nr * ow;
+                    let col = &mut col[..kdim * n];
+                    im2col_band(xb, col, s, oy0, nr, ow);
+                    let rhs = Operand {
+                        data: Src::F32(col),
+                        rs: n,
+                        cs: 1,
+                    };
+                    let off = bi * c_out * plane + oy0 * ow;
+                    out.gemm(
+                        off,
+                        plane,
+                        [c_out, n, kdim],
+                        w,
+                        rhs,
+                        epi(bi),
+                        par(c_out, n, kdim),
+                    );
+                }
+            }
+        });
+    }
+    match init {
+        Some(v) => v,
+        None => {
+            // SAFETY: the GEMMs above wrote every element: each image's c_out × plane block,
+            // band by band (the bands cover all oh rows).
+            unsafe { fresh.set_len(total) };
+            fresh
+        }
+    }
 }
 
 /// `d[j] = src[(ix0 + j) / 2]`: each source value written twice, in a loop that vectorises.

@@ -23,9 +23,31 @@ pub mod norm;
 #[cfg(target_arch = "x86_64")]
 pub mod winograd;
 
-/// Number of worker threads candle uses (and that the kernels split work over).
+/// Number of worker threads candle uses (and that the kernels split work over). Read once:
+/// candle's `get_num_threads` reads the environment and /proc or /sys files on every call.
 pub fn num_threads() -> usize {
-    candle_core::utils::get_num_threads().max(1)
+    static N: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *N.get_or_init(|| candle_core::utils::get_num_threads().max(1))
+}
+
+/// Runs `f` on a worker of the kernels' thread pool ([`num_threads`] threads), so that the
+/// parallel loops inside it start from a worker (pushed on its own queue, taken by the others
+/// while they spin) instead of being injected from outside the pool each time and waiting for
+/// a sleeping worker to wake: a UNet step runs about a thousand such loops. Nested calls run
+/// `f` in place.
+pub fn in_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
+    static POOL: std::sync::OnceLock<Option<rayon::ThreadPool>> = std::sync::OnceLock::new();
+    let pool = POOL.get_or_init(|| {
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(num_threads())
+            .thread_name(|i| format!("dmd2-{i}"))
+            .build()
+            .ok()
+    });
+    match pool {
+        Some(p) => p.install(f),
+        None => f(),
+    }
 }
 
 /// Runs `$body` (an expression using only `#[inline(always)]` helpers) compiled with AVX-512
