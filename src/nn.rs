@@ -614,7 +614,7 @@ pub fn geglu(h: &Tensor) -> Result<Tensor> {
         let res = with_cpu_f32(&[h], |d| {
             use rayon::prelude::*;
             let hd = d[0];
-            let mut out = vec![0f32; hd.len() / 2];
+            let mut out = crate::kernels::par_zeroed::<f32>(hd.len() / 2);
             let rows_per_task = (1 << 16) / half.max(1) + 1;
             out.par_chunks_mut(half * rows_per_task)
                 .zip(hd.par_chunks(last * rows_per_task))

@@ -79,14 +79,24 @@ fn run_query_blocks(
             },
         )
         .collect();
-    let mut out = vec![0f32; batch * sq * hd];
-    for (&(b, h, blk), o) in tasks.iter().zip(&results) {
-        let r0 = blk * rows;
-        for (i, src) in o.chunks_exact(d).enumerate() {
-            let at = (b * sq + r0 + i) * hd + h * d;
-            out[at..at + d].copy_from_slice(src);
-        }
-    }
+    // Placed row by row in parallel, straight into fresh memory: each output row gathers its
+    // heads' d values from the tasks' results.
+    let mut out: Vec<f32> = Vec::with_capacity(batch * sq * hd);
+    out.spare_capacity_mut()[..batch * sq * hd]
+        .par_chunks_mut(hd)
+        .enumerate()
+        .for_each(|(row, dst)| {
+            let (b, r) = (row / sq, row % sq);
+            for (h, dst) in dst.chunks_exact_mut(d).enumerate() {
+                let o = &results[(b * heads + h) * blocks + r / rows];
+                let src = &o[(r % rows) * d..][..d];
+                for (x, &v) in dst.iter_mut().zip(src) {
+                    x.write(v);
+                }
+            }
+        });
+    // SAFETY: every (row, head) slot of every row was written above.
+    unsafe { out.set_len(batch * sq * hd) };
     out
 }
 

@@ -533,7 +533,7 @@ mod x86 {
         let apack: &[u32] = match a {
             Lhs::Packed(p) => &p.data,
             Lhs::Strided(a) => {
-                let mut apack = vec![0u32; m_panels * kp * MR];
+                let mut apack = crate::kernels::par_zeroed::<u32>(m_panels * kp * MR);
                 let pack_panel = |(panel, out): (usize, &mut [u32])| {
                     // SAFETY: the caller checked the CPU features; `pack_a` stays inside `a`.
                     unsafe { pack_a(a, m, k, panel * MR, out) }

@@ -30,6 +30,24 @@ pub fn num_threads() -> usize {
     *N.get_or_init(|| candle_core::utils::get_num_threads().max(1))
 }
 
+/// `vec![T::default(); n]` with the zeroing split over the pool's threads (and so the first
+/// touch of fresh pages too). For output buffers the kernels fill in parallel: a plain `vec!`
+/// zeroes them on one thread while the others wait.
+pub fn par_zeroed<T: Copy + Default + Send>(n: usize) -> Vec<T> {
+    use rayon::prelude::*;
+    const CHUNK: usize = 1 << 15;
+    if n <= CHUNK {
+        return vec![T::default(); n];
+    }
+    let mut v = Vec::with_capacity(n);
+    v.spare_capacity_mut()[..n]
+        .par_chunks_mut(CHUNK)
+        .for_each(|c| c.iter_mut().for_each(|x| _ = x.write(T::default())));
+    // SAFETY: all n elements were written above.
+    unsafe { v.set_len(n) };
+    v
+}
+
 /// Runs `f` on a worker of the kernels' thread pool ([`num_threads`] threads), so that the
 /// parallel loops inside it start from a worker (pushed on its own queue, taken by the others
 /// while they spin) instead of being injected from outside the pool each time and waiting for

@@ -68,7 +68,7 @@ pub fn group_norm(
     let cpg = channels / groups;
     let slab = cpg * spatial;
     assert!(slab > 0 && x.len().is_multiple_of(slab) && x.len().is_multiple_of(channels * spatial));
-    let mut out = vec![0f32; x.len()];
+    let mut out = super::par_zeroed::<f32>(x.len());
     out.par_chunks_mut(slab)
         .zip(x.par_chunks(slab))
         .enumerate()
