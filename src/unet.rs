@@ -142,8 +142,8 @@ impl BasicTransformerBlock {
             .attn2
             .forward(&self.norm2.forward(&x)?, Some(context), &x)?;
         // GEGLU: hidden, gate = proj(x).chunk(2); hidden * gelu(gate) (exact GELU)
-        let h = self.ff_proj.forward(&self.norm3.forward(&x)?)?;
-        self.ff_out.forward_add(&nn::geglu(&h)?, &x)
+        let h = self.ff_proj.forward_geglu(&self.norm3.forward(&x)?)?;
+        self.ff_out.forward_add(&h, &x)
     }
 }
 

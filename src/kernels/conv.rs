@@ -69,11 +69,7 @@ fn gemm_rowmajor(
     rhs_rs: usize,
     threads: usize,
 ) {
-    let par = if threads > 1 && m * n * k >= 1 << 18 {
-        threads
-    } else {
-        1
-    };
+    let par = gemm_threads(threads, m, n, k);
     match lhs {
         ConvWeight::F32(lhs) => super::gemm::gemm(
             [m, n, k],
@@ -105,6 +101,35 @@ fn with_col<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
         kept.push(col);
     }
     r
+}
+
+/// Threads for one convolution GEMM: all of them unless it is too small to split.
+fn gemm_threads(threads: usize, m: usize, n: usize, k: usize) -> usize {
+    if threads > 1 && m * n * k >= 1 << 18 {
+        threads
+    } else {
+        1
+    }
+}
+
+/// Unfolds each image of `x` a band of output rows at a time and calls
+/// `f(image, first output row, band columns n, col)` with the band's `[c_in·k·k, n]` im2col
+/// matrix (`n` = rows × output width).
+fn for_each_band(x: &[f32], s: ConvShape, mut f: impl FnMut(usize, usize, usize, &[f32])) {
+    let kdim = s.c_in * s.kernel * s.kernel;
+    let (oh, ow) = s.out_hw();
+    let rows = (COL_BUDGET / (kdim * ow).max(1)).clamp(1, oh);
+    with_col(kdim * rows * ow, |col| {
+        for (bi, xb) in x.chunks(s.c_in * s.h * s.w).enumerate() {
+            for oy0 in (0..oh).step_by(rows) {
+                let nr = rows.min(oh - oy0);
+                let n = nr * ow;
+                let col = &mut col[..kdim * n];
+                im2col_band(xb, col, s, oy0, nr, ow);
+                f(bi, oy0, n, col);
+            }
+        }
+    });
 }
 
 /// Convolution of `x` (`[batch, c_in, h, w]`) by `weight` (`[c_out, c_in, k, k]`) plus
@@ -181,29 +206,20 @@ pub fn conv2d(
         }
         return out;
     }
-    let rows = (COL_BUDGET / (kdim * ow).max(1)).clamp(1, oh);
-    with_col(kdim * rows * ow, |col| {
-        for (ob, xb) in out.chunks_mut(c_out * plane).zip(x.chunks(c_in * h * w)) {
-            for oy0 in (0..oh).step_by(rows) {
-                let nr = rows.min(oh - oy0);
-                let n = nr * ow;
-                let col = &mut col[..kdim * n];
-                im2col_band(xb, col, s, oy0, nr, ow);
-                gemm_rowmajor(
-                    c_out,
-                    n,
-                    kdim,
-                    &mut ob[oy0 * ow..],
-                    plane,
-                    accumulate,
-                    weight,
-                    kdim,
-                    col,
-                    n,
-                    threads,
-                );
-            }
-        }
+    for_each_band(x, s, |bi, oy0, n, col| {
+        gemm_rowmajor(
+            c_out,
+            n,
+            kdim,
+            &mut out[bi * c_out * plane + oy0 * ow..],
+            plane,
+            accumulate,
+            weight,
+            kdim,
+            col,
+            n,
+            threads,
+        )
     });
     out
 }
@@ -250,13 +266,12 @@ fn conv2d_bf16(
     let ConvShape {
         batch,
         c_in,
-        h,
-        w: width,
         c_out,
         kernel: kk,
         stride,
         padding,
         upsample,
+        ..
     } = s;
     let kdim = c_in * kk * kk;
     let (oh, ow) = s.out_hw();
@@ -291,13 +306,7 @@ fn conv2d_bf16(
             Out::Fresh(&mut fresh.spare_capacity_mut()[..total])
         }
     };
-    let par = |m: usize, n: usize, k: usize| {
-        if threads > 1 && m * n * k >= 1 << 18 {
-            threads
-        } else {
-            1
-        }
-    };
+    let par = |m, n, k| gemm_threads(threads, m, n, k);
     if kk == 1 && stride == 1 && padding == 0 && upsample == 1 {
         for (bi, xb) in x.chunks(c_in * plane).enumerate() {
             let rhs = Operand {
@@ -317,31 +326,22 @@ fn conv2d_bf16(
             );
         }
     } else {
-        let rows = (COL_BUDGET / (kdim * ow).max(1)).clamp(1, oh);
-        with_col(kdim * rows * ow, |col| {
-            for (bi, xb) in x.chunks(c_in * h * width).enumerate() {
-                for oy0 in (0..oh).step_by(rows) {
-                    let nr = rows.min(oh - oy0);
-                    let n = nr * ow;
-                    let col = &mut col[..kdim * n];
-                    im2col_band(xb, col, s, oy0, nr, ow);
-                    let rhs = Operand {
-                        data: Src::F32(col),
-                        rs: n,
-                        cs: 1,
-                    };
-                    let off = bi * c_out * plane + oy0 * ow;
-                    out.gemm(
-                        off,
-                        plane,
-                        [c_out, n, kdim],
-                        w,
-                        rhs,
-                        epi(bi),
-                        par(c_out, n, kdim),
-                    );
-                }
-            }
+        for_each_band(x, s, |bi, oy0, n, col| {
+            let rhs = Operand {
+                data: Src::F32(col),
+                rs: n,
+                cs: 1,
+            };
+            let off = bi * c_out * plane + oy0 * ow;
+            out.gemm(
+                off,
+                plane,
+                [c_out, n, kdim],
+                w,
+                rhs,
+                epi(bi),
+                par(c_out, n, kdim),
+            );
         });
     }
     match init {
