@@ -1013,6 +1013,15 @@ def describe_case(name, rec):
 # --------------------------------------------------------------------------------------
 
 
+def report_outputs(files):
+    """Make a script's outputs world-readable (safetensors creates files as 0600) and print
+    their total size."""
+    for f in files:
+        f.chmod(0o644)
+    total = sum(f.stat().st_size for f in files)
+    print(f"[done] {len(files)} files, {total} bytes ({total / 2**20:.1f} MiB)")
+
+
 def main():
     torch.set_grad_enabled(False)
     diffusers.utils.logging.set_verbosity_error()
@@ -1079,10 +1088,7 @@ def main():
         # Only this script's outputs (other scripts write other files under tests/fixtures).
         ours = [TOKENIZER_ASSET, FIXTURES / "tiny.safetensors", FIXTURES / "tiny2.safetensors"]
         ours += [f for d in (tiny_dir, REFS) for f in d.rglob("*") if f.is_file()]
-        for f in ours:
-            f.chmod(0o644)  # safetensors creates files as 0600
-        total = sum(f.stat().st_size for f in ours)
-        print(f"[done] {len(ours)} files, {total} bytes ({total / 2**20:.1f} MiB)")
+        report_outputs(ours)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

@@ -219,11 +219,7 @@ def main():
         tok = mf.build_tokenizer(vocab, merges)
         mf.check_asset_against_refs(tok, CASES, refs=REFS)
         (REFS / "cases.json").write_text(json.dumps(CASES, indent=2) + "\n")
-        files = [f for f in OUT.rglob("*") if f.is_file()]
-        for f in files:
-            f.chmod(0o644)
-        total = sum(f.stat().st_size for f in files)
-        print(f"[done] {len(files)} files, {total} bytes ({total / 2**20:.1f} MiB)")
+        mf.report_outputs([f for f in OUT.rglob("*") if f.is_file()])
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

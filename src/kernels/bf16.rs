@@ -305,15 +305,12 @@ pub fn gemm_add(
     b: Rhs,
     threads: usize,
 ) {
-    assert!(
-        m == 0 || n == 0 || dst.len() >= extent(m, n, dst_rs, 1),
-        "bf16 gemm: dst too short"
-    );
-    // SAFETY: dst is initialised and long enough for the m × n block.
+    // SAFETY: dst is a valid, initialised slice of the length passed (gemm_raw checks that
+    // it holds the m × n block).
     unsafe {
         gemm_raw(
             [m, n, k],
-            dst.as_mut_ptr(),
+            (dst.as_mut_ptr(), dst.len()),
             dst_rs,
             accumulate,
             epi,
@@ -335,16 +332,13 @@ pub fn gemm_uninit(
     b: Rhs,
     threads: usize,
 ) {
-    assert!(
-        m == 0 || n == 0 || dst.len() >= extent(m, n, dst_rs, 1),
-        "bf16 gemm: dst too short"
-    );
-    // SAFETY: long enough for the m × n block; with accumulate = false C is written before it
-    // is read, so uninitialised memory is fine.
+    // SAFETY: a valid slice of the length passed (gemm_raw checks that it holds the m × n
+    // block); with accumulate = false C is written before it is read, so uninitialised memory
+    // is fine.
     unsafe {
         gemm_raw(
             [m, n, k],
-            dst.as_mut_ptr().cast(),
+            (dst.as_mut_ptr().cast(), dst.len()),
             dst_rs,
             false,
             epi,
@@ -356,12 +350,12 @@ pub fn gemm_uninit(
 }
 
 /// # Safety
-/// `dst` must be valid for writes of the `m × n` block with row stride `dst_rs`, and
-/// initialised there when `accumulate`.
+/// `dst` (pointer, length) must be valid for writes of that many elements, and initialised
+/// where the `m × n` block (row stride `dst_rs`) lies when `accumulate`.
 #[allow(clippy::too_many_arguments)]
 unsafe fn gemm_raw(
     [m, n, k]: [usize; 3],
-    dst: *mut f32,
+    (dst, dst_len): (*mut f32, usize),
     dst_rs: usize,
     accumulate: bool,
     epi: Epilogue,
@@ -372,6 +366,10 @@ unsafe fn gemm_raw(
     if m == 0 || n == 0 {
         return;
     }
+    assert!(
+        dst_len >= extent(m, n, dst_rs, 1),
+        "bf16 gemm: dst too short"
+    );
     match a {
         Lhs::Strided(a) => assert!(
             a.data.len() >= extent(m, k, a.rs, a.cs),

@@ -263,16 +263,7 @@ fn conv2d_bf16(
     s: ConvShape,
     init: Option<Vec<f32>>,
 ) -> Vec<f32> {
-    let ConvShape {
-        batch,
-        c_in,
-        c_out,
-        kernel: kk,
-        stride,
-        padding,
-        upsample,
-        ..
-    } = s;
+    let (batch, c_in, c_out, kk) = (s.batch, s.c_in, s.c_out, s.kernel);
     let kdim = c_in * kk * kk;
     let (oh, ow) = s.out_hw();
     let plane = oh * ow;
@@ -307,7 +298,7 @@ fn conv2d_bf16(
         }
     };
     let par = |m, n, k| gemm_threads(threads, m, n, k);
-    if kk == 1 && stride == 1 && padding == 0 && upsample == 1 {
+    if kk == 1 && s.stride == 1 && s.padding == 0 && s.upsample == 1 {
         for (bi, xb) in x.chunks(c_in * plane).enumerate() {
             let rhs = Operand {
                 data: Src::F32(xb),
