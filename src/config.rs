@@ -77,6 +77,7 @@ impl UNetConfig {
             Some("text_time") => {}
             other => bail!("addition_embed_type is {other:?}, SDXL needs \"text_time\""),
         }
+        check_unet_features(v, &down_types, &up_types)?;
         let layers_per_block = usize_field(v, "layers_per_block", 2)?;
         let depth = per_level(v.get("transformer_layers_per_block"), n, 1)?;
         let up_depth = match v.get("reverse_transformer_layers_per_block") {
@@ -84,11 +85,8 @@ impl UNetConfig {
             Some(x) => {
                 let rows: Vec<Value> = serde_json::from_value(x.clone())?;
                 rows.iter()
-                    .map(|r| match r {
-                        Value::Array(a) => a.first().and_then(Value::as_u64).map(|x| x as usize),
-                        other => other.as_u64().map(|x| x as usize),
-                    })
-                    .collect::<Option<Vec<_>>>()
+                    .map(uniform_depth)
+                    .collect::<Result<Vec<_>>>()
                     .context("bad reverse_transformer_layers_per_block")?
             }
         };
@@ -146,6 +144,69 @@ impl UNetConfig {
             block_out_channels,
         })
     }
+}
+
+/// diffusers UNet options that change the computation in ways this UNet does not implement
+/// (e.g. the guidance embedding of LCM-distilled UNets, `time_cond_proj_dim`): refused by
+/// name instead of being ignored. Each field may be absent, or hold one of the values listed
+/// (SDXL's first); `null` entries accept JSON null.
+fn check_unet_features(v: &Value, down: &[String], up: &[String]) -> Result<()> {
+    let accepted: [(&str, Value); 23] = [
+        ("time_cond_proj_dim", Value::Null),
+        ("class_embed_type", Value::Null),
+        ("num_class_embeds", Value::Null),
+        ("encoder_hid_dim", Value::Null),
+        ("encoder_hid_dim_type", Value::Null),
+        ("cross_attention_norm", Value::Null),
+        ("time_embedding_dim", Value::Null),
+        ("time_embedding_act_fn", Value::Null),
+        ("timestep_post_act", Value::Null),
+        ("mid_block_only_cross_attention", Value::Null),
+        ("act_fn", "silu".into()),
+        ("resnet_time_scale_shift", "default".into()),
+        ("time_embedding_type", "positional".into()),
+        ("attention_type", "default".into()),
+        ("conv_in_kernel", 3.into()),
+        ("conv_out_kernel", 3.into()),
+        ("downsample_padding", 1.into()),
+        ("only_cross_attention", false.into()),
+        ("dual_cross_attention", false.into()),
+        ("center_input_sample", false.into()),
+        ("class_embeddings_concat", false.into()),
+        ("resnet_skip_time_act", false.into()),
+        ("resnet_out_scale_factor", 1.0.into()),
+    ];
+    for (key, want) in &accepted {
+        let Some(got) = v.get(*key) else { continue };
+        let same = match (got, want) {
+            (Value::Null, _) => true,
+            (Value::Number(a), Value::Number(b)) => a.as_f64() == b.as_f64(),
+            // `only_cross_attention` may be one flag per level.
+            (Value::Array(a), want) if *key == "only_cross_attention" => {
+                a.iter().all(|x| x == want)
+            }
+            (a, b) => a == b,
+        };
+        if !same {
+            bail!("{key} = {got} is not supported (SDXL UNets have {want})");
+        }
+    }
+    if let Some(f) = v.get("mid_block_scale_factor").and_then(Value::as_f64)
+        && f != 1.0
+    {
+        bail!("mid_block_scale_factor = {f} is not supported (SDXL UNets have 1)");
+    }
+    for t in down {
+        if !matches!(t.as_str(), "CrossAttnDownBlock2D" | "DownBlock2D") {
+            bail!("down block type {t} is not supported (CrossAttnDownBlock2D or DownBlock2D)");
+        }
+    }
+    for t in up {
+        if !matches!(t.as_str(), "CrossAttnUpBlock2D" | "UpBlock2D") {
+            bail!("up block type {t} is not supported (CrossAttnUpBlock2D or UpBlock2D)");
+        }
+    }
+    Ok(())
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -315,17 +376,36 @@ fn per_level(v: Option<&Value>, n: usize, default: usize) -> Result<Vec<usize>> 
             if a.len() != n {
                 bail!("per-level list has {} entries, expected {n}", a.len());
             }
-            a.iter()
-                .map(|x| match x {
-                    Value::Array(inner) => {
-                        inner.first().and_then(Value::as_u64).map(|x| x as usize)
-                    }
-                    other => other.as_u64().map(|x| x as usize),
-                })
-                .collect::<Option<Vec<_>>>()
-                .context("per-level list holds non-integers")
+            a.iter().map(uniform_depth).collect()
         }
         Some(_) => bail!("per-level field has an unexpected type"),
+    }
+}
+
+/// One level's entry of a per-level list: an integer, or (diffusers allows it for transformer
+/// depths) one integer per layer of the level, which must then all be equal: the UNet here
+/// has one depth per level, and silently taking the first of unequal depths would leave
+/// weights unused.
+fn uniform_depth(v: &Value) -> Result<usize> {
+    match v {
+        Value::Array(per_layer) => {
+            let d: Vec<u64> = per_layer
+                .iter()
+                .map(|x| x.as_u64().context("per-level list holds non-integers"))
+                .collect::<Result<_>>()?;
+            match d.first() {
+                Some(&first) if d.iter().all(|&x| x == first) => Ok(first as usize),
+                Some(_) => bail!(
+                    "transformer depths that differ between the layers of one level ({d:?}) \
+                     are not supported"
+                ),
+                None => bail!("empty per-layer list"),
+            }
+        }
+        other => other
+            .as_u64()
+            .map(|x| x as usize)
+            .context("per-level list holds non-integers"),
     }
 }
 
@@ -415,6 +495,86 @@ mod tests {
         let c = VaeConfig::from_diffusers_json(&path);
         let _ = std::fs::remove_file(&path);
         c
+    }
+
+    #[test]
+    fn unet_options_that_change_the_computation_are_refused_by_name() {
+        let base = r#""block_out_channels": [32, 64],
+            "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D"],
+            "up_block_types": ["CrossAttnUpBlock2D", "UpBlock2D"],
+            "addition_embed_type": "text_time""#;
+        let parse = |extra: &str| {
+            let v: Value = serde_json::from_str(&format!("{{{base}{extra}}}")).unwrap();
+            UNetConfig::from_diffusers_value(&v).map_err(|e| format!("{e:#}"))
+        };
+        // SDXL base's own values pass.
+        parse(
+            r#", "time_cond_proj_dim": null, "act_fn": "silu", "only_cross_attention": false,
+            "resnet_out_scale_factor": 1.0, "conv_in_kernel": 3, "mid_block_scale_factor": 1,
+            "attention_type": "default", "dual_cross_attention": false"#,
+        )
+        .unwrap();
+        for (extra, what) in [
+            (r#", "time_cond_proj_dim": 256"#, "time_cond_proj_dim = 256"),
+            (
+                r#", "resnet_time_scale_shift": "scale_shift""#,
+                "resnet_time_scale_shift",
+            ),
+            (
+                r#", "only_cross_attention": [false, true]"#,
+                "only_cross_attention",
+            ),
+            (r#", "act_fn": "gelu""#, "act_fn"),
+            (
+                r#", "mid_block_scale_factor": 1.5"#,
+                "mid_block_scale_factor = 1.5",
+            ),
+        ] {
+            let e = parse(extra).unwrap_err();
+            assert!(
+                e.contains(what) && e.contains("not supported"),
+                "{extra}: {e}"
+            );
+        }
+        let v: Value = serde_json::from_str(&format!(
+            "{{{}}}",
+            base.replace("\"DownBlock2D\"", "\"SimpleCrossAttnDownBlock2D\"")
+        ))
+        .unwrap();
+        let e = format!("{:#}", UNetConfig::from_diffusers_value(&v).unwrap_err());
+        assert!(
+            e.contains("SimpleCrossAttnDownBlock2D is not supported"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn transformer_depths_per_layer_must_be_uniform() {
+        let unet = |depths: &str, reverse: &str| {
+            let v: Value = serde_json::from_str(&format!(
+                r#"{{"block_out_channels": [32, 64],
+                    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D"],
+                    "up_block_types": ["CrossAttnUpBlock2D", "UpBlock2D"],
+                    "addition_embed_type": "text_time", "layers_per_block": 2,
+                    "transformer_layers_per_block": {depths},
+                    "reverse_transformer_layers_per_block": {reverse}}}"#
+            ))
+            .unwrap();
+            UNetConfig::from_diffusers_value(&v)
+        };
+        let c = unet("[1, [3, 3]]", "null").unwrap();
+        assert_eq!(c.down_transformer_depth, vec![1, 3]);
+        assert_eq!(c.up_transformer_depth, vec![3, 1]);
+        assert_eq!(c.mid_transformer_depth, Some(3));
+        let c = unet("[1, 2]", "[[4, 4, 4], [1, 1, 1]]").unwrap();
+        assert_eq!(c.up_transformer_depth, vec![4, 1]);
+        for (depths, reverse) in [
+            ("[1, [2, 3]]", "null"),
+            ("[1, 2]", "[[4, 5, 4], [1, 1, 1]]"),
+        ] {
+            let e = format!("{:#}", unet(depths, reverse).unwrap_err());
+            assert!(e.contains("differ between the layers of one level"), "{e}");
+        }
     }
 
     #[test]
