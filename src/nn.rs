@@ -329,16 +329,11 @@ impl Linear {
         packed: &PackedB,
         residual: Option<&Tensor>,
     ) -> Result<Option<Tensor>> {
-        if x.dtype() != DType::F32 || !matches!(x.device(), Device::Cpu) {
+        let Some(rows) = packed_rows(x, packed) else {
             return Ok(None);
-        }
+        };
         let (in_dim, out_dim) = (packed.rows(), packed.cols());
-        let dims = x.dims().to_vec();
-        if dims.last() != Some(&in_dim) {
-            return Ok(None);
-        }
-        let rows: usize = dims[..dims.len() - 1].iter().product();
-        let mut out_dims = dims;
+        let mut out_dims = x.dims().to_vec();
         *out_dims.last_mut().expect("rank checked above") = out_dim;
         let mut inputs = vec![x];
         if let Some(r) = residual {
@@ -347,10 +342,7 @@ impl Linear {
             }
             inputs.push(r);
         }
-        let bias = match &self.bias {
-            Some(b) => Some(b.to_dtype(DType::F32)?.to_vec1::<f32>()?),
-            None => None,
-        };
+        let bias = self.bias_f32()?;
         let total = rows * out_dim;
         let mut y: Vec<f32> = Vec::with_capacity(total);
         let done = with_cpu_f32(&inputs, |d| {
@@ -379,13 +371,14 @@ impl Linear {
         unsafe { y.set_len(total) };
         Ok(Some(Tensor::from_vec(y, out_dims, &Device::Cpu)?))
     }
-}
 
-/// Projection output per band in [`Linear::forward_geglu`]: well under glibc's 32 MiB mmap
-/// ceiling, so the band buffer comes from the heap.
-const GEGLU_BAND_BYTES: usize = 16 << 20;
+    fn bias_f32(&self) -> Result<Option<Vec<f32>>> {
+        self.bias
+            .as_ref()
+            .map(|b| b.to_dtype(DType::F32)?.to_vec1::<f32>())
+            .transpose()
+    }
 
-impl Linear {
     /// [`geglu`] of this projection, `geglu(x·Wᵀ + b)`. On the CPU bf16 path a band of rows at
     /// a time: the `[rows, 2·inner]` projection (80 MB per SDXL block at 1024²) is never held
     /// whole, each band goes through one reused buffer that is still in cache when GEGLU reads
@@ -409,21 +402,13 @@ impl Linear {
         use crate::kernels::bf16::{Epilogue, Lhs, Operand, Rhs, gemm_add};
         use rayon::prelude::*;
         let (in_dim, out_dim) = (packed.rows(), packed.cols());
-        let dims = x.dims().to_vec();
-        if x.dtype() != DType::F32
-            || !matches!(x.device(), Device::Cpu)
-            || dims.last() != Some(&in_dim)
-            || out_dim % 2 != 0
-        {
-            return Ok(None);
-        }
-        let half = out_dim / 2;
-        let rows: usize = dims[..dims.len() - 1].iter().product();
-        let band = (band_bytes / 4 / out_dim.max(1)).max(48).min(rows.max(1));
-        let bias = match &self.bias {
-            Some(b) => Some(b.to_dtype(DType::F32)?.to_vec1::<f32>()?),
-            None => None,
+        let rows = match packed_rows(x, packed) {
+            Some(rows) if out_dim % 2 == 0 => rows,
+            _ => return Ok(None),
         };
+        let half = out_dim / 2;
+        let band = (band_bytes / 4 / out_dim.max(1)).max(48).min(rows.max(1));
+        let bias = self.bias_f32()?;
         let mut out = crate::kernels::par_zeroed::<f32>(rows * half);
         let mut proj = crate::kernels::par_zeroed::<f32>(band * out_dim);
         let done = with_cpu_f32(&[x], |d| {
@@ -456,11 +441,25 @@ impl Linear {
         if done.is_none() {
             return Ok(None);
         }
-        let mut out_dims = dims;
+        let mut out_dims = x.dims().to_vec();
         *out_dims.last_mut().expect("rank checked above") = half;
         Ok(Some(Tensor::from_vec(out, out_dims, &Device::Cpu)?))
     }
 }
+
+/// Rows of `x` (`[.., in]`) for a packed-weight product on the CPU; `None` unless `x` is a
+/// CPU f32 tensor whose last dimension is the weight's input width.
+fn packed_rows(x: &Tensor, packed: &PackedB) -> Option<usize> {
+    let dims = x.dims();
+    (x.dtype() == DType::F32
+        && matches!(x.device(), Device::Cpu)
+        && dims.last() == Some(&packed.rows()))
+    .then(|| dims[..dims.len() - 1].iter().product())
+}
+
+/// Projection output per band in [`Linear::forward_geglu`]: well under glibc's 32 MiB mmap
+/// ceiling, so the band buffer comes from the heap.
+const GEGLU_BAND_BYTES: usize = 16 << 20;
 
 impl Module for Linear {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
