@@ -999,19 +999,7 @@ mod x86 {
 mod tests {
     use super::*;
 
-    fn rand_vec(n: usize, seed: u64) -> Vec<f32> {
-        let mut s = seed
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        (0..n)
-            .map(|_| {
-                s = s
-                    .wrapping_mul(6364136223846793005)
-                    .wrapping_add(1442695040888963407);
-                ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-            })
-            .collect()
-    }
+    use crate::kernels::test_values as rand_vec;
 
     fn round(x: f32) -> f64 {
         f32::from_bits((bf16_bits(x) as u32) << 16) as f64

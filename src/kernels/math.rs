@@ -99,21 +99,27 @@ pub fn gelu_erf_slice(x: &[f32], out: &mut [f32]) {
     gelu_erf_slice_impl(x, out)
 }
 
+/// The largest value of `row` (−∞ when empty): sixteen partial maxima, compared with `>`
+/// (not f32::max and its NaN rules) so the loop vectorises inside the SIMD bodies.
+#[inline(always)]
+fn row_max(row: &[f32]) -> f32 {
+    let mut maxes = [f32::NEG_INFINITY; 16];
+    let mut chunks = row.chunks_exact(16);
+    for c in &mut chunks {
+        for (m, &v) in maxes.iter_mut().zip(c) {
+            *m = if v > *m { v } else { *m };
+        }
+    }
+    let mut max = f32::NEG_INFINITY;
+    for &v in chunks.remainder().iter().chain(&maxes) {
+        max = if v > max { v } else { max };
+    }
+    max
+}
+
 dispatch_simd! {
     fn softmax_row_impl(row: &mut [f32], scale: f32) {
-        // Sixteen partial maxima, compared with `>` (not f32::max and its NaN rules) so the
-        // loop vectorises.
-        let mut maxes = [f32::NEG_INFINITY; 16];
-        let mut chunks = row.chunks_exact(16);
-        for c in &mut chunks {
-            for (m, &v) in maxes.iter_mut().zip(c) {
-                *m = if v > *m { v } else { *m };
-            }
-        }
-        let mut max = f32::NEG_INFINITY;
-        for &v in chunks.remainder().iter().chain(&maxes) {
-            max = if v > max { v } else { max };
-        }
+        let max = row_max(row);
         if max == f32::NEG_INFINITY {
             // A fully masked row: torch gives NaN; keep it finite and uniform-free (zeros).
             row.fill(0.0);
@@ -160,17 +166,7 @@ pub fn exp2_bf16(t: f32) -> f32 {
 
 dispatch_simd! {
     fn softmax_unnormalized_impl(row: &mut [f32], scale: f32, sum_out: &mut f32) {
-        let mut maxes = [f32::NEG_INFINITY; 16];
-        let mut chunks = row.chunks_exact(16);
-        for c in &mut chunks {
-            for (m, &v) in maxes.iter_mut().zip(c) {
-                *m = if v > *m { v } else { *m };
-            }
-        }
-        let mut max = f32::NEG_INFINITY;
-        for &v in chunks.remainder().iter().chain(&maxes) {
-            max = if v > max { v } else { max };
-        }
+        let max = row_max(row);
         if max == f32::NEG_INFINITY {
             row.fill(0.0);
             *sum_out = 0.0;

@@ -261,16 +261,10 @@ mod tests {
 
     #[test]
     fn matches_direct_convolution() {
-        let mut s = 1u64;
-        let mut rnd = |n: usize| -> Vec<f32> {
-            (0..n)
-                .map(|_| {
-                    s = s
-                        .wrapping_mul(6364136223846793005)
-                        .wrapping_add(1442695040888963407);
-                    ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-                })
-                .collect()
+        let mut seed = 0;
+        let mut rnd = |n: usize| {
+            seed += 1;
+            crate::kernels::test_values(n, seed)
         };
         for (b, ci, co, h, w) in [
             (1, 3, 5, 6, 8),
