@@ -415,7 +415,7 @@ unsafe fn gemm_raw(
     // SAFETY: every element of the block is initialised now.
     let c = unsafe { std::slice::from_raw_parts_mut(dst, extent(m, n, dst_rs, 1)) };
     if k > 0 {
-        fallback(m, n, k, c, dst_rs, true, a, b, threads);
+        fallback(m, n, k, c, dst_rs, a, b, threads);
     }
     if !epi.is_empty() {
         for i in 0..m {
@@ -426,8 +426,9 @@ unsafe fn gemm_raw(
     }
 }
 
-/// Converts both operands to dense f32 and runs the f32 GEMM: correct everywhere, used on CPUs
-/// without AVX-512 BF16.
+/// `dst += a · b` with both operands converted to dense f32 and the f32 GEMM: correct
+/// everywhere, used on CPUs without AVX-512 BF16 (the caller zeroes `dst` first when it
+/// does not accumulate).
 #[allow(clippy::too_many_arguments)]
 fn fallback(
     m: usize,
@@ -435,7 +436,6 @@ fn fallback(
     k: usize,
     dst: &mut [f32],
     dst_rs: usize,
-    accumulate: bool,
     a: Lhs,
     b: Rhs,
     threads: usize,
@@ -459,7 +459,7 @@ fn fallback(
     super::gemm::gemm(
         [m, n, k],
         (dst, dst_rs, 1),
-        accumulate,
+        true,
         (&ad, k, 1),
         (&bd, n, 1),
         threads,
@@ -470,8 +470,7 @@ fn fallback(
         for i in 0..m {
             for j in 0..n {
                 let s: f32 = (0..k).map(|p| ad[i * k + p] * bd[p * n + j]).sum();
-                let d = &mut dst[i * dst_rs + j];
-                *d = if accumulate { *d + s } else { s };
+                dst[i * dst_rs + j] += s;
             }
         }
     }
@@ -1152,6 +1151,37 @@ mod tests {
                         );
                     }
                 }
+            }
+        }
+    }
+
+    /// The path CPUs without AVX-512 BF16 take adds the same product (to f32 rounding).
+    #[test]
+    fn fallback_adds_the_product() {
+        let (m, n, k) = (7, 65, 33);
+        let av = rand_vec(m * k, 21);
+        let bv = rand_vec(k * n, 22);
+        let a16: Vec<bf16> = av.iter().map(|&x| bf16::from_bits(bf16_bits(x))).collect();
+        let a = Lhs::Strided(Operand {
+            data: Src::Bf16(&a16),
+            rs: k,
+            cs: 1,
+        });
+        let b = Rhs::Strided(Operand {
+            data: Src::F32(&bv),
+            rs: n,
+            cs: 1,
+        });
+        let init = rand_vec(m * n, 23);
+        let mut got = init.clone();
+        fallback(m, n, k, &mut got, n, a, b, 2);
+        for i in 0..m {
+            for j in 0..n {
+                let want: f64 = init[i * n + j] as f64
+                    + (0..k)
+                        .map(|p| round(av[i * k + p]) * bv[p * n + j] as f64)
+                        .sum::<f64>();
+                assert!((got[i * n + j] as f64 - want).abs() <= 1e-4, "({i},{j})");
             }
         }
     }
