@@ -59,109 +59,121 @@ fn report(what: &str, times: &[f64], flops: Option<f64>) {
     );
 }
 
-/// The bf16 dot-product GEMM (f32 operands rounded while packed, f32 accumulation), as the
-/// bf16 path's convolutions call it: a bf16 weight times f32 activations.
-fn bench_gemm_bf16(n: usize) -> Result<()> {
-    use dmd2::kernels::bf16::{Lhs, Operand, PackedA, PackedB, Rhs, Src, available, gemm};
-    let threads = dmd2::kernels::num_threads();
-    let a: Vec<half::bf16> = (0..n * n)
-        .map(|i| half::bf16::from_f32(((i * 7919) % 1000) as f32 / 1000.0 - 0.5))
+/// The own GEMM on every CPU tier up to this process's (`DMD2_CPU` caps it), next to candle's
+/// matmul (the `gemm` crate, which picks its own kernels): a square f32 product, then the
+/// UNet's shapes at 512² — a 3x3 convolution (weight · im2col) and linear layers
+/// (activations · Wᵀ) — as f32 products and as bf16 products with the weight packed at load.
+fn bench_gemm(n: usize) -> Result<()> {
+    use dmd2::kernels::gemm::{Exec, Lhs, Operand, PackedA, PackedB, Product, Rhs, Src, gemm};
+    use dmd2::kernels::{Tier, num_threads};
+    let threads = num_threads();
+    let vals = |len: usize, p: usize| -> Vec<f32> {
+        (0..len)
+            .map(|i| ((i * p) % 1000) as f32 / 1000.0 - 0.5)
+            .collect()
+    };
+    let tiers: Vec<Tier> = Tier::runnable()
+        .into_iter()
+        .filter(|t| *t <= Tier::current())
         .collect();
-    let b: Vec<f32> = (0..n * n)
-        .map(|i| ((i * 104729) % 1000) as f32 / 1000.0 - 0.5)
-        .collect();
-    let mut c = vec![0f32; n * n];
+    let dev = Device::Cpu;
+    let (a, b) = (vals(n * n, 7919), vals(n * n, 104729));
+    let (at, bt) = (
+        Tensor::from_slice(&a, (n, n), &dev)?,
+        Tensor::from_slice(&b, (n, n), &dev)?,
+    );
+    let flops = Some(2.0 * (n as f64).powi(3));
     let t = time_runs(5, || {
-        gemm(
-            [n, n, n],
-            (&mut c, n),
-            false,
-            Lhs::Strided(Operand {
-                data: Src::Bf16(&a),
-                rs: n,
-                cs: 1,
-            }),
-            Rhs::Strided(Operand {
-                data: Src::F32(&b),
-                rs: n,
-                cs: 1,
-            }),
-            threads,
-        );
+        at.matmul(&bt)?;
         Ok(())
     })?;
-    let how = if available() {
-        "AVX-512 BF16"
-    } else {
-        "fallback: f32"
-    };
-    report(
-        &format!("gemm bf16 ({how}) {n}x{n}x{n}"),
-        &t,
-        Some(2.0 * (n as f64).powi(3)),
-    );
-    // The UNet's shapes at 512²: a 3x3 convolution (weight · im2col) and a linear layer
-    // (activations · Wᵀ), each against the f32 GEMM on the same shape.
+    report(&format!("gemm f32 {n}x{n}x{n} candle matmul"), &t, flops);
+    fn op(data: Src, rs: usize, cs: usize) -> Operand {
+        Operand { data, rs, cs }
+    }
+    let mut c = vec![0f32; n * n];
+    for &tier in &tiers {
+        let x = Exec {
+            tier,
+            product: Product::F32,
+            threads,
+        };
+        let t = time_runs(5, || {
+            let (l, r) = (op(Src::F32(&a), n, 1), op(Src::F32(&b), n, 1));
+            gemm(
+                x,
+                [n, n, n],
+                (&mut c, n),
+                false,
+                Lhs::Strided(l),
+                Rhs::Strided(r),
+            );
+            Ok(())
+        })?;
+        report(&format!("gemm f32 {n}x{n}x{n} own {tier}"), &t, flops);
+    }
     for (what, m, nn, k, linear) in [
         ("conv 320→320 3x3 at 64²", 320, 4096, 2880, false),
         ("conv 1280→1280 3x3 at 16²", 1280, 256, 11520, false),
         ("linear 4096 tokens 640→640", 4096, 640, 640, true),
         ("linear 256 tokens 1280→10240", 256, 10240, 1280, true),
     ] {
-        let a: Vec<f32> = (0..m * k)
-            .map(|i| ((i * 7919) % 1000) as f32 / 1000.0 - 0.5)
-            .collect();
-        let b: Vec<f32> = (0..k * nn)
-            .map(|i| ((i * 104729) % 1000) as f32 / 1000.0 - 0.5)
-            .collect();
+        let (a, b) = (vals(m * k, 7919), vals(k * nn, 104729));
         let a16: Vec<half::bf16> = a.iter().map(|&x| half::bf16::from_f32(x)).collect();
         let b16: Vec<half::bf16> = b.iter().map(|&x| half::bf16::from_f32(x)).collect();
         let mut c = vec![0f32; m * nn];
         let flops = Some(2.0 * (m * nn * k) as f64);
-        // Weights packed once, as the layers do at load: b holds W [nn × k] for a linear
-        // layer (B = Wᵀ), a holds the kernel [m × k] for a convolution.
+        // A linear layer's b holds W [nn × k] (B = Wᵀ); a convolution's a holds its kernel.
+        let (brs, bcs) = if linear { (1, k) } else { (nn, 1) };
         let (pa, pb) = if linear {
             (None, Some(PackedB::from_transposed(&b16, nn, k)))
         } else {
             (Some(PackedA::new(&a16, m, k)), None)
         };
+        println!("{what}:");
+        for &tier in &tiers {
+            for product in [Product::F32, Product::Bf16] {
+                let x = Exec {
+                    tier,
+                    product,
+                    threads,
+                };
+                let t = time_runs(3, || {
+                    let (lhs, rhs) = match (product, &pa, &pb) {
+                        (Product::F32, ..) => (
+                            Lhs::Strided(op(Src::F32(&a), k, 1)),
+                            Rhs::Strided(op(Src::F32(&b), brs, bcs)),
+                        ),
+                        (_, _, Some(pb)) => (Lhs::Strided(op(Src::F32(&a), k, 1)), Rhs::Packed(pb)),
+                        (_, Some(pa), _) => {
+                            (Lhs::Packed(pa), Rhs::Strided(op(Src::F32(&b), nn, 1)))
+                        }
+                        _ => unreachable!(),
+                    };
+                    gemm(x, [m, nn, k], (&mut c, nn), false, lhs, rhs);
+                    Ok(())
+                })?;
+                let p = if product == Product::F32 {
+                    "f32 "
+                } else {
+                    "bf16"
+                };
+                report(&format!("  {p} own {tier}"), &t, flops);
+            }
+        }
+        let (at, bt) = (
+            Tensor::from_slice(&a, (m, k), &dev)?,
+            Tensor::from_slice(&b, if linear { (nn, k) } else { (k, nn) }, &dev)?,
+        );
         let t = time_runs(3, || {
-            let (lhs, rhs) = match (&pa, &pb) {
-                (_, Some(pb)) => (
-                    Lhs::Strided(Operand {
-                        data: Src::F32(&a),
-                        rs: k,
-                        cs: 1,
-                    }),
-                    Rhs::Packed(pb),
-                ),
-                (Some(pa), _) => (
-                    Lhs::Packed(pa),
-                    Rhs::Strided(Operand {
-                        data: Src::F32(&b),
-                        rs: nn,
-                        cs: 1,
-                    }),
-                ),
-                _ => unreachable!(),
-            };
-            gemm([m, nn, k], (&mut c, nn), false, lhs, rhs, threads);
+            if linear {
+                at.matmul(&bt.t()?)?;
+            } else {
+                at.matmul(&bt)?;
+            }
             Ok(())
         })?;
-        report(&format!("  bf16 {what}"), &t, flops);
-        let t = time_runs(3, || {
-            let (brs, bcs) = if linear { (1, k) } else { (nn, 1) };
-            dmd2::kernels::gemm::gemm(
-                [m, nn, k],
-                (&mut c, nn, 1),
-                false,
-                (&a, k, 1),
-                (&b, brs, bcs),
-                threads,
-            );
-            Ok(())
-        })?;
-        report(&format!("  f32  {what}"), &t, flops);
+        report("  f32  candle matmul", &t, flops);
     }
     Ok(())
 }
@@ -196,22 +208,15 @@ fn main() -> Result<()> {
     } else {
         "bf16"
     };
-    println!("threads: {}", candle_core::utils::get_num_threads());
+    println!(
+        "threads: {}, CPU tier: {} (best here: {})",
+        candle_core::utils::get_num_threads(),
+        dmd2::kernels::Tier::current(),
+        dmd2::kernels::Tier::best()
+    );
 
     if what == "gemm" || what == "all" {
-        let n = 2048;
-        let a = Tensor::randn(0f32, 1.0, (n, n), &dev)?;
-        let b = Tensor::randn(0f32, 1.0, (n, n), &dev)?;
-        let t = time_runs(5, || {
-            a.matmul(&b)?;
-            Ok(())
-        })?;
-        report(
-            &format!("gemm f32 {n}x{n}x{n}"),
-            &t,
-            Some(2.0 * (n as f64).powi(3)),
-        );
-        bench_gemm_bf16(n)?;
+        bench_gemm(2048)?;
     }
     if what == "text" || what == "all" {
         let te1 = ClipTextModel::new(

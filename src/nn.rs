@@ -4,18 +4,21 @@
 //! the SDXL models need exact control over epsilons, activations and attention layout, and
 //! because these are the hot paths the CPU kernels optimise.
 
-use crate::kernels::bf16::{PackedA, PackedB, Src};
+use crate::kernels::gemm::{
+    Epilogue, Exec, Lhs, Operand, PackedA, PackedB, Product, Rhs, Src, gemm_add, gemm_uninit,
+};
 use candle_core::{CpuStorage, DType, Device, Module, Result, Storage, Tensor};
 use candle_nn::{Conv2dConfig, LayerNorm, VarBuilder};
 use std::sync::Arc;
 
 /// Runs `f` on the contiguous f32 data of CPU f32 tensors; `None` when any of them lives on
-/// another device or has another dtype (the caller then takes candle's path).
-/// Non-contiguous tensors are copied first.
+/// another device or has another dtype, or when `DMD2_KERNELS=candle` (the caller then takes
+/// candle's path). Non-contiguous tensors are copied first.
 fn with_cpu_f32<R>(ts: &[&Tensor], f: impl FnOnce(&[&[f32]]) -> R) -> Result<Option<R>> {
-    if ts
-        .iter()
-        .any(|t| !matches!(t.device(), Device::Cpu) || t.dtype() != DType::F32)
+    if !crate::kernels::own()
+        || ts
+            .iter()
+            .any(|t| !matches!(t.device(), Device::Cpu) || t.dtype() != DType::F32)
     {
         return Ok(None);
     }
@@ -36,15 +39,15 @@ fn with_cpu_f32<R>(ts: &[&Tensor], f: impl FnOnce(&[&[f32]]) -> R) -> Result<Opt
     Ok(Some(f(&slices)))
 }
 
-/// Packs a CPU bf16 weight (`[rows, ...]` → `[rows × rest]`) for the bf16 GEMM when this CPU
-/// has it; `None` otherwise (the layer then keeps its tensor).
+/// Packs a CPU bf16 weight (`[rows, ...]` → `[rows × rest]`) for the own GEMM's bf16
+/// product (every CPU tier runs it); `None` otherwise (the layer then keeps its tensor).
 fn pack_bf16<T>(
     w: &Tensor,
     pack: impl FnOnce(&[half::bf16], usize, usize) -> T,
 ) -> Result<Option<T>> {
     if w.dtype() != DType::BF16
         || !matches!(w.device(), Device::Cpu)
-        || !crate::kernels::bf16::available()
+        || !crate::kernels::own()
         || w.rank() < 2
     {
         return Ok(None);
@@ -79,7 +82,6 @@ impl<P> std::fmt::Debug for Weight<P> {
 pub struct Conv2d {
     weight: Weight<PackedA>,
     /// The kernel transformed for Winograd's F(2×2, 3×3), when enabled (CPU f32, 3×3).
-    #[cfg(target_arch = "x86_64")]
     winograd: Option<Arc<crate::kernels::winograd::WinogradWeight>>,
     bias: Option<Tensor>,
     kernel: usize,
@@ -99,7 +101,6 @@ impl Conv2d {
         };
         Ok(Self {
             weight,
-            #[cfg(target_arch = "x86_64")]
             winograd: None,
             bias,
             kernel,
@@ -112,10 +113,10 @@ impl Conv2d {
     /// a 3×3, stride-1 convolution with an f32 weight (2.25× fewer multiplications; the
     /// transformed kernel takes 16/9 of the weight's memory). A no-op otherwise.
     pub fn use_winograd(&mut self) -> Result<()> {
-        #[cfg(target_arch = "x86_64")]
         if let Weight::Tensor(w) = &self.weight
             && w.dtype() == DType::F32
             && matches!(w.device(), Device::Cpu)
+            && crate::kernels::own()
             && self.kernel == 3
             && self.stride == 1
             && self.padding == 1
@@ -168,7 +169,6 @@ impl Conv2d {
         self.forward_candle(&x.upsample_nearest2d(2 * h, 2 * w)?)
     }
 
-    #[cfg(target_arch = "x86_64")]
     fn forward_cpu(
         &self,
         x: &Tensor,
@@ -231,7 +231,14 @@ impl Conv2d {
                 (_, Some(wg)) => ConvWeight::Winograd(wg),
                 (Weight::Tensor(_), _) => ConvWeight::F32(d[d.len() - 1]),
             };
-            conv2d(d[0], weight, bias, shape, init)
+            conv2d(
+                crate::kernels::Tier::current(),
+                d[0],
+                weight,
+                bias,
+                shape,
+                init,
+            )
         })?;
         let Some(out) = out else {
             return Ok(None);
@@ -241,17 +248,6 @@ impl Conv2d {
             (batch, c_out, oh, ow),
             &Device::Cpu,
         )?))
-    }
-
-    #[cfg(not(target_arch = "x86_64"))]
-    fn forward_cpu(
-        &self,
-        _x: &Tensor,
-        _extra_bias: Option<&Tensor>,
-        _residual: Option<&Tensor>,
-        _upsample: usize,
-    ) -> Result<Option<Tensor>> {
-        Ok(None)
     }
 }
 
@@ -283,9 +279,10 @@ impl Conv2d {
     }
 }
 
-/// A linear layer `y = x·Wᵀ + b`. On the CPU bf16 path the weight is packed once and the
-/// product runs through the bf16 dot-product GEMM ([`crate::kernels::bf16`]); everything else
-/// is candle's matmul (as `candle_nn::Linear`).
+/// A linear layer `y = x·Wᵀ + b`. On the CPU the product runs through the own GEMM
+/// ([`crate::kernels::gemm`]), bias and residual added in its accumulator: an f32 weight as an
+/// f32 product, a bf16 weight (the CPU bf16 path) packed once and multiplied as a bf16
+/// product. Everything else is candle's matmul (as `candle_nn::Linear`).
 #[derive(Clone, Debug)]
 pub struct Linear {
     weight: Weight<PackedB>,
@@ -310,29 +307,77 @@ impl Linear {
         matches!(self.weight, Weight::Packed { .. })
     }
 
-    /// `x·Wᵀ + b + residual`; on the CPU bf16 path the bias and the residual start the
-    /// GEMM's accumulator instead of costing passes of their own.
+    /// (input width, output width).
+    fn widths(&self) -> Option<(usize, usize)> {
+        match &self.weight {
+            Weight::Packed { packed, .. } => Some((packed.rows(), packed.cols())),
+            Weight::Tensor(w) => match w.dims() {
+                &[out, inp] => Some((inp, out)),
+                _ => None,
+            },
+        }
+    }
+
+    /// `x·Wᵀ + b + residual`; on the CPU the bias and the residual start the GEMM's
+    /// accumulator instead of costing passes of their own.
     pub fn forward_add(&self, x: &Tensor, residual: &Tensor) -> Result<Tensor> {
-        if let Weight::Packed { packed, .. } = &self.weight
-            && let Some(y) = self.forward_packed(x, packed, Some(residual))?
-        {
+        if let Some(y) = self.forward_cpu(x, Some(residual))? {
             return Ok(y);
         }
         self.forward(x)? + residual
     }
 
-    /// `x[.., in] → [.., out]` (+ `residual`) through a packed weight: `None` unless on the
-    /// CPU with f32 `x`.
-    fn forward_packed(
+    /// Rows of `x` (`[.., in]`) for the own GEMM; `None` unless `x` is a CPU f32 tensor whose
+    /// last dimension is the weight's input width and the weight is packed or CPU f32.
+    fn cpu_rows(&self, x: &Tensor) -> Option<usize> {
+        let (in_dim, _) = self.widths()?;
+        let dims = x.dims();
+        let weight_ok = match &self.weight {
+            Weight::Packed { .. } => true,
+            Weight::Tensor(w) => w.dtype() == DType::F32 && w.device().is_cpu(),
+        };
+        (weight_ok
+            && x.dtype() == DType::F32
+            && x.device().is_cpu()
+            && crate::kernels::own()
+            && dims.last() == Some(&in_dim))
+        .then(|| dims[..dims.len() - 1].iter().product())
+    }
+
+    /// Calls `f` with the contiguous f32 data of `inputs` and the weight as the GEMM's right
+    /// operand (`Wᵀ`) and its product; `None` when a tensor is not CPU f32.
+    fn with_rhs<R>(
         &self,
-        x: &Tensor,
-        packed: &PackedB,
-        residual: Option<&Tensor>,
-    ) -> Result<Option<Tensor>> {
-        let Some(rows) = packed_rows(x, packed) else {
+        inputs: &[&Tensor],
+        f: impl FnOnce(&[&[f32]], Rhs, Product) -> R,
+    ) -> Result<Option<R>> {
+        match &self.weight {
+            Weight::Packed { packed, .. } => {
+                with_cpu_f32(inputs, |d| f(d, Rhs::Packed(packed), Product::Bf16))
+            }
+            Weight::Tensor(w) => {
+                let in_dim = w.dim(1)?;
+                let mut all = inputs.to_vec();
+                all.push(w);
+                with_cpu_f32(&all, |d| {
+                    let (w, d) = d.split_last().expect("the weight was pushed");
+                    let wt = Operand {
+                        data: Src::F32(w),
+                        rs: 1,
+                        cs: in_dim,
+                    };
+                    f(d, Rhs::Strided(wt), Product::F32)
+                })
+            }
+        }
+    }
+
+    /// `x[.., in] → [.., out]` (+ `residual`) through the own GEMM: `None` unless on the CPU
+    /// with f32 `x` (and an f32 or packed weight).
+    fn forward_cpu(&self, x: &Tensor, residual: Option<&Tensor>) -> Result<Option<Tensor>> {
+        let (Some(rows), Some((in_dim, out_dim))) = (self.cpu_rows(x), self.widths()) else {
             return Ok(None);
         };
-        let (in_dim, out_dim) = (packed.rows(), packed.cols());
         let mut out_dims = x.dims().to_vec();
         *out_dims.last_mut().expect("rank checked above") = out_dim;
         let mut inputs = vec![x];
@@ -345,9 +390,9 @@ impl Linear {
         let bias = self.bias_f32()?;
         let total = rows * out_dim;
         let mut y: Vec<f32> = Vec::with_capacity(total);
-        let done = with_cpu_f32(&inputs, |d| {
-            use crate::kernels::bf16::{Epilogue, Lhs, Operand, Rhs, gemm_uninit};
+        let done = self.with_rhs(&inputs, |d, rhs, product| {
             gemm_uninit(
+                Exec::new(product, crate::kernels::num_threads()),
                 [rows, out_dim, in_dim],
                 (&mut y.spare_capacity_mut()[..total], out_dim),
                 Epilogue {
@@ -360,8 +405,7 @@ impl Linear {
                     rs: in_dim,
                     cs: 1,
                 }),
-                Rhs::Packed(packed),
-                crate::kernels::num_threads(),
+                rhs,
             );
         })?;
         if done.is_none() {
@@ -379,42 +423,35 @@ impl Linear {
             .transpose()
     }
 
-    /// [`geglu`] of this projection, `geglu(x·Wᵀ + b)`. On the CPU bf16 path a band of rows at
-    /// a time: the `[rows, 2·inner]` projection (80 MB per SDXL block at 1024²) is never held
-    /// whole, each band goes through one reused buffer that is still in cache when GEGLU reads
-    /// it, and no tensor large enough for its own memory mapping is made each block.
+    /// [`geglu`] of this projection, `geglu(x·Wᵀ + b)`. On the CPU a band of rows at a time:
+    /// the `[rows, 2·inner]` projection (80 MB per SDXL block at 1024²) is never held whole,
+    /// each band goes through one reused buffer that is still in cache when GEGLU reads it,
+    /// and no tensor large enough for its own memory mapping is made each block.
     pub fn forward_geglu(&self, x: &Tensor) -> Result<Tensor> {
-        if let Weight::Packed { packed, .. } = &self.weight
-            && let Some(y) = self.geglu_packed(x, packed, GEGLU_BAND_BYTES)?
-        {
+        if let Some(y) = self.geglu_cpu(x, GEGLU_BAND_BYTES)? {
             return Ok(y);
         }
         geglu(&self.forward(x)?)
     }
 
     /// Bands of at least 48 rows and about `band_bytes` of projection output.
-    fn geglu_packed(
-        &self,
-        x: &Tensor,
-        packed: &PackedB,
-        band_bytes: usize,
-    ) -> Result<Option<Tensor>> {
-        use crate::kernels::bf16::{Epilogue, Lhs, Operand, Rhs, gemm_add};
+    fn geglu_cpu(&self, x: &Tensor, band_bytes: usize) -> Result<Option<Tensor>> {
         use rayon::prelude::*;
-        let (in_dim, out_dim) = (packed.rows(), packed.cols());
-        let rows = match packed_rows(x, packed) {
-            Some(rows) if out_dim % 2 == 0 => rows,
+        let (rows, (in_dim, out_dim)) = match (self.cpu_rows(x), self.widths()) {
+            (Some(rows), Some((i, o))) if o % 2 == 0 => (rows, (i, o)),
             _ => return Ok(None),
         };
         let half = out_dim / 2;
         let band = (band_bytes / 4 / out_dim.max(1)).max(48).min(rows.max(1));
         let bias = self.bias_f32()?;
+        let tier = crate::kernels::Tier::current();
         let mut out = crate::kernels::par_zeroed::<f32>(rows * half);
         let mut proj = crate::kernels::par_zeroed::<f32>(band * out_dim);
-        let done = with_cpu_f32(&[x], |d| {
+        let done = self.with_rhs(&[x], |d, rhs, product| {
             for r0 in (0..rows).step_by(band) {
                 let nr = band.min(rows - r0);
                 gemm_add(
+                    Exec::new(product, crate::kernels::num_threads()),
                     [nr, out_dim, in_dim],
                     (&mut proj, out_dim),
                     false,
@@ -427,14 +464,13 @@ impl Linear {
                         rs: in_dim,
                         cs: 1,
                     }),
-                    Rhs::Packed(packed),
-                    crate::kernels::num_threads(),
+                    rhs,
                 );
                 out[r0 * half..(r0 + nr) * half]
                     .par_chunks_mut(half)
                     .zip(proj.par_chunks(out_dim))
                     .for_each(|(o, row)| {
-                        crate::kernels::math::geglu(&row[..half], &row[half..], o)
+                        crate::kernels::math::geglu(tier, &row[..half], &row[half..], o)
                     });
             }
         })?;
@@ -447,32 +483,17 @@ impl Linear {
     }
 }
 
-/// Rows of `x` (`[.., in]`) for a packed-weight product on the CPU; `None` unless `x` is a
-/// CPU f32 tensor whose last dimension is the weight's input width.
-fn packed_rows(x: &Tensor, packed: &PackedB) -> Option<usize> {
-    let dims = x.dims();
-    (x.dtype() == DType::F32
-        && matches!(x.device(), Device::Cpu)
-        && dims.last() == Some(&packed.rows()))
-    .then(|| dims[..dims.len() - 1].iter().product())
-}
-
 /// Projection output per band in [`Linear::forward_geglu`]: well under glibc's 32 MiB mmap
 /// ceiling, so the band buffer comes from the heap.
 const GEGLU_BAND_BYTES: usize = 16 << 20;
 
 impl Module for Linear {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let w = match &self.weight {
-            Weight::Packed { packed, .. } => {
-                return match self.forward_packed(x, packed, None)? {
-                    Some(y) => Ok(y),
-                    None => {
-                        candle_core::bail!("packed bf16 linear layer needs f32 input on the CPU")
-                    }
-                };
-            }
-            Weight::Tensor(w) => w,
+        if let Some(y) = self.forward_cpu(x, None)? {
+            return Ok(y);
+        }
+        let Weight::Tensor(w) = &self.weight else {
+            candle_core::bail!("packed bf16 linear layer needs f32 input on the CPU")
         };
         let (w, b) = if w.dtype() != x.dtype() {
             (
@@ -511,6 +532,7 @@ impl GroupNorm {
             if spatial > 0 {
                 let res = with_cpu_f32(&[x, &self.weight, &self.bias], |d| {
                     crate::kernels::norm::group_norm(
+                        crate::kernels::Tier::current(),
                         d[0],
                         channels,
                         spatial,
@@ -693,6 +715,7 @@ pub fn geglu(h: &Tensor) -> Result<Tensor> {
     if last > 0 && last.is_multiple_of(2) {
         let res = with_cpu_f32(&[h], |d| {
             use rayon::prelude::*;
+            let tier = crate::kernels::Tier::current();
             let hd = d[0];
             let mut out = crate::kernels::par_zeroed::<f32>(hd.len() / 2);
             let rows_per_task = (1 << 16) / half.max(1) + 1;
@@ -700,7 +723,7 @@ pub fn geglu(h: &Tensor) -> Result<Tensor> {
                 .zip(hd.par_chunks(last * rows_per_task))
                 .for_each(|(o, rows)| {
                     for (o, row) in o.chunks_mut(half).zip(rows.chunks(last)) {
-                        crate::kernels::math::geglu(&row[..half], &row[half..], o);
+                        crate::kernels::math::geglu(tier, &row[..half], &row[half..], o);
                     }
                 });
             out
@@ -730,30 +753,27 @@ pub fn attention_tokens(
     causal: bool,
     bf16: bool,
 ) -> Result<Tensor> {
-    #[cfg(target_arch = "x86_64")]
-    {
-        let (b, sq, hd) = q.dims3()?;
-        let (bk, sk, hdk) = k.dims3()?;
-        if v.dims3()? == (bk, sk, hdk) && b == bk && hd == hdk && heads > 0 && hd % heads == 0 {
-            let shape = crate::kernels::attention::AttnShape {
-                batch: b,
-                heads,
-                head_dim: hd / heads,
-                sq,
-                sk,
-            };
-            use crate::kernels::attention::{attention, attention_bf16};
-            let bf16 = bf16 && crate::kernels::bf16::available();
-            let res = with_cpu_f32(&[q, k, v], |d| {
-                if bf16 {
-                    attention_bf16(d[0], d[1], d[2], shape, scale as f32, causal)
-                } else {
-                    attention(d[0], d[1], d[2], shape, scale as f32, causal)
-                }
-            })?;
-            if let Some(out) = res {
-                return Tensor::from_vec(out, (b, sq, hd), &Device::Cpu);
+    let (b, sq, hd) = q.dims3()?;
+    let (bk, sk, hdk) = k.dims3()?;
+    if v.dims3()? == (bk, sk, hdk) && b == bk && hd == hdk && heads > 0 && hd % heads == 0 {
+        let shape = crate::kernels::attention::AttnShape {
+            batch: b,
+            heads,
+            head_dim: hd / heads,
+            sq,
+            sk,
+        };
+        use crate::kernels::attention::{attention, attention_bf16};
+        let tier = crate::kernels::Tier::current();
+        let res = with_cpu_f32(&[q, k, v], |d| {
+            if bf16 {
+                attention_bf16(tier, d[0], d[1], d[2], shape, scale as f32, causal)
+            } else {
+                attention(tier, d[0], d[1], d[2], shape, scale as f32, causal)
             }
+        })?;
+        if let Some(out) = res {
+            return Tensor::from_vec(out, (b, sq, hd), &Device::Cpu);
         }
     }
     let o = attention(
@@ -823,12 +843,10 @@ mod tests {
     }
 
     /// The CPU bf16 path (packed bf16 weights, f32 activations rounded to bf16 inside the
-    /// GEMM) against candle in f32 on the same bf16-rounded weights and inputs.
+    /// GEMM) against candle in f32 on the same bf16-rounded weights and inputs (this
+    /// process's tier; the kernels' own tests cover every tier).
     #[test]
     fn bf16_conv_and_linear_match_rounded_f32() {
-        if !crate::kernels::bf16::available() {
-            return;
-        }
         let dev = Device::Cpu;
         let round = |t: &Tensor| {
             t.to_dtype(DType::BF16)
@@ -870,32 +888,28 @@ mod tests {
 
     #[test]
     fn banded_geglu_equals_projection_then_geglu() {
-        if !crate::kernels::bf16::available() {
-            return;
-        }
         let dev = Device::Cpu;
         let (i, o) = (40, 2 * 70);
         let wt = Tensor::randn(0f32, 0.3, (o, i), &dev).unwrap();
         let bias = Tensor::randn(0f32, 1.0, o, &dev).unwrap();
-        let lin = Linear::new(wt.to_dtype(DType::BF16).unwrap(), Some(bias)).unwrap();
-        let Weight::Packed { packed, .. } = &lin.weight else {
-            panic!("not packed")
-        };
-        // 2 × 55 rows in bands of 48: 48, 48, 14.
-        let x = Tensor::randn(0f32, 1.0, (2, 55, i), &dev).unwrap();
-        let want = geglu(&lin.forward(&x).unwrap()).unwrap();
-        let got = lin.geglu_packed(&x, packed, 1).unwrap().unwrap();
-        assert_eq!(got.dims(), &[2, 55, 70]);
-        assert_eq!(max_rel(&got, &want), 0.0);
-        let whole = lin.forward_geglu(&x).unwrap();
-        assert_eq!(max_rel(&whole, &want), 0.0);
+        // Packed bf16 and f32 weights alike.
+        for lin in [
+            Linear::new(wt.to_dtype(DType::BF16).unwrap(), Some(bias.clone())).unwrap(),
+            Linear::new(wt.clone(), Some(bias.clone())).unwrap(),
+        ] {
+            // 2 × 55 rows in bands of 48: 48, 48, 14.
+            let x = Tensor::randn(0f32, 1.0, (2, 55, i), &dev).unwrap();
+            let want = geglu(&lin.forward(&x).unwrap()).unwrap();
+            let got = lin.geglu_cpu(&x, 1).unwrap().unwrap();
+            assert_eq!(got.dims(), &[2, 55, 70]);
+            assert_eq!(max_rel(&got, &want), 0.0);
+            let whole = lin.forward_geglu(&x).unwrap();
+            assert_eq!(max_rel(&whole, &want), 0.0);
+        }
     }
 
     #[test]
     fn bf16_attention_close_to_f32() {
-        if !crate::kernels::bf16::available() {
-            return;
-        }
         let dev = Device::Cpu;
         for (b, sq, sk, h, d, causal) in [
             (1, 70, 77, 2, 64, false),

@@ -117,7 +117,8 @@ impl RunPrecision {
                 DtypeChoice::F32 => false,
                 DtypeChoice::Bf16 => true,
                 DtypeChoice::Auto => {
-                    crate::kernels::bf16::available() && unet_params >= AUTO_BF16_MIN_PARAMS
+                    crate::kernels::Tier::current().has(crate::kernels::Level::Avx512Bf16)
+                        && unet_params >= AUTO_BF16_MIN_PARAMS
                 }
                 DtypeChoice::F16 => bail!(
                     "--dtype f16 runs on a GPU only (the CPU has no fast f16 path); use --dtype bf16 or f32"
@@ -176,7 +177,7 @@ mod tests {
         let r = RunPrecision::resolve(DtypeChoice::Auto, &cpu, 1000).unwrap();
         assert_eq!(r, RunPrecision::F32);
         let r = RunPrecision::resolve(DtypeChoice::Auto, &cpu, 2_600_000_000).unwrap();
-        let want = if crate::kernels::bf16::available() {
+        let want = if crate::kernels::Tier::current().has(crate::kernels::Level::Avx512Bf16) {
             Precision::CPU_BF16
         } else {
             Precision::F32

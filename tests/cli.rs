@@ -475,3 +475,81 @@ fn vae_tiling_flag() {
     // fixture gives a visibly different image: the flag took effect.
     assert_ne!(a, b);
 }
+
+/// `DMD2_CPU` and `DMD2_KERNELS`: every tier this CPU runs and candle's ops make the same
+/// image (±1 level) and say which kernels ran; a bad value is one line and exit code 2.
+#[test]
+fn cpu_tier_and_kernel_switches() {
+    use dmd2::kernels::{Level, Tier};
+    let dir = tmpdir("tiers");
+    let model = common::fixtures().join("tiny");
+    let run = |env: &[(&str, &str)], out: &Path| {
+        Command::new(env!("CARGO_BIN_EXE_dmd2"))
+            .args([
+                "gen",
+                "--model",
+                model.to_str().unwrap(),
+                "--prompt",
+                "a red cat",
+                "--width",
+                "64",
+                "--height",
+                "64",
+                "--seed",
+                "5",
+                "--dtype",
+                "f32",
+                "--verbose",
+                "-o",
+                out.to_str().unwrap(),
+            ])
+            .envs(env.iter().copied())
+            .output()
+            .expect("run dmd2")
+    };
+    let reference = dir.join("native.png");
+    let o = run(&[], &reference);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let (_, _, want) = decode_png(&reference);
+    let mut cases: Vec<(String, String)> = Tier::runnable()
+        .into_iter()
+        .map(|t| (format!("DMD2_CPU={t}"), format!("tier {t}")))
+        .collect();
+    cases.push(("DMD2_KERNELS=candle".into(), "CPU kernels: candle's".into()));
+    for (i, (var, says)) in cases.iter().enumerate() {
+        let (k, v) = var.split_once('=').unwrap();
+        let out = dir.join(format!("{i}.png"));
+        let o = run(&[(k, v)], &out);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(o.status.success(), "{var}: {err}");
+        assert!(err.contains(says), "{var}: {err}");
+        let (_, _, got) = decode_png(&out);
+        let worst = got
+            .iter()
+            .zip(&want)
+            .map(|(a, b)| a.abs_diff(*b))
+            .max()
+            .unwrap();
+        assert!(worst <= 1, "{var}: {worst} levels from the native run");
+    }
+    // Bad values: refused before any work, naming the variable.
+    let mut bad = vec![
+        ("DMD2_CPU", "sse9", "unknown"),
+        ("DMD2_KERNELS", "fast", "unknown"),
+    ];
+    if let Some(l) = Level::ALL.into_iter().find(|l| Tier::new(*l).is_none()) {
+        bad.push(("DMD2_CPU", l.name(), "lacks"));
+    }
+    for (k, v, needle) in bad {
+        let out = dir.join("bad.png");
+        let o = run(&[(k, v)], &out);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(2), "{k}={v}: {err}");
+        assert!(
+            err.contains(&format!("{k}={v}")) && err.contains(needle),
+            "{err}"
+        );
+        assert_eq!(err.lines().count(), 1, "{err}");
+        assert!(!out.exists());
+    }
+}

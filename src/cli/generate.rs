@@ -631,8 +631,18 @@ fn load_pipeline(a: &GenArgs, base: &Base, device: &candle_core::Device) -> Resu
     let precision =
         RunPrecision::resolve(a.dtype, device, parts.unet.numel()).map_err(bad_input)?;
     if a.verbose {
+        let kernels = if !device.is_cpu() {
+            String::new()
+        } else if crate::kernels::own() {
+            format!(
+                "; CPU kernels: own, tier {}",
+                crate::kernels::Tier::current()
+            )
+        } else {
+            "; CPU kernels: candle's".to_string()
+        };
         eprintln!(
-            "precision: UNet {}, VAE {}",
+            "precision: UNet {}, VAE {}{kernels}",
             precision.unet.name(),
             precision.vae.name()
         );

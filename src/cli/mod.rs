@@ -46,6 +46,11 @@ pub fn main_with_args(args: impl IntoIterator<Item = std::ffi::OsString>) -> i32
             return if e.use_stderr() { 2 } else { 0 };
         }
     };
+    // DMD2_CPU / DMD2_KERNELS: a bad value is bad input, reported before any work.
+    if let Err(e) = crate::kernels::check_env() {
+        eprintln!("error: {e}");
+        return 2;
+    }
     let result = match cli.command {
         Command::Gen(a) => generate::run(*a),
         Command::Inspect(a) => inspect::run(a),

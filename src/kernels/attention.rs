@@ -5,7 +5,8 @@
 //! `[rows, sk]` score block with one single-threaded GEMM, a fused scale+softmax per row,
 //! and multiplies by V into a private `[rows, d]` buffer that is then scattered into place.
 
-use super::gemm::gemm;
+use super::Tier;
+use super::gemm::{Exec, Lhs, MR, Operand, PackedB, Product, Rhs, Src, gemm};
 use super::math;
 use rayon::prelude::*;
 
@@ -104,6 +105,7 @@ fn run_query_blocks(
 /// `[b, sq, heads·d]` and `k`, `v` `[b, sk, heads·d]`, all contiguous. `causal` masks keys
 /// after the query position.
 pub fn attention(
+    tier: Tier,
     q: &[f32],
     k: &[f32],
     v: &[f32],
@@ -122,25 +124,41 @@ pub fn attention(
         let kb = &k[b * sk * hd + h * d..];
         let vb = &v[b * sk * hd + h * d..];
         let sc = &mut scores[..nr * sk];
+        let x = Exec {
+            tier,
+            product: Product::F32,
+            threads: 1,
+        };
         // scores[nr×sk] = Q[nr×d] · Kᵀ[d×sk]  (Kᵀ: row stride 1, column stride hd)
-        gemm([nr, sk, d], (sc, sk, 1), false, (qb, hd, 1), (kb, 1, hd), 1);
+        gemm(
+            x,
+            [nr, sk, d],
+            (sc, sk),
+            false,
+            Lhs::Strided(op(Src::F32(qb), hd, 1)),
+            Rhs::Strided(op(Src::F32(kb), 1, hd)),
+        );
         for (i, row) in sc.chunks_exact_mut(sk).enumerate() {
             if causal {
                 mask_future(row, r0 + i);
             }
-            math::softmax_row(row, scale);
+            math::softmax_row(tier, row, scale);
         }
         let mut o = vec![0f32; nr * d];
         gemm(
+            x,
             [nr, d, sk],
-            (&mut o, d, 1),
+            (&mut o, d),
             false,
-            (sc, sk, 1),
-            (vb, hd, 1),
-            1,
+            Lhs::Strided(op(Src::F32(sc), sk, 1)),
+            Rhs::Strided(op(Src::F32(vb), hd, 1)),
         );
         o
     })
+}
+
+fn op(data: Src, rs: usize, cs: usize) -> Operand {
+    Operand { data, rs, cs }
 }
 
 /// [`attention`] with both products through the bf16 dot-product GEMM (the CPU bf16 path):
@@ -149,6 +167,7 @@ pub fn attention(
 /// softmax. Same layouts and result (to bf16 rounding of Q, K, V and the probabilities) as
 /// [`attention`].
 pub fn attention_bf16(
+    tier: Tier,
     q: &[f32],
     k: &[f32],
     v: &[f32],
@@ -156,7 +175,6 @@ pub fn attention_bf16(
     scale: f32,
     causal: bool,
 ) -> Vec<f32> {
-    use super::bf16::{Lhs, MR, Operand, PackedB, Rhs, Src, gemm as gemm16};
     s.check(q, k, v);
     let (heads, d, sq, sk, hd) = (s.heads, s.head_dim, s.sq, s.sk, s.heads * s.head_dim);
     if s.is_empty() {
@@ -165,9 +183,6 @@ pub fn attention_bf16(
     // Query rows per block: a multiple of the micro-kernel's rows; half the f32 path's score
     // block, so it stays in L2 next to the packed K and V.
     let rows = ((SCORE_BLOCK / 2 / sk).clamp(24, 256) / MR * MR).min(sq);
-    fn op(data: Src, rs: usize, cs: usize) -> Operand {
-        Operand { data, rs, cs }
-    }
     // Kᵀ (element (e, j) = K[j][e]) and V packed once per (image, head), all heads at once.
     let packs: Vec<(PackedB, PackedB)> = (0..s.batch * heads)
         .into_par_iter()
@@ -176,8 +191,8 @@ pub fn attention_bf16(
             let kb = &k[b * sk * hd + h * d..];
             let vb = &v[b * sk * hd + h * d..];
             (
-                PackedB::from_operand(op(Src::F32(kb), 1, hd), d, sk),
-                PackedB::from_operand(op(Src::F32(vb), hd, 1), sk, d),
+                PackedB::from_operand(tier, op(Src::F32(kb), 1, hd), d, sk),
+                PackedB::from_operand(tier, op(Src::F32(vb), hd, 1), sk, d),
             )
         })
         .collect();
@@ -185,30 +200,35 @@ pub fn attention_bf16(
         let (kt, vp) = &packs[b * heads + h];
         let qb = &q[(b * sq + r0) * hd + h * d..];
         let sc = &mut scores[..nr * sk];
-        gemm16(
+        let x = Exec {
+            tier,
+            product: Product::Bf16,
+            threads: 1,
+        };
+        gemm(
+            x,
             [nr, sk, d],
             (sc, sk),
             false,
             Lhs::Strided(op(Src::F32(qb), hd, 1)),
             Rhs::Packed(kt),
-            1,
         );
         let mut inv = vec![0f32; nr];
         for (i, row) in sc.chunks_exact_mut(sk).enumerate() {
             if causal {
                 mask_future(row, r0 + i);
             }
-            let sum = math::softmax_unnormalized_bf16(row, scale);
+            let sum = math::softmax_unnormalized_bf16(tier, row, scale);
             inv[i] = if sum > 0.0 { 1.0 / sum } else { 0.0 };
         }
         let mut o = vec![0f32; nr * d];
-        gemm16(
+        gemm(
+            x,
             [nr, d, sk],
             (&mut o, d),
             false,
             Lhs::Strided(op(Src::F32(sc), sk, 1)),
             Rhs::Packed(vp),
-            1,
         );
         // The softmax's division, on the [nr, d] product.
         for (row, &f) in o.chunks_exact_mut(d).zip(&inv) {
@@ -216,4 +236,92 @@ pub fn attention_bf16(
         }
         o
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kernels::gemm::round_bf16;
+    use crate::kernels::test_values;
+
+    /// Softmax attention in f64 from `[b, s, heads·d]` inputs.
+    fn reference(
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+        s: AttnShape,
+        scale: f32,
+        causal: bool,
+    ) -> Vec<f64> {
+        let (d, hd) = (s.head_dim, s.heads * s.head_dim);
+        let mut out = vec![0f64; s.batch * s.sq * hd];
+        for b in 0..s.batch {
+            for h in 0..s.heads {
+                for i in 0..s.sq {
+                    let keys = if causal { (i + 1).min(s.sk) } else { s.sk };
+                    let scores: Vec<f64> = (0..keys)
+                        .map(|j| {
+                            (0..d)
+                                .map(|e| {
+                                    q[(b * s.sq + i) * hd + h * d + e] as f64
+                                        * k[(b * s.sk + j) * hd + h * d + e] as f64
+                                })
+                                .sum::<f64>()
+                                * scale as f64
+                        })
+                        .collect();
+                    let max = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                    let w: Vec<f64> = scores.iter().map(|s| (s - max).exp()).collect();
+                    let total: f64 = w.iter().sum();
+                    for e in 0..d {
+                        out[(b * s.sq + i) * hd + h * d + e] = (0..keys)
+                            .map(|j| w[j] * v[(b * s.sk + j) * hd + h * d + e] as f64)
+                            .sum::<f64>()
+                            / total;
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    /// Both kernels on every tier: f32 to 1e-5; bf16 against the reference on bf16-rounded
+    /// inputs, within what rounding the probabilities to bf16 allows.
+    #[test]
+    fn matches_reference_on_every_tier() {
+        for (batch, heads, head_dim, sq, sk, causal) in [
+            (1, 2, 8, 5, 5, true),
+            (2, 3, 16, 77, 77, false),
+            (1, 2, 40, 300, 77, false),
+        ] {
+            let s = AttnShape {
+                batch,
+                heads,
+                head_dim,
+                sq,
+                sk,
+            };
+            let hd = heads * head_dim;
+            let q = test_values(batch * sq * hd, 1);
+            let k = test_values(batch * sk * hd, 2);
+            let v = test_values(batch * sk * hd, 3);
+            let scale = (head_dim as f32).powf(-0.5);
+            let want = reference(&q, &k, &v, s, scale, causal);
+            let r = |x: &[f32]| x.iter().map(|&v| round_bf16(v)).collect::<Vec<f32>>();
+            let want16 = reference(&r(&q), &r(&k), &r(&v), s, scale, causal);
+            for tier in Tier::runnable() {
+                let got = attention(tier, &q, &k, &v, s, scale, causal);
+                for (g, w) in got.iter().zip(&want) {
+                    assert!((*g as f64 - w).abs() < 1e-5, "{tier} {s:?}: {g} vs {w}");
+                }
+                let got = attention_bf16(tier, &q, &k, &v, s, scale, causal);
+                for (g, w) in got.iter().zip(&want16) {
+                    assert!(
+                        (*g as f64 - w).abs() < 1e-2,
+                        "bf16 {tier} {s:?}: {g} vs {w}"
+                    );
+                }
+            }
+        }
+    }
 }

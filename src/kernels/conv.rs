@@ -4,10 +4,13 @@
 //! natural OIHW layout, no repacking) and `col` the im2col matrix `[c_in·k·k, oh·ow]`. The
 //! 1x1 stride-1 case multiplies by the input itself. Otherwise `col` is built for a band of
 //! output rows at a time into one reused buffer, each of its rows a shifted copy of an input
-//! row (cheap, contiguous), and the GEMM writes straight into the NCHW output, whose
-//! accumulator starts at the bias.
+//! row (cheap, contiguous), and the GEMM writes straight into the NCHW output, adding the
+//! bias (per channel: per row of the product) in its epilogue. An f32 weight multiplies in
+//! f32, a packed bf16 weight as a bf16 product; 3×3 kernels prepared for Winograd go to
+//! [`super::winograd`].
 
-use super::bf16::{Lhs, Operand, PackedA, Rhs, Src};
+use super::Tier;
+use super::gemm::{Epilogue, Exec, Lhs, Operand, PackedA, Product, Rhs, Src};
 use rayon::prelude::*;
 
 /// im2col band size, in f32 elements (16 MiB: stays in the last-level cache while the GEMM
@@ -50,37 +53,6 @@ impl ConvShape {
         let o = |i: usize| (i + 2 * self.padding - self.kernel) / self.stride + 1;
         let (h, w) = self.in_hw();
         (o(h), o(w))
-    }
-}
-
-/// `dst[m×n] (+)= lhs[m×k] · rhs[k×n]`, all row-major with the given row strides; a bf16
-/// `lhs` (the weight) goes through the bf16 dot-product GEMM.
-#[allow(clippy::too_many_arguments)]
-fn gemm_rowmajor(
-    m: usize,
-    n: usize,
-    k: usize,
-    dst: &mut [f32],
-    dst_rs: usize,
-    accumulate: bool,
-    lhs: ConvWeight,
-    lhs_rs: usize,
-    rhs: &[f32],
-    rhs_rs: usize,
-    threads: usize,
-) {
-    let par = gemm_threads(threads, m, n, k);
-    match lhs {
-        ConvWeight::F32(lhs) => super::gemm::gemm(
-            [m, n, k],
-            (dst, dst_rs, 1),
-            accumulate,
-            (lhs, lhs_rs, 1),
-            (rhs, rhs_rs, 1),
-            par,
-        ),
-        ConvWeight::Winograd(_) => unreachable!("Winograd convolutions do not unfold"),
-        ConvWeight::Bf16(_) => unreachable!("bf16 convolutions run in conv2d_bf16"),
     }
 }
 
@@ -137,6 +109,7 @@ fn for_each_band(x: &[f32], s: ConvShape, mut f: impl FnMut(usize, usize, usize,
 /// ow]`, e.g. a residual), returning `[batch, c_out, oh, ow]`. Bias and residual are added
 /// into the GEMM's accumulator, not in extra passes.
 pub fn conv2d(
+    tier: Tier,
     x: &[f32],
     weight: ConvWeight,
     bias: Option<&[f32]>,
@@ -158,73 +131,74 @@ pub fn conv2d(
     assert!(kk >= 1 && stride >= 1 && uh + 2 * padding >= kk && uw + 2 * padding >= kk);
     assert!(upsample == 1 || upsample == 2);
     assert_eq!(x.len(), batch * c_in * h * w);
-    let kdim = c_in * kk * kk;
-    match weight {
-        ConvWeight::F32(w) => assert_eq!(w.len(), c_out * kdim),
-        ConvWeight::Bf16(w) => assert_eq!((w.rows(), w.cols()), (c_out, kdim)),
-        ConvWeight::Winograd(w) => {
-            assert_eq!((w.c_out(), w.c_in()), (c_out, c_in));
-            assert!(kk == 3 && stride == 1 && padding == 1);
-        }
-    }
-    if let ConvWeight::Bf16(w) = weight {
-        return conv2d_bf16(x, w, bias, s, init);
-    }
-    let (oh, ow) = s.out_hw();
-    let plane = oh * ow;
-    let threads = super::num_threads();
-    let has_init = init.is_some();
-    let mut out = init.unwrap_or_else(|| vec![0f32; batch * c_out * plane]);
-    assert_eq!(out.len(), batch * c_out * plane);
-    let accumulate = bias.is_some() || has_init;
     if let Some(b) = bias {
         assert!(b.len() == c_out || b.len() == batch * c_out);
-        for (bi, ob) in out.chunks_mut(plane * c_out).enumerate() {
-            let bb = if b.len() == c_out {
-                b
-            } else {
-                &b[bi * c_out..][..c_out]
+    }
+    let kdim = c_in * kk * kk;
+    let (lhs, product) = match weight {
+        ConvWeight::F32(w) => {
+            assert_eq!(w.len(), c_out * kdim);
+            let op = Operand {
+                data: Src::F32(w),
+                rs: kdim,
+                cs: 1,
             };
+            (Lhs::Strided(op), Product::F32)
+        }
+        ConvWeight::Bf16(w) => {
+            assert_eq!((w.rows(), w.cols()), (c_out, kdim));
+            (Lhs::Packed(w), Product::Bf16)
+        }
+        ConvWeight::Winograd(wt) => {
+            assert_eq!((wt.c_out(), wt.c_in()), (c_out, c_in));
+            assert!(kk == 3 && stride == 1 && padding == 1);
+            return conv_winograd(tier, x, wt, bias, s, init);
+        }
+    };
+    conv_gemm(tier, x, lhs, product, bias, s, init)
+}
+
+/// `bias` for image `bi`: `[c_out]` shared, or row `bi` of `[batch, c_out]`.
+fn bias_of(bias: Option<&[f32]>, c_out: usize, bi: usize) -> Option<&[f32]> {
+    bias.map(|b| {
+        if b.len() == c_out {
+            b
+        } else {
+            &b[bi * c_out..][..c_out]
+        }
+    })
+}
+
+/// [`conv2d`] through Winograd's F(2×2, 3×3): the output starts at the bias (and `init`).
+fn conv_winograd(
+    tier: Tier,
+    x: &[f32],
+    wt: &super::winograd::WinogradWeight,
+    bias: Option<&[f32]>,
+    s: ConvShape,
+    init: Option<Vec<f32>>,
+) -> Vec<f32> {
+    let (oh, ow) = s.out_hw();
+    let (plane, c_out) = (oh * ow, s.c_out);
+    let has_init = init.is_some();
+    let mut out = init.unwrap_or_else(|| vec![0f32; s.batch * c_out * plane]);
+    assert_eq!(out.len(), s.batch * c_out * plane);
+    for (bi, ob) in out.chunks_mut(plane * c_out).enumerate() {
+        if let Some(bb) = bias_of(bias, c_out, bi) {
             for (o, &bv) in ob.chunks_mut(plane).zip(bb) {
-                if has_init {
-                    o.iter_mut().for_each(|v| *v += bv);
-                } else {
-                    o.fill(bv);
-                }
+                o.iter_mut().for_each(|v| *v += bv);
             }
         }
     }
-    if let ConvWeight::Winograd(wt) = weight {
-        super::winograd::conv3x3(x, wt, batch, uh, uw, upsample, &mut out, accumulate);
-        return out;
-    }
-    if kk == 1 && stride == 1 && padding == 0 && upsample == 1 {
-        for (ob, xb) in out.chunks_mut(c_out * plane).zip(x.chunks(c_in * plane)) {
-            gemm_rowmajor(
-                c_out, plane, c_in, ob, plane, accumulate, weight, c_in, xb, plane, threads,
-            );
-        }
-        return out;
-    }
-    for_each_band(x, s, |bi, oy0, n, col| {
-        gemm_rowmajor(
-            c_out,
-            n,
-            kdim,
-            &mut out[bi * c_out * plane + oy0 * ow..],
-            plane,
-            accumulate,
-            weight,
-            kdim,
-            col,
-            n,
-            threads,
-        )
-    });
+    let (uh, uw) = s.in_hw();
+    let accumulate = bias.is_some() || has_init;
+    super::winograd::conv3x3(
+        tier, x, wt, s.batch, uh, uw, s.upsample, &mut out, accumulate,
+    );
     out
 }
 
-/// The output of [`conv2d_bf16`]: the caller's initial values (accumulated into) or fresh
+/// The output of [`conv_gemm`]: the caller's initial values (accumulated into) or fresh
 /// memory (written only).
 enum Out<'a> {
     Init(&'a mut [f32]),
@@ -233,56 +207,44 @@ enum Out<'a> {
 
 impl Out<'_> {
     /// `out[off..]` (row stride `ld`) (+)= w · rhs + epi.
-    #[allow(clippy::too_many_arguments)]
     fn gemm(
         &mut self,
-        off: usize,
-        ld: usize,
-        [m, n, k]: [usize; 3],
-        w: &PackedA,
+        x: Exec,
+        (off, ld): (usize, usize),
+        dims: [usize; 3],
+        w: Lhs,
         rhs: Operand,
-        epi: super::bf16::Epilogue,
-        threads: usize,
+        epi: Epilogue,
     ) {
-        use super::bf16::{gemm_add, gemm_uninit};
-        let (a, b) = (Lhs::Packed(w), Rhs::Strided(rhs));
+        use super::gemm::{gemm_add, gemm_uninit};
+        let b = Rhs::Strided(rhs);
         match self {
-            Out::Init(d) => gemm_add([m, n, k], (&mut d[off..], ld), true, epi, a, b, threads),
-            Out::Fresh(d) => gemm_uninit([m, n, k], (&mut d[off..], ld), epi, a, b, threads),
+            Out::Init(d) => gemm_add(x, dims, (&mut d[off..], ld), true, epi, w, b),
+            Out::Fresh(d) => gemm_uninit(x, dims, (&mut d[off..], ld), epi, w, b),
         }
     }
 }
 
-/// [`conv2d`] with a packed bf16 weight: the bias (per channel = per row of the GEMM) goes in
-/// through the GEMM's epilogue and a fresh output is never zeroed, so nothing but the
-/// unfolding and the GEMM touches the data.
-fn conv2d_bf16(
+/// [`conv2d`] as products of the weight (`[c_out, c_in·k·k]`) by the input or its unfolding:
+/// the bias (per channel = per row of the product) goes in through the epilogue and a fresh
+/// output is never zeroed, so nothing but the unfolding and the product touches the data.
+fn conv_gemm(
+    tier: Tier,
     x: &[f32],
-    w: &PackedA,
+    w: Lhs,
+    product: Product,
     bias: Option<&[f32]>,
     s: ConvShape,
     init: Option<Vec<f32>>,
 ) -> Vec<f32> {
-    let (batch, c_in, c_out, kk) = (s.batch, s.c_in, s.c_out, s.kernel);
+    let (c_in, c_out, kk) = (s.c_in, s.c_out, s.kernel);
     let kdim = c_in * kk * kk;
     let (oh, ow) = s.out_hw();
     let plane = oh * ow;
-    let total = batch * c_out * plane;
+    let total = s.batch * c_out * plane;
     let threads = super::num_threads();
-    if let Some(b) = bias {
-        assert!(b.len() == c_out || b.len() == batch * c_out);
-    }
-    let bias_of = |bi: usize| {
-        bias.map(|b| {
-            if b.len() == c_out {
-                b
-            } else {
-                &b[bi * c_out..][..c_out]
-            }
-        })
-    };
-    let epi = |bi: usize| super::bf16::Epilogue {
-        row_bias: bias_of(bi),
+    let epi = |bi: usize| Epilogue {
+        row_bias: bias_of(bias, c_out, bi),
         ..Default::default()
     };
     let mut fresh: Vec<f32> = Vec::new();
@@ -297,7 +259,11 @@ fn conv2d_bf16(
             Out::Fresh(&mut fresh.spare_capacity_mut()[..total])
         }
     };
-    let par = |m, n, k| gemm_threads(threads, m, n, k);
+    let exec = |m, n, k| Exec {
+        tier,
+        product,
+        threads: gemm_threads(threads, m, n, k),
+    };
     if kk == 1 && s.stride == 1 && s.padding == 0 && s.upsample == 1 {
         for (bi, xb) in x.chunks(c_in * plane).enumerate() {
             let rhs = Operand {
@@ -307,13 +273,12 @@ fn conv2d_bf16(
             };
             let dims = [c_out, plane, c_in];
             out.gemm(
-                bi * c_out * plane,
-                plane,
+                exec(c_out, plane, c_in),
+                (bi * c_out * plane, plane),
                 dims,
                 w,
                 rhs,
                 epi(bi),
-                par(c_out, plane, c_in),
             );
         }
     } else {
@@ -325,13 +290,12 @@ fn conv2d_bf16(
             };
             let off = bi * c_out * plane + oy0 * ow;
             out.gemm(
-                off,
-                plane,
+                exec(c_out, n, kdim),
+                (off, plane),
                 [c_out, n, kdim],
                 w,
                 rhs,
                 epi(bi),
-                par(c_out, n, kdim),
             );
         });
     }
@@ -414,4 +378,102 @@ fn im2col_band(x: &[f32], col: &mut [f32], s: ConvShape, oy0: usize, nr: usize, 
             }
         }
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kernels::gemm::round_bf16;
+    use crate::kernels::test_values;
+
+    /// Direct convolution in f64 (upsampling by index), plus per-image bias and `init`.
+    fn reference(x: &[f32], w: &[f32], bias: &[f32], s: ConvShape, init: &[f32]) -> Vec<f64> {
+        let (oh, ow) = s.out_hw();
+        let (uh, uw) = s.in_hw();
+        let k = s.kernel;
+        let mut out = vec![0f64; s.batch * s.c_out * oh * ow];
+        for b in 0..s.batch {
+            for co in 0..s.c_out {
+                for oy in 0..oh {
+                    for ox in 0..ow {
+                        let mut acc = bias[b * s.c_out + co] as f64;
+                        for ci in 0..s.c_in {
+                            for ky in 0..k {
+                                for kx in 0..k {
+                                    let iy = (oy * s.stride + ky) as isize - s.padding as isize;
+                                    let ix = (ox * s.stride + kx) as isize - s.padding as isize;
+                                    if iy < 0 || ix < 0 || iy >= uh as isize || ix >= uw as isize {
+                                        continue;
+                                    }
+                                    let (sy, sx) =
+                                        (iy as usize / s.upsample, ix as usize / s.upsample);
+                                    let xv = x[((b * s.c_in + ci) * s.h + sy) * s.w + sx];
+                                    let wv = w[((co * s.c_in + ci) * k + ky) * k + kx];
+                                    acc += xv as f64 * wv as f64;
+                                }
+                            }
+                        }
+                        let i = ((b * s.c_out + co) * oh + oy) * ow + ox;
+                        out[i] = acc + init[i] as f64;
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    /// f32 and packed bf16 weights, 1x1 and 3x3, strides 1 and 2, upsampling, per-image bias
+    /// and an initial residual: the same numbers (bf16: of the rounded operands) on every
+    /// tier this CPU runs.
+    #[test]
+    fn matches_direct_convolution_on_every_tier() {
+        let shapes = [
+            (2, 5, 7, 9, 11, 3, 1, 1),
+            (1, 4, 6, 8, 8, 3, 2, 1),
+            (2, 6, 5, 5, 3, 1, 1, 1),
+            (1, 3, 4, 5, 4, 3, 1, 2),
+            (1, 40, 70, 12, 10, 3, 1, 1),
+        ];
+        for (seed, &(batch, c_in, c_out, h, w, kernel, stride, upsample)) in
+            shapes.iter().enumerate()
+        {
+            let s = ConvShape {
+                batch,
+                c_in,
+                h,
+                w,
+                c_out,
+                kernel,
+                stride,
+                padding: kernel / 2,
+                upsample,
+            };
+            let (oh, ow) = s.out_hw();
+            let seed = seed as u64 * 10;
+            let x = test_values(batch * c_in * h * w, seed + 1);
+            let wt = test_values(c_out * c_in * kernel * kernel, seed + 2);
+            let bias = test_values(batch * c_out, seed + 3);
+            let init = test_values(batch * c_out * oh * ow, seed + 4);
+            let xr: Vec<f32> = x.iter().map(|&v| round_bf16(v)).collect();
+            let wr: Vec<f32> = wt.iter().map(|&v| round_bf16(v)).collect();
+            let w16: Vec<half::bf16> = wr.iter().map(|&v| half::bf16::from_f32(v)).collect();
+            let packed = PackedA::new(&w16, c_out, c_in * kernel * kernel);
+            let want32 = reference(&x, &wt, &bias, s, &init);
+            let want16 = reference(&xr, &wr, &bias, s, &init);
+            for tier in Tier::runnable() {
+                for (weight, want) in [
+                    (ConvWeight::F32(&wt), &want32),
+                    (ConvWeight::Bf16(&packed), &want16),
+                ] {
+                    let got = conv2d(tier, &x, weight, Some(&bias), s, Some(init.clone()));
+                    for (i, (g, w)) in got.iter().zip(want.iter()).enumerate() {
+                        assert!(
+                            (*g as f64 - w).abs() <= 1e-5 * (1.0 + w.abs()),
+                            "{tier} {s:?} at {i}: {g} vs {w}"
+                        );
+                    }
+                }
+            }
+        }
+    }
 }

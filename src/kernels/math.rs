@@ -1,7 +1,8 @@
 //! Element-wise math written so LLVM vectorises it (no libm calls in the loops), compiled
-//! for AVX-512 / AVX2 through [`super::dispatch_simd`].
+//! for AVX-512 / AVX2 through [`super::dispatch_simd`]: every tier computes the same
+//! formulas, so the results agree to rounding whatever the tier.
 
-use super::dispatch_simd;
+use super::{Tier, dispatch_simd};
 
 /// `exp(x)` in f32, Cephes' `expf` polynomial after a base-2 range reduction: relative error
 /// ≤ 2e-7 over the whole range; 0 below −87.3 (including −∞), +∞ above 88.7.
@@ -67,8 +68,8 @@ dispatch_simd! {
 }
 
 /// `x ← silu(x)`.
-pub fn silu_inplace(x: &mut [f32]) {
-    silu_inplace_impl(x)
+pub fn silu_inplace(tier: Tier, x: &mut [f32]) {
+    silu_inplace_impl(tier, x)
 }
 
 dispatch_simd! {
@@ -80,9 +81,9 @@ dispatch_simd! {
 }
 
 /// `out = hidden · gelu_erf(gate)` element-wise (diffusers' GEGLU); all three the same length.
-pub fn geglu(hidden: &[f32], gate: &[f32], out: &mut [f32]) {
+pub fn geglu(tier: Tier, hidden: &[f32], gate: &[f32], out: &mut [f32]) {
     assert!(hidden.len() == out.len() && gate.len() == out.len());
-    geglu_impl(hidden, gate, out)
+    geglu_impl(tier, hidden, gate, out)
 }
 
 dispatch_simd! {
@@ -94,9 +95,9 @@ dispatch_simd! {
 }
 
 /// `out = gelu_erf(x)` element-wise.
-pub fn gelu_erf_slice(x: &[f32], out: &mut [f32]) {
+pub fn gelu_erf_slice(tier: Tier, x: &[f32], out: &mut [f32]) {
     assert_eq!(x.len(), out.len());
-    gelu_erf_slice_impl(x, out)
+    gelu_erf_slice_impl(tier, x, out)
 }
 
 /// The largest value of `row` (−∞ when empty): sixteen partial maxima, compared with `>`
@@ -196,15 +197,15 @@ dispatch_simd! {
 /// `row ← exp(scale · (row − max row))`, returning the sum (0 for an all −∞ row, which is
 /// zeroed): softmax without the final division, which the caller applies to the (much
 /// smaller) product with V. Uses [`exp2_bf16`]: for the bf16 path only.
-pub fn softmax_unnormalized_bf16(row: &mut [f32], scale: f32) -> f32 {
+pub fn softmax_unnormalized_bf16(tier: Tier, row: &mut [f32], scale: f32) -> f32 {
     let mut sum = 0.0;
-    softmax_unnormalized_impl(row, scale, &mut sum);
+    softmax_unnormalized_impl(tier, row, scale, &mut sum);
     sum
 }
 
 /// In-place `softmax(scale · row)` (scale > 0).
-pub fn softmax_row(row: &mut [f32], scale: f32) {
-    softmax_row_impl(row, scale)
+pub fn softmax_row(tier: Tier, row: &mut [f32], scale: f32) {
+    softmax_row_impl(tier, row, scale)
 }
 
 #[cfg(test)]
@@ -238,15 +239,24 @@ mod tests {
     #[test]
     fn gelu_matches_libm_erf() {
         let xs = grid();
-        let mut out = vec![0f32; xs.len()];
-        gelu_erf_slice(&xs, &mut out);
-        for (&x, &g) in xs.iter().zip(&out) {
-            let want = 0.5 * x as f64 * (1.0 + erf64(x as f64 / std::f64::consts::SQRT_2));
-            let err = (g as f64 - want).abs();
-            assert!(
-                err <= 1e-6 * (x.abs() as f64).max(1.0),
-                "gelu({x}) = {g} vs {want}"
-            );
+        for tier in Tier::runnable() {
+            let mut out = vec![0f32; xs.len()];
+            gelu_erf_slice(tier, &xs, &mut out);
+            for (&x, &g) in xs.iter().zip(&out) {
+                let want = 0.5 * x as f64 * (1.0 + erf64(x as f64 / std::f64::consts::SQRT_2));
+                let err = (g as f64 - want).abs();
+                assert!(
+                    err <= 1e-6 * (x.abs() as f64).max(1.0),
+                    "{tier}: gelu({x}) = {g} vs {want}"
+                );
+            }
+            // GEGLU is the hidden half times this.
+            let hidden: Vec<f32> = xs.iter().map(|v| 0.5 - v).collect();
+            let mut gg = vec![0f32; xs.len()];
+            geglu(tier, &hidden, &xs, &mut gg);
+            for ((&h, &g), &o) in hidden.iter().zip(&out).zip(&gg) {
+                assert!((h * g - o).abs() <= 1e-6 * (h * g).abs().max(1.0), "{tier}");
+            }
         }
     }
 
@@ -301,20 +311,33 @@ mod tests {
                 assert!(((a as f64 - b) / b).abs() < 2e-4, "2^{t}: {a} vs {b}");
             }
         }
-        let mut row = vec![1.0f32, 2.0, f32::NEG_INFINITY, 0.5];
-        let s = softmax_unnormalized_bf16(&mut row, 0.5);
-        let want: Vec<f64> = [1.0f64, 2.0, f64::NEG_INFINITY, 0.5]
-            .iter()
-            .map(|v| ((v - 2.0) * 0.5).exp())
-            .collect();
-        assert!((s as f64 - want.iter().sum::<f64>()).abs() < 1e-3);
-        for (a, b) in row.iter().zip(&want) {
-            assert!((*a as f64 - b).abs() < 1e-3);
+        for tier in Tier::runnable() {
+            let vals: Vec<f32> = (0..40)
+                .map(|i| (i % 7) as f32 * 0.4 - 1.0)
+                .chain([f32::NEG_INFINITY, 2.0])
+                .collect();
+            let mut row = vals.clone();
+            let s = softmax_unnormalized_bf16(tier, &mut row, 0.5);
+            let want: Vec<f64> = vals
+                .iter()
+                .map(|&v| ((v as f64 - 2.0) * 0.5).exp())
+                .collect();
+            let total: f64 = want.iter().sum();
+            assert!((s as f64 - total).abs() < 1e-3 * total, "{tier}");
+            for (a, b) in row.iter().zip(&want) {
+                assert!((*a as f64 - b).abs() < 1e-3, "{tier}");
+            }
         }
     }
 
     #[test]
     fn softmax_rows() {
+        for tier in Tier::runnable() {
+            softmax_rows_on(tier);
+        }
+    }
+
+    fn softmax_rows_on(tier: Tier) {
         for len in [1usize, 5, 16, 17, 77, 300] {
             let mut row: Vec<f32> = (0..len).map(|i| ((i * 37 % 11) as f32) - 4.0).collect();
             let scale = 0.37f32;
@@ -324,23 +347,29 @@ mod tests {
                 .map(|&v| ((v * scale - m) as f64).exp())
                 .collect();
             let s: f64 = want.iter().sum();
-            softmax_row(&mut row, scale);
+            softmax_row(tier, &mut row, scale);
             for (a, w) in row.iter().zip(&want) {
-                assert!((*a as f64 - w / s).abs() < 1e-6, "{len}");
+                assert!((*a as f64 - w / s).abs() < 1e-6, "{tier} {len}");
             }
         }
         let mut row = vec![0.0, f32::NEG_INFINITY, 1.0];
-        softmax_row(&mut row, 1.0);
+        softmax_row(tier, &mut row, 1.0);
         assert_eq!(row[1], 0.0);
     }
 
     #[test]
     fn silu_matches() {
-        let mut xs = grid();
-        let want: Vec<f32> = xs.iter().map(|&x| x / (1.0 + (-x).exp())).collect();
-        silu_inplace(&mut xs);
-        for (a, b) in xs.iter().zip(&want) {
-            assert!((a - b).abs() <= 1e-6 * b.abs().max(1.0), "{a} vs {b}");
+        let grid = grid();
+        let want: Vec<f32> = grid.iter().map(|&x| x / (1.0 + (-x).exp())).collect();
+        for tier in Tier::runnable() {
+            let mut xs = grid.clone();
+            silu_inplace(tier, &mut xs);
+            for (a, b) in xs.iter().zip(&want) {
+                assert!(
+                    (a - b).abs() <= 1e-6 * b.abs().max(1.0),
+                    "{tier}: {a} vs {b}"
+                );
+            }
         }
     }
 }

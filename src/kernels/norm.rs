@@ -4,8 +4,8 @@
 //! f32 partial sums gathered into f64 (more accurate than torch's own f32 reduction), then
 //! one pass writes `γ·(x−μ)·rstd + β`, optionally through SiLU.
 
-use super::dispatch_simd;
 use super::math;
+use super::{Tier, dispatch_simd};
 use rayon::prelude::*;
 
 dispatch_simd! {
@@ -54,6 +54,7 @@ dispatch_simd! {
 /// per-channel `gamma`/`beta`; SiLU applied to the result when `silu`.
 #[allow(clippy::too_many_arguments)]
 pub fn group_norm(
+    tier: Tier,
     x: &[f32],
     channels: usize,
     spatial: usize,
@@ -77,11 +78,11 @@ pub fn group_norm(
             // Pass 1: mean (shifted by the first element to keep the f32 lanes small).
             let mut acc = [0f64; 2];
             let pivot = xs[0];
-            sum_impl(xs, pivot, &mut acc);
+            sum_impl(tier, xs, pivot, &mut acc);
             let n = slab as f64;
             let mean = pivot as f64 + acc[0] / n;
             // Pass 2: variance around the mean.
-            sum_impl(xs, mean as f32, &mut acc);
+            sum_impl(tier, xs, mean as f32, &mut acc);
             let m32 = mean as f32;
             // Correct for the rounding of the mean to f32: E[(x-m')²] − (E[x-m'])².
             let var = (acc[1] / n - (acc[0] / n).powi(2)).max(0.0);
@@ -91,8 +92,53 @@ pub fn group_norm(
                 let scale = gamma[ch] as f64 * rstd;
                 let shift = beta[ch] as f64 - m32 as f64 * scale;
                 let r = c * spatial..(c + 1) * spatial;
-                apply_impl(&xs[r.clone()], &mut o[r], scale as f32, shift as f32, silu);
+                apply_impl(
+                    tier,
+                    &xs[r.clone()],
+                    &mut o[r],
+                    scale as f32,
+                    shift as f32,
+                    silu,
+                );
             }
         });
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Group norm (with and without SiLU) against an f64 reference on every tier.
+    #[test]
+    fn matches_reference_on_every_tier() {
+        let (b, c, spatial, groups) = (2, 12, 37, 3);
+        let x: Vec<f32> = crate::kernels::test_values(b * c * spatial, 5)
+            .iter()
+            .map(|v| 3.0 + 2.0 * v)
+            .collect();
+        let gamma = crate::kernels::test_values(c, 6);
+        let beta = crate::kernels::test_values(c, 7);
+        let cpg = c / groups;
+        for tier in Tier::runnable() {
+            for silu in [false, true] {
+                let got = group_norm(tier, &x, c, spatial, groups, &gamma, &beta, 1e-5, silu);
+                for (slab, xs) in x.chunks(cpg * spatial).enumerate() {
+                    let n = xs.len() as f64;
+                    let mean = xs.iter().map(|&v| v as f64).sum::<f64>() / n;
+                    let var = xs.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / n;
+                    for (i, &v) in xs.iter().enumerate() {
+                        let ch = (slab % groups) * cpg + i / spatial;
+                        let mut y = (v as f64 - mean) / (var + 1e-5).sqrt() * gamma[ch] as f64
+                            + beta[ch] as f64;
+                        if silu {
+                            y /= 1.0 + (-y).exp();
+                        }
+                        let g = got[slab * cpg * spatial + i] as f64;
+                        assert!((g - y).abs() < 1e-5, "{tier} silu {silu}: {g} vs {y}");
+                    }
+                }
+            }
+        }
+    }
 }

@@ -9,6 +9,8 @@
 //! The filter transform `U = G g Gᵀ` is computed once, at load ([`WinogradWeight`]); the
 //! input is transformed in bands of tile rows into a reused buffer, so memory stays bounded.
 
+use super::Tier;
+use super::gemm::{Exec, Lhs, Operand, Product, Rhs, Src};
 use rayon::prelude::*;
 
 /// Elements of the transformed-input and product buffers per band (each ~16 MiB).
@@ -71,6 +73,7 @@ impl WinogradWeight {
 /// the bias (and any residual) when `accumulate`.
 #[allow(clippy::too_many_arguments)]
 pub fn conv3x3(
+    tier: Tier,
     x: &[f32],
     wt: &WinogradWeight,
     batch: usize,
@@ -109,13 +112,22 @@ pub fn conv3x3(
                 });
             // M[co][ξ][tile] = U[ξ] · V[ξ]
             for xi in 0..16 {
+                let op = |s, rs| Operand {
+                    data: Src::F32(s),
+                    rs,
+                    cs: 1,
+                };
                 super::gemm::gemm(
+                    Exec {
+                        tier,
+                        product: Product::F32,
+                        threads,
+                    },
                     [c_out, t, c_in],
-                    (&mut m[xi * t..], 16 * t, 1),
+                    (&mut m[xi * t..], 16 * t),
                     false,
-                    (&wt.u[xi * c_out * c_in..][..c_out * c_in], c_in, 1),
-                    (&v[xi * t..], 16 * t, 1),
-                    threads,
+                    Lhs::Strided(op(&wt.u[xi * c_out * c_in..][..c_out * c_in], c_in)),
+                    Rhs::Strided(op(&v[xi * t..], 16 * t)),
                 );
             }
             ob.par_chunks_mut(h * w)
@@ -259,8 +271,16 @@ mod tests {
     use super::*;
     use crate::kernels::conv::{ConvShape, ConvWeight, conv2d};
 
+    /// On every tier, against the unfolded convolution of the portable tier.
     #[test]
     fn matches_direct_convolution() {
+        for tier in Tier::runnable() {
+            matches_direct_on(tier);
+        }
+    }
+
+    fn matches_direct_on(tier: Tier) {
+        let generic = Tier::GENERIC;
         let mut seed = 0;
         let mut rnd = |n: usize| {
             seed += 1;
@@ -286,7 +306,7 @@ mod tests {
                 padding: 1,
                 upsample: 1,
             };
-            let want = conv2d(&x, ConvWeight::F32(&wt), Some(&bias), shape, None);
+            let want = conv2d(generic, &x, ConvWeight::F32(&wt), Some(&bias), shape, None);
             let ww = WinogradWeight::new(&wt, co, ci);
             let mut got = vec![0f32; b * co * h * w];
             for (bi, ob) in got.chunks_mut(co * h * w).enumerate() {
@@ -295,7 +315,7 @@ mod tests {
                     o.fill(bv);
                 }
             }
-            conv3x3(&x, &ww, b, h, w, 1, &mut got, true);
+            conv3x3(tier, &x, &ww, b, h, w, 1, &mut got, true);
             let scale = want.iter().fold(0f32, |a, v| a.max(v.abs()));
             let err = got
                 .iter()
@@ -303,12 +323,13 @@ mod tests {
                 .fold(0f32, |a, (g, w)| a.max((g - w).abs()));
             assert!(
                 err <= 1e-5 * scale.max(1.0),
-                "{:?}: {err}",
+                "{tier} {:?}: {err}",
                 (b, ci, co, h, w)
             );
             // Upsampled input: the same convolution of the 2x nearest-neighbour image.
             let (h2, w2) = (2 * h, 2 * w);
             let want = conv2d(
+                generic,
                 &x,
                 ConvWeight::F32(&wt),
                 None,
@@ -319,7 +340,7 @@ mod tests {
                 None,
             );
             let mut got = vec![0f32; b * co * h2 * w2];
-            conv3x3(&x, &ww, b, h2, w2, 2, &mut got, false);
+            conv3x3(tier, &x, &ww, b, h2, w2, 2, &mut got, false);
             let err = got
                 .iter()
                 .zip(&want)
