@@ -9,6 +9,8 @@
 //!   [`crate::kernels::winograd`], beat the bf16 product there).
 //! - `bf16` / `f16` on a GPU: everything in that dtype (candle's kernels), except that an f16
 //!   run decodes with the VAE in f32, as diffusers' `force_upcast` does for the SDXL VAE.
+//! - `f16` on the CPU with `DMD2_KERNELS=candle`: the GPU's f16 path run through candle's CPU
+//!   f16 ops (slow; it exists so the GPU's dtype logic is tested on machines without one).
 
 use anyhow::{Result, bail};
 use candle_core::{DType, Device};
@@ -120,6 +122,7 @@ impl RunPrecision {
                     crate::kernels::Tier::current().has(crate::kernels::Level::Avx512Bf16)
                         && unet_params >= AUTO_BF16_MIN_PARAMS
                 }
+                DtypeChoice::F16 if !crate::kernels::own() => return Ok(Self::f16_upcast_vae()),
                 DtypeChoice::F16 => bail!(
                     "--dtype f16 runs on a GPU only (the CPU has no fast f16 path); use --dtype bf16 or f32"
                 ),
@@ -147,16 +150,19 @@ impl RunPrecision {
                     text: p,
                 }
             }
-            DtypeChoice::Auto | DtypeChoice::F16 => {
-                let p = Precision::uniform(DType::F16);
-                // diffusers' force_upcast: the SDXL VAE overflows in f16.
-                Self {
-                    unet: p,
-                    vae: Precision::F32,
-                    text: p,
-                }
-            }
+            DtypeChoice::Auto | DtypeChoice::F16 => Self::f16_upcast_vae(),
         })
+    }
+
+    /// f16 everywhere but the VAE, which decodes in f32: diffusers' `force_upcast` (the SDXL
+    /// VAE overflows in f16).
+    fn f16_upcast_vae() -> Self {
+        let p = Precision::uniform(DType::F16);
+        Self {
+            unet: p,
+            vae: Precision::F32,
+            text: p,
+        }
     }
 }
 
