@@ -23,7 +23,9 @@ mod engine;
 mod fma;
 mod portable;
 
-use super::tier::{Level, Tier};
+#[cfg(target_arch = "x86_64")]
+use super::tier::Level;
+use super::tier::Tier;
 use half::bf16;
 use rayon::prelude::*;
 

@@ -243,12 +243,16 @@ unsafe impl Kernel for Portable {
                 }
             }
         }
+        let terms = !epi.is_none();
         for (i, acc_i) in acc.iter().enumerate().take(rows) {
             for (j, &v) in acc_i.iter().enumerate().take(cols) {
                 // SAFETY: (i, j) inside the tile.
                 unsafe {
                     let dst = c.add(i * ldc + j);
-                    let mut v = v + epi.at_ij(i, j);
+                    let mut v = v;
+                    if terms {
+                        v += epi.at_ij(i, j);
+                    }
                     if load {
                         v += *dst;
                     }
