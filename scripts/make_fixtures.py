@@ -11,19 +11,28 @@ What it writes (paths relative to the repository root):
       <|endoftext|> = 49407. No padding/truncation settings are stored in it.
 
   tests/fixtures/tiny/
-      Model "tiny" as a diffusers folder (float32 safetensors), laid out like the
-      stabilityai/stable-diffusion-xl-base-1.0 hub repo: model_index.json,
-      scheduler/ (SDXL base's EulerDiscreteScheduler config), unet/, vae/,
+      Model "tiny" as a diffusers folder (float16 safetensors: every weight is a float16
+      value), laid out like the stabilityai/stable-diffusion-xl-base-1.0 hub repo:
+      model_index.json, scheduler/ (SDXL base's EulerDiscreteScheduler config), unet/, vae/,
       text_encoder/ (CLIPTextModel, keys with the `text_model.` prefix as hub files
       have them), text_encoder_2/ (CLIPTextModelWithProjection), tokenizer/ and
       tokenizer_2/ as vocab.json + merges.txt + tokenizer_config.json +
       special_tokens_map.json (no tokenizer.json; tokenizer_2 pads with "!").
 
-  tests/fixtures/tiny.safetensors
-      The same weights as one original-layout (LDM/sgm) SDXL checkpoint, float16.
+  tests/fixtures/tiny.single_file.json
+      The same weights as one original-layout (LDM/sgm) SDXL checkpoint, float16, described
+      tensor by tensor (name, dtype, shape, sha256 of the little-endian data). The file itself
+      is written to tests/fixtures/tiny.safetensors (git-ignored: the other fixture scripts
+      read it) and checked with diffusers' from_single_file; the Rust tests write it from the
+      folder with dmd2's own writer and check it against this description, so the repository
+      holds the tiny weights once.
 
   tests/fixtures/tiny2.safetensors
       Model "tiny2" (other depths and widths), single file only, bfloat16.
+
+  tests/fixtures/tokenizer_ids.json
+      Prompts (the cases', awkward ones, random strings) with the ids the tiny pipeline's
+      two CLIPTokenizers give them (padded and truncated to 77 as the pipeline does).
 
   tests/fixtures/refs/cases.json, refs/<case>.safetensors, refs/<case>.png
       Reference runs of diffusers' StableDiffusionXLPipeline with LCMScheduler
@@ -298,10 +307,10 @@ TINY2 = {
         "addition_time_embed_dim": 16,
     },
     "vae": {"block_out_channels": [32, 64, 64, 64], "layers_per_block": 2},
-    "text_encoder": {"hidden_size": 16, "intermediate_size": 64, "num_hidden_layers": 4, "num_attention_heads": 1},
+    "text_encoder": {"hidden_size": 8, "intermediate_size": 32, "num_hidden_layers": 4, "num_attention_heads": 1},
     "text_encoder_2": {
-        "hidden_size": 64,
-        "intermediate_size": 256,
+        "hidden_size": 24,
+        "intermediate_size": 96,
         "num_hidden_layers": 3,
         "num_attention_heads": 1,
         "projection_dim": 40,
@@ -572,7 +581,7 @@ def build_tiny_pipeline(spec, vocab, merges, tmp):
     return pipe
 
 
-def save_diffusers_folder(pipe, folder, vocab, merges, verbose=True):
+def save_diffusers_folder(pipe, folder, vocab, merges, verbose=True, dtype=torch.float16):
     """pipe.save_pretrained, then make the folder look like the SDXL hub repo:
     tokenizers as vocab.json/merges.txt (+configs) and text_encoder keys with `text_model.`."""
     folder = Path(folder)
@@ -585,13 +594,15 @@ def save_diffusers_folder(pipe, folder, vocab, merges, verbose=True):
     sd = load_file(te_file)
     sd = {(k if k.startswith("text_model.") else "text_model." + k): v for k, v in sd.items()}
     save_file(dict(sorted(sd.items())), te_file, metadata={"format": "pt"})
-    # The UNet and VAE are stored as float16 to keep the fixtures small (the weights are
-    # f16-rounded, so the values are those of the f32 model); the text encoders stay f32,
-    # so both storage dtypes are read by the tests.
-    for comp in ("unet", "vae"):
-        f = folder / comp / "diffusion_pytorch_model.safetensors"
+    # Stored as float16 (tiny; bfloat16 for tiny2's config-only folder) to keep the fixtures
+    # small: the weights are rounded to that dtype, so the values are those of the f32 model.
+    for f in [folder / c / "diffusion_pytorch_model.safetensors" for c in ("unet", "vae")] + [
+        folder / c / "model.safetensors" for c in ("text_encoder", "text_encoder_2")
+    ]:
         sd = load_file(f)
-        save_file({k: v.to(torch.float16) for k, v in sorted(sd.items())}, f, metadata={"format": "pt"})
+        for k, v in sd.items():
+            assert torch.equal(v.to(dtype).float(), v.float()), (f, k)
+        save_file({k: v.to(dtype) for k, v in sorted(sd.items())}, f, metadata={"format": "pt"})
     for f in sorted(folder.rglob("*")):
         if verbose and f.is_file():
             print(f"  {f.relative_to(ROOT)}: {f.stat().st_size} bytes")
@@ -776,6 +787,65 @@ def save_single_file(pipe, path, dtype):
         assert torch.equal(v.to(dtype).float(), v), k
     save_file({k: v.to(dtype) for k, v in sorted(sd.items())}, str(path), metadata={"format": "pt"})
     print(f"  {Path(path).relative_to(ROOT)}: {len(sd)} tensors, {Path(path).stat().st_size} bytes, {dtype}")
+
+
+SAFETENSORS_DTYPES = {torch.float16: "F16", torch.bfloat16: "BF16", torch.float32: "F32"}
+
+
+def describe_single_file(path, out):
+    """Write `out`: every tensor of the safetensors file `path` as [name, dtype, shape,
+    sha256 of its little-endian bytes], in name order."""
+    import hashlib
+
+    from safetensors import safe_open
+
+    rows = []
+    with safe_open(str(path), "pt") as f:
+        for k in sorted(f.keys()):
+            t = f.get_tensor(k).contiguous()
+            raw = t.reshape(-1).view(torch.uint8).numpy().tobytes()
+            rows.append([k, SAFETENSORS_DTYPES[t.dtype], list(t.shape), hashlib.sha256(raw).hexdigest()])
+    Path(out).write_text(json.dumps({"tensors": rows}, indent=0) + "\n")
+    print(f"  {Path(out).relative_to(ROOT)}: {len(rows)} tensors described")
+
+
+TOKENIZER_FIXTURE_PROMPTS = TOKENIZER_CHECK_PROMPTS + [
+    "masterpiece, best quality, (detailed eyes:1.2), [blurry], (((very detailed))), BREAK sky",
+    "a photo of a cat!!! wearing a tiny hat.",
+    "ÉCOLE café naïve 日本語 😀 emoji, über-photorealistic",
+    "it's don't I'll we've they're 'quoted' \"double\" `tick`",
+    "123,456.789 $100 #hash @user 1girl, 2boys, 8k uhd",
+    "   leading and trailing   ",
+    "a\u00a0b\u2003c\u3000d",
+    "ß ẞ İ ı ǅ ﬃ Ⅻ ①",
+    "hyphen-ated under_score slash/back\\slash a.b.c...d ...",
+    "UPPER lower MiXeD CamelCase",
+    "x" * 300,
+    " ".join(["word"] * 100),
+]
+
+
+def random_prompts(n, seed):
+    """Random strings over letters, digits, punctuation, accents, CJK, emoji and spaces."""
+    import random
+
+    rng = random.Random(seed)
+    alphabet = "abcdefghijklmnopqrstuvwxyzABCXYZ !,.'\"()[]:;-_0123456789éüñ日本語😀\t\n\\/#@$%^&*+=<>?|~`"
+    return ["".join(rng.choice(alphabet) for _ in range(rng.randint(1, 60))) for _ in range(n)]
+
+
+def write_tokenizer_ids(pipe, cases, out):
+    prompts = []
+    for c in cases:
+        prompts += [c["prompt"]] + ([c["negative_prompt"]] if c["negative_prompt"] else [])
+    prompts = list(dict.fromkeys(prompts + TOKENIZER_FIXTURE_PROMPTS + random_prompts(300, 20261207)))
+
+    def ids(tok, text):
+        return tok(text, padding="max_length", max_length=tok.model_max_length, truncation=True).input_ids
+
+    rows = [{"prompt": p, "ids_1": ids(pipe.tokenizer, p), "ids_2": ids(pipe.tokenizer_2, p)} for p in prompts]
+    Path(out).write_text(json.dumps(rows, ensure_ascii=False, separators=(",", ":")) + "\n", encoding="utf-8")
+    print(f"  {Path(out).relative_to(ROOT)}: {len(rows)} prompts")
 
 
 def own_memory_(pipe):
@@ -1057,11 +1127,13 @@ def main():
         assert ok
         save_single_file(tiny, FIXTURES / "tiny.safetensors", TINY["single_file_dtype"])
         tiny_sf = verify_single_file(FIXTURES / "tiny.safetensors", tiny_dir, tiny)
+        describe_single_file(FIXTURES / "tiny.safetensors", FIXTURES / "tiny.single_file.json")
 
         tiny2 = build_tiny_pipeline(TINY2, vocab, merges, tmp)
         save_single_file(tiny2, FIXTURES / "tiny2.safetensors", TINY2["single_file_dtype"])
         tiny2_cfg = tmp / "tiny2-config"
-        save_diffusers_folder(tiny2, tiny2_cfg, vocab, merges, verbose=False)  # config only, not kept
+        # config only, not kept
+        save_diffusers_folder(tiny2, tiny2_cfg, vocab, merges, verbose=False, dtype=TINY2["round_dtype"])
         verify_single_file(FIXTURES / "tiny2.safetensors", tiny2_cfg, tiny2)
 
         print("[3] reference runs")
@@ -1084,9 +1156,11 @@ def main():
         assert same
         check_asset_against_refs(tok, CASES)
         (REFS / "cases.json").write_text(json.dumps(CASES, indent=2) + "\n")
+        write_tokenizer_ids(tiny, CASES, FIXTURES / "tokenizer_ids.json")
 
         # Only this script's outputs (other scripts write other files under tests/fixtures).
-        ours = [TOKENIZER_ASSET, FIXTURES / "tiny.safetensors", FIXTURES / "tiny2.safetensors"]
+        ours = [TOKENIZER_ASSET, FIXTURES / "tiny.single_file.json", FIXTURES / "tiny2.safetensors"]
+        ours += [FIXTURES / "tokenizer_ids.json"]
         ours += [f for d in (tiny_dir, REFS) for f in d.rglob("*") if f.is_file()]
         report_outputs(ours)
     finally:

@@ -27,11 +27,6 @@ clip_sample False), runs each case in float32 on the CPU with
                                     the generator state)
       image            u8 [H,W,3]   the pipeline's PIL output
 
-  tests/fixtures/samplers/unet_fp16.bin
-      The tiny UNet's state_dict in float16, written by torch.save (zip format), for
-      `--unet FILE.bin`. The tiny weights are float16 values, so it holds exactly the
-      numbers of tests/fixtures/tiny/unet.
-
 Run by hand (never in CI), after make_fixtures.py:
 
     /work/pyenv/bin/python scripts/make_sampler_fixtures.py
@@ -193,15 +188,10 @@ def main():
         assert img.std() > 5, "image looks blank"
     (OUT / "cases.json").write_text(json.dumps(CASES, indent=2) + "\n")
 
-    sd = {k: v.to(torch.float16).clone() for k, v in pipe.unet.state_dict().items()}
-    for k, v in pipe.unet.state_dict().items():
-        assert torch.equal(sd[k].to(torch.float32), v), f"{k} is not a float16 value"
-    torch.save(sd, OUT / "unet_fp16.bin")
     for f in OUT.glob("*"):
         f.chmod(0o644)
     total = sum(f.stat().st_size for f in OUT.glob("*"))
-    print(f"[done] {OUT.relative_to(ROOT)}: {total} bytes "
-          f"(unet_fp16.bin {(OUT / 'unet_fp16.bin').stat().st_size} bytes)")
+    print(f"[done] {OUT.relative_to(ROOT)}: {total} bytes")
 
 
 if __name__ == "__main__":

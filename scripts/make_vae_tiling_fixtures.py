@@ -23,7 +23,7 @@ from diffusers import AutoencoderKL
 from safetensors.torch import save_file
 
 ROOT = Path(__file__).resolve().parent.parent
-CASES = [(32, 48, 16), (40, 40, 24), (24, 56, 8)]
+CASES = [(24, 40, 16), (32, 32, 24), (16, 40, 8)]
 
 
 def main():

@@ -4,15 +4,17 @@ SDXL base's values.
 
     /work/pyenv/bin/python scripts/make_variant_fixtures.py
 
-Writes tests/fixtures/variants/<model>/ (diffusers folders) and tests/fixtures/variants/refs/
-(cases.json, <case>.safetensors intermediates, <case>.png), made exactly as
+Writes tests/fixtures/variants/<model>/ (diffusers folders), tests/fixtures/variants/refs/
+(cases.json, <case>.safetensors intermediates, <case>.png) and
+tests/fixtures/variants/va_unet_fp16.bin (va's UNet as torch.save writes a state dict, for
+`--unet` with a PyTorch file; the smallest UNet of the fixtures), made exactly as
 make_fixtures.py makes the tiny model's references (its functions are reused). Folders
 only: these configs break the single-file head rule (heads = width / 64), and a single file
 does not record head counts.
 
 Model "va" follows the shape of diffusers' own SDXL pipeline tests (one layer per block
 instead of two, to keep it small): two UNet levels, GroupNorm with one group, 2 and 4
-heads of width 16, both text encoders 16 wide with 4
+heads of width 16, both text encoders 8 wide with 4
 heads and exact GELU, a two-level VAE (2 pixels per latent) without post_quant_conv and
 with latents_mean / latents_std and its own scaling factor.
 
@@ -73,9 +75,9 @@ VARIANTS = {
             "latents_std": [1.5, 0.5, 1.0, 2.0],
             "sample_size": 64,
         },
-        "text_encoder": {"hidden_size": 16, "intermediate_size": 37, "num_hidden_layers": 3,
+        "text_encoder": {"hidden_size": 8, "intermediate_size": 37, "num_hidden_layers": 3,
                          "num_attention_heads": 4, "hidden_act": "gelu"},
-        "text_encoder_2": {"hidden_size": 16, "intermediate_size": 37, "num_hidden_layers": 3,
+        "text_encoder_2": {"hidden_size": 8, "intermediate_size": 37, "num_hidden_layers": 3,
                            "num_attention_heads": 4, "hidden_act": "gelu", "projection_dim": 16},
         "force_zeros_for_empty_prompt": True,
     },
@@ -105,7 +107,7 @@ VARIANTS = {
             "scaling_factor": 0.18215,
             "sample_size": 64,
         },
-        "text_encoder": {"hidden_size": 24, "intermediate_size": 40, "num_hidden_layers": 2,
+        "text_encoder": {"hidden_size": 12, "intermediate_size": 40, "num_hidden_layers": 2,
                          "num_attention_heads": 3, "hidden_act": "quick_gelu"},
         "text_encoder_2": {"hidden_size": 8, "intermediate_size": 20, "num_hidden_layers": 3,
                            "num_attention_heads": 2, "hidden_act": "quick_gelu", "projection_dim": 20},
@@ -219,6 +221,10 @@ def main():
         tok = mf.build_tokenizer(vocab, merges)
         mf.check_asset_against_refs(tok, CASES, refs=REFS)
         (REFS / "cases.json").write_text(json.dumps(CASES, indent=2) + "\n")
+        sd = {k: v.to(torch.float16).clone() for k, v in pipes["va"].unet.state_dict().items()}
+        for k, v in pipes["va"].unet.state_dict().items():
+            assert torch.equal(sd[k].to(torch.float32), v), f"{k} is not a float16 value"
+        torch.save(sd, OUT / "va_unet_fp16.bin")
         mf.report_outputs([f for f in OUT.rglob("*") if f.is_file()])
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -175,7 +175,7 @@ fn not_safetensors() {
 fn truncated_checkpoint() {
     let dir = tmpdir("trunc");
     let model = dir.join("in-trunc.safetensors");
-    let bytes = std::fs::read(fixtures().join("tiny.safetensors")).unwrap();
+    let bytes = std::fs::read(common::tiny_single_file()).unwrap();
     std::fs::write(&model, &bytes[..bytes.len() / 2]).unwrap();
     let o = gen_with_model(&model, &dir.join("out.png"));
     assert_bad(&o, "in-trunc.safetensors", &dir);
@@ -277,10 +277,7 @@ fn lora_inspect_and_merge_from_the_command_line() {
     let o = run_ok(&["inspect", l]);
     let s = String::from_utf8_lossy(&o.stdout);
     assert!(s.contains("kohya LoRA") && s.contains("rank: 4"), "{s}");
-    let o = run_ok(&[
-        "inspect",
-        fixtures().join("tiny.safetensors").to_str().unwrap(),
-    ]);
+    let o = run_ok(&["inspect", common::tiny_single_file().to_str().unwrap()]);
     assert!(String::from_utf8_lossy(&o.stdout).contains("single file"));
 
     // gen --lora reproduces diffusers' image with the LoRA fused.
@@ -369,7 +366,7 @@ fn default_size_follows_the_folder_configs_like_diffusers() {
         Some(1024)
     );
     assert_eq!(
-        dmd2::checkpoint::diffusers::default_image_size(&fixtures().join("tiny.safetensors")),
+        dmd2::checkpoint::diffusers::default_image_size(&common::tiny_single_file()),
         None
     );
 }

@@ -101,7 +101,7 @@ fn case(name: &str, make: impl FnOnce(&Path), problem: &str) {
 }
 
 fn tiny() -> PathBuf {
-    fixtures().join("tiny.safetensors")
+    common::tiny_single_file()
 }
 
 #[test]

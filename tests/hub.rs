@@ -973,19 +973,21 @@ fn env_child() {
 // --unet
 // ---------------------------------------------------------------------------------------
 
-/// The tiny UNet saved by torch.save in float16 (the tiny weights are float16 values):
-/// replacing the UNet with it changes nothing, for the folder and the single-file model.
+/// The va variant's UNet saved by torch.save in float16 (its weights are float16 values):
+/// replacing the UNet with it changes nothing.
 #[test]
 fn unet_from_torch_bin() {
-    let bin = fixtures().join("samplers/unet_fp16.bin");
-    let want = local_image();
-    for src in [Source::Folder, Source::SingleFile] {
-        let mut parts = checkpoint::open(&src.path()).unwrap();
-        replace_unet(&mut parts, &bin).unwrap_or_else(|e| panic!("{e:#}"));
-        let p = Pipeline::load(parts, &Device::Cpu, dmd2::precision::RunPrecision::F32).unwrap();
-        let got = p.generate(&request(), &mut |_, _| {}).unwrap().rgb;
-        assert_eq!(got, want, "{src:?} with the .bin UNet");
-    }
+    let bin = fixtures().join("variants/va_unet_fp16.bin");
+    let src = Source::Variant("va");
+    let want = pipeline(src)
+        .generate(&request(), &mut |_, _| {})
+        .unwrap()
+        .rgb;
+    let mut parts = checkpoint::open(&src.path()).unwrap();
+    replace_unet(&mut parts, &bin).unwrap_or_else(|e| panic!("{e:#}"));
+    let p = Pipeline::load(parts, &Device::Cpu, dmd2::precision::RunPrecision::F32).unwrap();
+    let got = p.generate(&request(), &mut |_, _| {}).unwrap().rgb;
+    assert_eq!(got, want, "va with the .bin UNet");
 }
 
 /// A diffusers safetensors UNet into the single-file model.
@@ -1065,7 +1067,7 @@ fn unet_from_the_hub_cache() {
     let mut files = HashMap::new();
     files.insert(
         "dmd2_sdxl_1step_unet_fp16.bin".to_string(),
-        std::fs::read(fixtures().join("samplers/unet_fp16.bin")).unwrap(),
+        std::fs::read(fixtures().join("variants/va_unet_fp16.bin")).unwrap(),
     );
     build_cache(&tmp.0, "org/unets", &files);
     let cfg = config(&tmp.0, "http://127.0.0.1:9", true);
@@ -1074,11 +1076,15 @@ fn unet_from_the_hub_cache() {
         &ModelRef::parse("org/unets/dmd2_sdxl_1step_unet_fp16.bin").unwrap(),
     )
     .unwrap();
-    let mut parts = checkpoint::open(&Source::Folder.path()).unwrap();
+    let src = Source::Variant("va");
+    let mut parts = checkpoint::open(&src.path()).unwrap();
     replace_unet(&mut parts, &path).unwrap();
     let p = Pipeline::load(parts, &Device::Cpu, dmd2::precision::RunPrecision::F32).unwrap();
     assert_eq!(
         p.generate(&request(), &mut |_, _| {}).unwrap().rgb,
-        local_image()
+        pipeline(src)
+            .generate(&request(), &mut |_, _| {})
+            .unwrap()
+            .rgb
     );
 }

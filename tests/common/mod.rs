@@ -86,7 +86,7 @@ impl Source {
     pub fn path(self) -> PathBuf {
         match self {
             Source::Folder => fixtures().join("tiny"),
-            Source::SingleFile => fixtures().join("tiny.safetensors"),
+            Source::SingleFile => tiny_single_file(),
             Source::Tiny2 => fixtures().join("tiny2.safetensors"),
             Source::Variant(name) => fixtures().join("variants").join(name),
         }
@@ -101,6 +101,51 @@ impl Source {
             other => panic!("case {}: unknown model {other}", c.name),
         }
     }
+}
+
+/// The tiny model as one original-layout (LDM/sgm) SDXL checkpoint, written from the diffusers
+/// folder by dmd2's own writer into cargo's test scratch directory (once, again when the folder
+/// is newer). The repository holds the tiny weights once; `tests/single_file_map.rs` checks
+/// this file tensor by tensor against the description of the reference converter's file
+/// (`tests/fixtures/tiny.single_file.json`, made by scripts/make_fixtures.py and read back by
+/// diffusers' `from_single_file`), so every test that reads it reads that file's numbers.
+pub fn tiny_single_file() -> PathBuf {
+    static PATH: OnceLock<PathBuf> = OnceLock::new();
+    PATH.get_or_init(|| {
+        let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("fixtures");
+        std::fs::create_dir_all(&dir).unwrap();
+        let out = dir.join("tiny.safetensors");
+        let folder = fixtures().join("tiny");
+        let mtime = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
+        let newest_input = walk(&folder).iter().filter_map(|p| mtime(p)).max();
+        if let (Some(made), Some(input)) = (mtime(&out), newest_input)
+            && made >= input
+        {
+            return out;
+        }
+        // Written aside and renamed: test binaries running at once never see half a file.
+        let tmp = dir.join(format!("tiny.{}.tmp", std::process::id()));
+        let parts = checkpoint::open(&folder).unwrap_or_else(|e| panic!("{e:#}"));
+        dmd2::checkpoint::writer::write_single_file(&parts, &tmp, Some(DType::F16))
+            .unwrap_or_else(|e| panic!("{e:#}"));
+        std::fs::rename(&tmp, &out).unwrap();
+        out
+    })
+    .clone()
+}
+
+/// Every file under `dir`.
+fn walk(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).unwrap().flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            out.extend(walk(&p));
+        } else {
+            out.push(p);
+        }
+    }
+    out
 }
 
 /// Pipelines are loaded once per test binary and shared.
