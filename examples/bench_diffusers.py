@@ -1,8 +1,14 @@
-"""Time diffusers (PyTorch, CPU) on SDXL base's full-size shapes with random weights, to compare
-with `cargo run --release --example bench` in the same sitting.
+"""Time diffusers (PyTorch) on SDXL base's full-size shapes with random weights, to compare
+with `cargo run --release --example bench` (CPU) or `--example gpu_check` (GPU) in the same
+sitting.
 
-    python examples/bench_diffusers.py unet --size 512 --batch 1 --runs 3 [--dtype f32|bf16]
+    python examples/bench_diffusers.py unet --size 512 --batch 1 --runs 3 [--dtype f32|bf16|f16]
     python examples/bench_diffusers.py vae --size 512
+    python examples/bench_diffusers.py image --size 1024 --device cuda --dtype f16
+
+`image`: what a 4-step DMD2 image costs past the text encoders: 4 UNet steps (batch 1, CFG
+off) and the VAE decode, the VAE in f32 as the SDXL pipeline's force_upcast keeps it.
+`--device cuda` synchronises before reading the clock.
 
 Needs torch and diffusers (pip install torch diffusers); never run by CI. Prints the median and
 spread of several runs after one warm-up, like the Rust harness.
@@ -32,12 +38,15 @@ VAE = dict(
 )
 
 
-def timed(fn, runs):
+def timed(fn, runs, sync=lambda: None):
     fn()
+    sync()
     ts = []
     for _ in range(runs):
+        sync()
         t = time.perf_counter()
         fn()
+        sync()
         ts.append(time.perf_counter() - t)
     ts.sort()
     return ts
@@ -45,32 +54,49 @@ def timed(fn, runs):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("what", choices=["unet", "vae"])
+    ap.add_argument("what", choices=["unet", "vae", "image"])
     ap.add_argument("--size", type=int, default=512)
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--runs", type=int, default=3)
-    ap.add_argument("--dtype", choices=["f32", "bf16"], default="f32")
+    ap.add_argument("--dtype", choices=["f32", "bf16", "f16"], default="f32")
+    ap.add_argument("--device", default="cpu")
     a = ap.parse_args()
-    dtype = torch.float32 if a.dtype == "f32" else torch.bfloat16
+    dtype = {"f32": torch.float32, "bf16": torch.bfloat16, "f16": torch.float16}[a.dtype]
+    dev = torch.device(a.device)
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     torch.manual_seed(0)
     l = a.size // 8
-    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}")
+    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, device {dev}")
     with torch.inference_mode():
-        if a.what == "unet":
-            m = UNet2DConditionModel(**UNET).to(dtype).eval()
-            x = torch.randn(a.batch, 4, l, l, dtype=dtype)
-            ctx = torch.randn(a.batch, 77, 2048, dtype=dtype)
+        if a.what in ("unet", "image"):
+            m = UNet2DConditionModel(**UNET).to(dev, dtype).eval()
+            x = torch.randn(a.batch, 4, l, l, dtype=dtype, device=dev)
+            ctx = torch.randn(a.batch, 77, 2048, dtype=dtype, device=dev)
             cond = {
-                "text_embeds": torch.randn(a.batch, 1280, dtype=dtype),
-                "time_ids": torch.tensor([[a.size, a.size, 0, 0, a.size, a.size]] * a.batch, dtype=dtype),
+                "text_embeds": torch.randn(a.batch, 1280, dtype=dtype, device=dev),
+                "time_ids": torch.tensor([[a.size, a.size, 0, 0, a.size, a.size]] * a.batch, dtype=dtype, device=dev),
             }
-            ts = timed(lambda: m(x, 999, ctx, added_cond_kwargs=cond), a.runs)
+        if a.what in ("vae", "image"):
+            vae_dtype = torch.float32 if a.what == "image" else dtype
+            v = AutoencoderKL(**VAE).to(dev, vae_dtype).eval()
+            z = torch.randn(1, 4, l, l, dtype=vae_dtype, device=dev)
+        if a.what == "unet":
+            ts = timed(lambda: m(x, 999, ctx, added_cond_kwargs=cond), a.runs, sync)
             label = f"UNet step {a.size}x{a.size} batch {a.batch} {a.dtype}"
-        else:
-            m = AutoencoderKL(**VAE).to(dtype).eval()
-            z = torch.randn(1, 4, l, l, dtype=dtype)
-            ts = timed(lambda: m.decode(z), a.runs)
+        elif a.what == "vae":
+            ts = timed(lambda: v.decode(z), a.runs, sync)
             label = f"VAE decode {a.size}x{a.size} {a.dtype}"
+        else:
+            def image():
+                lat = x
+                for t in (999, 749, 499, 249):
+                    lat = lat - m(lat, t, ctx, added_cond_kwargs=cond).sample
+                v.decode(lat.float() / VAE["scaling_factor"])
+
+            ts = timed(image, a.runs, sync)
+            label = f"4 UNet steps + VAE decode {a.size}x{a.size} {a.dtype} (VAE f32)"
+            if dev.type == "cuda":
+                label += f", peak {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB"
     print(f"{label}: median {statistics.median(ts):.3f} s (min {ts[0]:.3f}, max {ts[-1]:.3f}, n={len(ts)})")
 
 

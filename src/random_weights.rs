@@ -17,17 +17,19 @@ impl candle_nn::var_builder::SimpleBackend for RandomBackend {
     ) -> Result<Tensor> {
         let rank = s.rank();
         let dims = s.dims().to_vec();
+        // Drawn on the device itself (a GPU draws billions of values in moments; copying
+        // them over would take longer than the benchmark).
         let t = if dims.len() >= 2 {
             // ~1/sqrt(fan_in) keeps activations O(1) through the depth of the network.
             let fan_in: usize = dims[1..].iter().product();
-            Tensor::randn(0f32, (1.0 / (fan_in as f64).sqrt()) as f32, s, &Device::Cpu)?
+            Tensor::randn(0f32, (1.0 / (fan_in as f64).sqrt()) as f32, s, dev)?
         } else if name.ends_with("weight") {
-            Tensor::ones(s, DType::F32, &Device::Cpu)?
+            Tensor::ones(s, DType::F32, dev)?
         } else {
-            Tensor::zeros(s, DType::F32, &Device::Cpu)?
+            Tensor::zeros(s, DType::F32, dev)?
         };
         let dtype = self.0.map_or(dtype, |p| p.dtype_for_rank(rank));
-        t.to_dtype(dtype)?.to_device(dev)
+        t.to_dtype(dtype)
     }
 
     fn get_unchecked(&self, name: &str, _: DType, _: &Device) -> Result<Tensor> {

@@ -35,8 +35,18 @@ fn ids_match_the_reference_tokenizers() {
     ];
     for (t1, t2) in &pairs {
         for r in &rows {
-            assert_eq!(t1.encode(&r.prompt).unwrap(), r.ids_1, "tokenizer 1: {:?}", r.prompt);
-            assert_eq!(t2.encode(&r.prompt).unwrap(), r.ids_2, "tokenizer 2: {:?}", r.prompt);
+            assert_eq!(
+                t1.encode(&r.prompt).unwrap(),
+                r.ids_1,
+                "tokenizer 1: {:?}",
+                r.prompt
+            );
+            assert_eq!(
+                t2.encode(&r.prompt).unwrap(),
+                r.ids_2,
+                "tokenizer 2: {:?}",
+                r.prompt
+            );
         }
     }
 }
