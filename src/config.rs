@@ -348,8 +348,7 @@ impl VaeConfig {
 }
 
 fn read_json(path: &Path) -> Result<Value> {
-    let text =
-        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let text = crate::files::read_text(path, crate::files::limits::CONFIG)?;
     serde_json::from_str(&text).with_context(|| format!("{}: invalid JSON", path.display()))
 }
 

@@ -190,30 +190,51 @@ pub fn parse_a1111(text: &str) -> Result<A1111> {
     })
 }
 
-/// The text chunks of a PNG file, as (keyword, text).
+/// Most text one PNG chunk may inflate to: a zTXt or compressed iTXt chunk of a megabyte can
+/// claim gigabytes (a decompression bomb), and no settings text needs more than this.
+pub const MAX_PNG_TEXT: usize = 1 << 20;
+
+/// The text chunks of a PNG file, as (keyword, text). Compressed chunks are inflated up to
+/// [`MAX_PNG_TEXT`] bytes; a chunk that would inflate past it is an error naming the file.
 pub fn read_png_text(path: &Path) -> Result<Vec<(String, String)>> {
-    let f =
-        std::fs::File::open(path).with_context(|| format!("{}: cannot open", path.display()))?;
-    let decoder = png::Decoder::new(std::io::BufReader::new(f));
+    let bytes = crate::files::read_bounded(path, crate::files::limits::PNG)?;
+    let decoder = png::Decoder::new(std::io::Cursor::new(bytes));
     let reader = decoder
         .read_info()
         .map_err(|e| anyhow::anyhow!("{}: not a readable PNG ({e})", path.display()))?;
     let info = reader.info();
+    let too_big = |k: &str| {
+        anyhow::anyhow!(
+            "{}: text chunk {k:?} inflates to more than {MAX_PNG_TEXT} bytes",
+            path.display()
+        )
+    };
     let mut out: Vec<(String, String)> = info
         .uncompressed_latin1_text
         .iter()
         .map(|t| (t.keyword.clone(), t.text.clone()))
         .collect();
-    out.extend(
-        info.compressed_latin1_text
-            .iter()
-            .filter_map(|t| Some((t.keyword.clone(), t.get_text().ok()?))),
-    );
-    out.extend(
-        info.utf8_text
-            .iter()
-            .filter_map(|t| Some((t.keyword.clone(), t.get_text().ok()?))),
-    );
+    for t in &info.compressed_latin1_text {
+        let mut t = t.clone();
+        t.decompress_text_with_limit(MAX_PNG_TEXT)
+            .map_err(|_| too_big(&t.keyword))?;
+        if let Ok(text) = t.get_text() {
+            out.push((t.keyword.clone(), text));
+        }
+    }
+    for t in &info.utf8_text {
+        let mut t = t.clone();
+        t.decompress_text_with_limit(MAX_PNG_TEXT)
+            .map_err(|_| too_big(&t.keyword))?;
+        if let Ok(text) = t.get_text() {
+            out.push((t.keyword.clone(), text));
+        }
+    }
+    for (k, text) in &out {
+        if text.len() > MAX_PNG_TEXT {
+            return Err(too_big(k));
+        }
+    }
     Ok(out)
 }
 

@@ -3,7 +3,7 @@
 //! pass `--preset FILE.toml`. Explicit flags override a preset's values.
 
 use crate::scheduler::{SamplerKind, Spacing};
-use anyhow::{Context, Result, bail};
+use anyhow::{Result, bail};
 use serde::Deserialize;
 use std::path::{Path, PathBuf};
 
@@ -133,8 +133,7 @@ pub fn all() -> Result<Vec<Preset>> {
 }
 
 pub fn load_file(path: &Path) -> Result<Preset> {
-    let text = std::fs::read_to_string(path)
-        .with_context(|| format!("{}: cannot read preset", path.display()))?;
+    let text = crate::files::read_text(path, crate::files::limits::CONFIG)?;
     let name = path
         .file_stem()
         .map(|s| s.to_string_lossy().into_owned())

@@ -35,8 +35,7 @@ impl ClipTokenizer {
         let pad = read_pad_token(dir)?.unwrap_or_else(|| "<|endoftext|>".to_string());
         let tj = dir.join("tokenizer.json");
         if tj.exists() {
-            let text = std::fs::read_to_string(&tj)
-                .with_context(|| format!("cannot read {}", tj.display()))?;
+            let text = crate::files::read_text(&tj, crate::files::limits::TOKENIZER)?;
             let json: Value = serde_json::from_str(&text)
                 .with_context(|| format!("{}: invalid JSON", tj.display()))?;
             return Self::from_json(json, &pad)
@@ -49,13 +48,12 @@ impl ClipTokenizer {
                 dir.display()
             );
         }
-        let vocab: Value = serde_json::from_str(
-            &std::fs::read_to_string(&vp)
-                .with_context(|| format!("cannot read {}", vp.display()))?,
-        )
+        let vocab: Value = serde_json::from_str(&crate::files::read_text(
+            &vp,
+            crate::files::limits::TOKENIZER,
+        )?)
         .with_context(|| format!("{}: invalid JSON", vp.display()))?;
-        let merges_text = std::fs::read_to_string(&mp)
-            .with_context(|| format!("cannot read {}", mp.display()))?;
+        let merges_text = crate::files::read_text(&mp, crate::files::limits::TOKENIZER)?;
         let merges: Vec<Value> = merges_text
             .lines()
             .filter(|l| !l.starts_with("#version") && !l.trim().is_empty())
@@ -124,8 +122,7 @@ fn read_pad_token(dir: &Path) -> Result<Option<String>> {
         if !p.exists() {
             continue;
         }
-        let text =
-            std::fs::read_to_string(&p).with_context(|| format!("cannot read {}", p.display()))?;
+        let text = crate::files::read_text(&p, crate::files::limits::CONFIG)?;
         let v: Value = serde_json::from_str(&text)
             .with_context(|| format!("{}: invalid JSON", p.display()))?;
         match v.get("pad_token") {

@@ -18,81 +18,58 @@ pub struct WeightFiles {
     pub paths: Vec<PathBuf>,
     files: Vec<std::sync::Mutex<std::fs::File>>,
     entries: BTreeMap<String, Entry>,
+    metadata: Vec<BTreeMap<String, String>>,
 }
 
 struct Entry {
     file: usize,
-    dtype: safetensors::Dtype,
-    shape: Vec<usize>,
-    /// Absolute byte range in the file.
-    start: u64,
-    len: u64,
-}
-
-#[derive(serde::Deserialize)]
-struct HeaderEntry {
-    dtype: safetensors::Dtype,
-    shape: Vec<usize>,
-    data_offsets: (u64, u64),
+    tensor: crate::safetensors_file::TensorEntry,
 }
 
 impl WeightFiles {
+    /// Opens the files, each header validated by [`SafetensorsFile::open`] before any tensor
+    /// is read.
+    ///
+    /// [`SafetensorsFile::open`]: crate::safetensors_file::SafetensorsFile::open
     pub fn open(paths: &[PathBuf]) -> anyhow::Result<Self> {
         use anyhow::Context;
-        use std::io::Read;
         let mut files = Vec::with_capacity(paths.len());
         let mut entries = BTreeMap::new();
+        let mut metadata = Vec::with_capacity(paths.len());
         for (i, p) in paths.iter().enumerate() {
-            // Validates the header: JSON, offsets inside the file and tiling the data, no
-            // duplicate names, known dtypes.
-            crate::checkpoint::check_safetensors_header(p)?;
-            let mut f =
+            let header = crate::safetensors_file::SafetensorsFile::open(p)?;
+            let f =
                 std::fs::File::open(p).with_context(|| format!("{}: cannot open", p.display()))?;
-            let mut len = [0u8; 8];
-            f.read_exact(&mut len)
-                .with_context(|| format!("{}: cannot read", p.display()))?;
-            let n = u64::from_le_bytes(len);
-            let mut header = vec![0u8; n as usize];
-            f.read_exact(&mut header)
-                .with_context(|| format!("{}: cannot read the header", p.display()))?;
-            let map: BTreeMap<String, serde_json::Value> = serde_json::from_slice(&header)
-                .with_context(|| format!("{}: not a safetensors file", p.display()))?;
-            for (name, v) in map {
-                if name == "__metadata__" {
-                    continue;
-                }
-                let e: HeaderEntry = serde_json::from_value(v)
-                    .map_err(|e| anyhow::anyhow!("{}: tensor {name}: {e}", p.display()))?;
-                let (b, end) = e.data_offsets;
-                let entry = Entry {
-                    file: i,
-                    dtype: e.dtype,
-                    shape: e.shape,
-                    start: 8 + n + b,
-                    len: end - b,
-                };
+            for (name, tensor) in header.tensors {
                 // As with sharded diffusers weights, a later file wins for a repeated name.
-                entries.insert(name, entry);
+                entries.insert(name, Entry { file: i, tensor });
             }
+            metadata.push(header.metadata);
             files.push(std::sync::Mutex::new(f));
         }
         Ok(Self {
             paths: paths.to_vec(),
             files,
             entries,
+            metadata,
         })
+    }
+
+    /// The `__metadata__` strings of file `i`.
+    pub fn metadata(&self, i: usize) -> Option<&BTreeMap<String, String>> {
+        self.metadata.get(i)
     }
 
     /// Every tensor's name and shape.
     pub fn shapes(&self) -> BTreeMap<String, Vec<usize>> {
         self.entries
             .iter()
-            .map(|(k, e)| (k.clone(), e.shape.clone()))
+            .map(|(k, e)| (k.clone(), e.tensor.shape.clone()))
             .collect()
     }
 
     pub fn dtype_of(&self, name: &str) -> Option<safetensors::Dtype> {
-        self.entries.get(name).map(|e| e.dtype)
+        self.entries.get(name).map(|e| e.tensor.dtype)
     }
 
     /// Load one stored tensor to the CPU in its stored dtype.
@@ -104,22 +81,15 @@ impl WeightFiles {
             .ok_or_else(|| Error::CannotFindTensor {
                 path: name.to_string(),
             })?;
-        let dtype = match e.dtype {
-            safetensors::Dtype::F32 => DType::F32,
-            safetensors::Dtype::F16 => DType::F16,
-            safetensors::Dtype::BF16 => DType::BF16,
-            safetensors::Dtype::F64 => DType::F64,
-            safetensors::Dtype::I64 => DType::I64,
-            safetensors::Dtype::U32 => DType::U32,
-            safetensors::Dtype::U8 => DType::U8,
-            other => {
-                return Err(Error::Msg(format!(
-                    "tensor {name} has dtype {other:?}, which dmd2 does not read"
-                )));
-            }
-        };
+        let t = &e.tensor;
+        let dtype = crate::safetensors_file::candle_dtype(t.dtype).ok_or_else(|| {
+            Error::Msg(format!(
+                "tensor {name} has dtype {:?}, which dmd2 does not read",
+                t.dtype
+            ))
+        })?;
         let mut f = self.files[e.file].lock().unwrap_or_else(|p| p.into_inner());
-        f.seek(SeekFrom::Start(e.start))?;
+        f.seek(SeekFrom::Start(t.start))?;
         let read_err = |err: std::io::Error| {
             Error::Msg(format!(
                 "{}: cannot read tensor {name}: {err}",
@@ -128,13 +98,13 @@ impl WeightFiles {
         };
         // Read straight into the tensor's own storage: one allocation, no extra copy.
         match dtype {
-            DType::F32 => read_typed::<f32>(&mut f, e, read_err),
-            DType::F16 => read_typed::<half::f16>(&mut f, e, read_err),
-            DType::BF16 => read_typed::<half::bf16>(&mut f, e, read_err),
+            DType::F32 => read_typed::<f32>(&mut f, t, read_err),
+            DType::F16 => read_typed::<half::f16>(&mut f, t, read_err),
+            DType::BF16 => read_typed::<half::bf16>(&mut f, t, read_err),
             _ => {
-                let mut buf = vec![0u8; e.len as usize];
+                let mut buf = vec![0u8; t.len as usize];
                 f.read_exact(&mut buf).map_err(read_err)?;
-                Tensor::from_raw_buffer(&buf, dtype, &e.shape, &Device::Cpu)
+                Tensor::from_raw_buffer(&buf, dtype, &t.shape, &Device::Cpu)
             }
         }
     }
@@ -147,12 +117,13 @@ impl WeightFiles {
 /// Read a tensor's bytes into a `Vec<T>` and wrap it as a tensor without copying.
 fn read_typed<T: candle_core::WithDType + Default + Copy>(
     f: &mut std::fs::File,
-    e: &Entry,
+    e: &crate::safetensors_file::TensorEntry,
     read_err: impl Fn(std::io::Error) -> Error,
 ) -> Result<Tensor> {
     use std::io::Read;
     let size = std::mem::size_of::<T>();
-    let numel: usize = e.shape.iter().product();
+    // The header reader checked shape × size against the byte length with overflow checks.
+    let numel = e.numel() as usize;
     if numel * size != e.len as usize {
         return Err(Error::Msg(format!(
             "tensor of shape {:?} has {} bytes",

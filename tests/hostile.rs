@@ -131,7 +131,7 @@ fn header_longer_than_file() {
             b.extend(b"{}");
             std::fs::write(p, b).unwrap();
         },
-        "header claims",
+        "header length does not fit",
     );
 }
 
@@ -399,4 +399,219 @@ fn memory_estimate_refuses_what_cannot_fit() {
     assert_eq!(o.status.code(), Some(2), "{err}");
     assert!(err.contains("GiB") && err.contains("--force"), "{err}");
     assert_eq!(listing(&out_dir), before);
+}
+
+/// Shapes whose element count wraps u64 while the byte ranges stay as they were: refused by
+/// the header reader, naming the file and the tensor, before any tensor is read (a LoRA, and
+/// a single file's token embedding).
+#[test]
+fn wrapped_shapes_are_refused() {
+    let huge = (1u64 << 59) + 4;
+    let d = tmpdir("wrap");
+    let out_dir = d.join("out");
+    let before = listing(&out_dir);
+    // A LoRA: one module's down and up factors.
+    let lora = d.join("wrap-lora.safetensors");
+    rewrite(
+        &fixtures().join("lora/kohya_diffusers.safetensors"),
+        &lora,
+        |h, _| {
+            let obj = h.as_object_mut().unwrap();
+            let down = obj
+                .keys()
+                .find(|k| k.ends_with(".lora_down.weight"))
+                .unwrap()
+                .clone();
+            let up = down.replace("lora_down", "lora_up");
+            let rank = obj[&down]["shape"][0].clone();
+            obj.get_mut(&down).unwrap()["shape"] = serde_json::json!([huge, 32]);
+            obj.get_mut(&up).unwrap()["shape"] = serde_json::json!([rank, huge]);
+        },
+    );
+    let o = run_gen(
+        &fixtures().join("tiny"),
+        &out_dir.join("new.png"),
+        &["--lora", lora.to_str().unwrap()],
+    );
+    assert_refused(&o, &lora, "overflows", &out_dir, &before);
+    let o = Command::new(env!("CARGO_BIN_EXE_dmd2"))
+        .args(["inspect", lora.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("overflows") && !err.contains("panicked"),
+        "{err}"
+    );
+    // A single file's token embedding.
+    let model = d.join("wrap-model.safetensors");
+    rewrite(&tiny(), &model, |h, _| {
+        let k = "conditioner.embedders.1.model.token_embedding.weight";
+        h[k]["shape"] = serde_json::json!([huge, 32]);
+    });
+    let o = run_gen(&model, &out_dir.join("new.png"), &[]);
+    assert_refused(&o, &model, "overflows", &out_dir, &before);
+}
+
+/// A shape that lies without wrapping is blamed on the file that holds it (the LoRA), not on
+/// the model.
+#[test]
+fn lying_lora_shape_names_the_lora() {
+    let d = tmpdir("lie");
+    let out_dir = d.join("out");
+    let before = listing(&out_dir);
+    let lora = d.join("lie.safetensors");
+    rewrite(
+        &fixtures().join("lora/kohya_diffusers.safetensors"),
+        &lora,
+        |h, _| {
+            let obj = h.as_object_mut().unwrap();
+            let down = obj
+                .keys()
+                .find(|k| k.ends_with(".lora_down.weight"))
+                .unwrap()
+                .clone();
+            let s = obj[&down]["shape"].as_array().unwrap().clone();
+            let n = s[0].as_u64().unwrap();
+            let mut s2 = s.clone();
+            s2[0] = serde_json::json!(n * 2);
+            obj.get_mut(&down).unwrap()["shape"] = serde_json::json!(s2);
+        },
+    );
+    let o = run_gen(
+        &fixtures().join("tiny"),
+        &out_dir.join("new.png"),
+        &["--lora", lora.to_str().unwrap()],
+    );
+    assert_refused(&o, &lora, "does not match", &out_dir, &before);
+}
+
+/// FIFOs and devices as model, LoRA or inspected file: refused at once (a FIFO would block
+/// forever), naming the file.
+#[test]
+fn special_files_as_inputs() {
+    let d = tmpdir("special-in");
+    let out_dir = d.join("out");
+    let before = listing(&out_dir);
+    let fifo = d.join("fifo.safetensors");
+    let ok = Command::new("mkfifo").arg(&fifo).status().unwrap();
+    assert!(ok.success());
+    let timed = |args: &[&str]| {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_dmd2"))
+            .args(args)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let t0 = std::time::Instant::now();
+        while child.try_wait().unwrap().is_none() {
+            if t0.elapsed().as_secs() > 30 {
+                let _ = child.kill();
+                panic!("{args:?} hangs on a FIFO");
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        child.wait_with_output().unwrap()
+    };
+    let o = run_gen(&fifo, &out_dir.join("new.png"), &[]);
+    assert_refused(&o, &fifo, "not a regular file", &out_dir, &before);
+    let o = timed(&[
+        "gen",
+        "--model",
+        fixtures().join("tiny").to_str().unwrap(),
+        "--lora",
+        fifo.to_str().unwrap(),
+        "--prompt",
+        "x",
+        "-o",
+        out_dir.join("new.png").to_str().unwrap(),
+    ]);
+    assert_refused(&o, &fifo, "not a regular file", &out_dir, &before);
+    let o = timed(&["inspect", fifo.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(2));
+    let o = run_gen(Path::new("/dev/null"), &out_dir.join("new.png"), &[]);
+    assert_refused(
+        &o,
+        Path::new("/dev/null"),
+        "not a regular file",
+        &out_dir,
+        &before,
+    );
+}
+
+/// A PNG whose zTXt settings chunk inflates to half a gigabyte: refused after at most a
+/// megabyte of inflation, with little memory.
+#[test]
+fn png_text_bomb_is_refused() {
+    let d = tmpdir("bomb");
+    let out_dir = d.join("out");
+    let before = listing(&out_dir);
+    let png_path = d.join("bomb.png");
+    {
+        let f = std::fs::File::create(&png_path).unwrap();
+        let mut enc = png::Encoder::new(f, 1, 1);
+        enc.set_color(png::ColorType::Rgb);
+        // 512 MiB of zeros deflate to a few megabytes.
+        let text = "\0".repeat(512 << 20);
+        enc.add_ztxt_chunk("parameters".into(), text).unwrap();
+        let mut w = enc.write_header().unwrap();
+        w.write_image_data(&[0, 0, 0]).unwrap();
+    }
+    let size = std::fs::metadata(&png_path).unwrap().len();
+    assert!(size < 8 << 20, "{size}");
+    let o = run_gen_rss(&["--from-png", png_path.to_str().unwrap()], &out_dir);
+    assert_refused(&o.0, &png_path, "inflates", &out_dir, &before);
+    assert!(o.1 < 512 << 20, "peak RSS {} MiB", o.1 >> 20);
+}
+
+/// Runs `dmd2 gen --device cpu ARGS -o OUT_DIR/new.png` and returns its output and its peak
+/// resident memory: the largest VmHWM read from /proc/PID/status while it runs (the
+/// kernel's high-water mark of the child's own address space; ru_maxrss would count this test
+/// process's memory, which a spawned child inherits until exec).
+fn run_gen_rss(extra: &[&str], out_dir: &Path) -> (Output, u64) {
+    use std::io::Read;
+    let out = out_dir.join("new.png");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_dmd2"))
+        .args(["gen", "--device", "cpu"])
+        .args(extra)
+        .args(["-o", out.to_str().unwrap()])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut so = child.stdout.take().unwrap();
+    let mut se = child.stderr.take().unwrap();
+    let t_out = std::thread::spawn(move || {
+        let mut v = Vec::new();
+        so.read_to_end(&mut v).unwrap();
+        v
+    });
+    let t_err = std::thread::spawn(move || {
+        let mut v = Vec::new();
+        se.read_to_end(&mut v).unwrap();
+        v
+    });
+    let status_file = format!("/proc/{}/status", child.id());
+    let mut peak = 0u64;
+    let status = loop {
+        if let Ok(s) = std::fs::read_to_string(&status_file)
+            && let Some(kib) = s
+                .lines()
+                .find_map(|l| l.strip_prefix("VmHWM:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        {
+            peak = peak.max(kib * 1024);
+        }
+        if let Some(st) = child.try_wait().unwrap() {
+            break st;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(2));
+    };
+    let o = Output {
+        status,
+        stdout: t_out.join().unwrap(),
+        stderr: t_err.join().unwrap(),
+    };
+    (o, peak)
 }

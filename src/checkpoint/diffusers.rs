@@ -72,7 +72,7 @@ pub fn open(dir: &Path) -> Result<ModelParts> {
 /// diffusers' default image size for a folder model: `unet.sample_size × 2^(VAE levels − 1)`.
 pub fn default_image_size(dir: &Path) -> Option<usize> {
     let read = |p: PathBuf| -> Option<serde_json::Value> {
-        serde_json::from_str(&std::fs::read_to_string(p).ok()?).ok()
+        serde_json::from_str(&crate::files::read_text(&p, crate::files::limits::CONFIG).ok()?).ok()
     };
     let unet = read(dir.join("unet/config.json"))?;
     let vae = read(dir.join("vae/config.json"))?;
@@ -83,7 +83,7 @@ pub fn default_image_size(dir: &Path) -> Option<usize> {
 }
 
 fn force_zeros(dir: &Path) -> bool {
-    std::fs::read_to_string(dir.join("model_index.json"))
+    crate::files::read_text(&dir.join("model_index.json"), crate::files::limits::CONFIG)
         .ok()
         .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
         .and_then(|v| {
@@ -111,8 +111,7 @@ pub fn weight_files(dir: &Path, stem: &str) -> Result<Vec<PathBuf>> {
     ] {
         let p = dir.join(&name);
         if p.exists() {
-            let text = std::fs::read_to_string(&p)
-                .with_context(|| format!("cannot read {}", p.display()))?;
+            let text = crate::files::read_text(&p, crate::files::limits::CONFIG)?;
             let v: serde_json::Value = serde_json::from_str(&text)
                 .with_context(|| format!("{}: invalid JSON", p.display()))?;
             let map = v

@@ -39,6 +39,7 @@ pub enum UnetFormat {
 }
 
 pub fn detect_format(path: &Path) -> Result<UnetFormat> {
+    crate::files::require_regular_file(path)?;
     let mut f =
         std::fs::File::open(path).with_context(|| format!("{}: cannot open", path.display()))?;
     let mut head = [0u8; 9];

@@ -30,19 +30,7 @@ pub struct TensorEntry {
     pub shape: Vec<usize>,
 }
 
-/// The safetensors name of a dtype dmd2 writes.
-pub fn dtype_name(d: DType) -> Result<&'static str> {
-    Ok(match d {
-        DType::F16 => "F16",
-        DType::BF16 => "BF16",
-        DType::F32 => "F32",
-        DType::F64 => "F64",
-        DType::U8 => "U8",
-        DType::U32 => "U32",
-        DType::I64 => "I64",
-        other => bail!("cannot write tensors of dtype {other:?}"),
-    })
-}
+pub use crate::safetensors_file::dtype_name;
 
 /// Removes the temporary file unless the write completed.
 struct TempFile {

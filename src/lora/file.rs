@@ -9,7 +9,6 @@ use crate::weights::WeightFiles;
 use anyhow::{Context, Result, anyhow, bail};
 use std::collections::BTreeMap;
 use std::fmt;
-use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -310,7 +309,7 @@ impl LoraFile {
         }
         let files = Arc::new(WeightFiles::open(&[path.to_path_buf()])?);
         let shapes = files.shapes();
-        let peft_metadata = read_peft_metadata(path)?;
+        let peft_metadata = peft_metadata(&files)?;
         let mut this = Self {
             path: path.to_path_buf(),
             files,
@@ -523,26 +522,12 @@ fn part_name(p: Part) -> &'static str {
 }
 
 /// diffusers' `lora_adapter_metadata` (a JSON string in the safetensors `__metadata__`).
-/// The header was validated by [`WeightFiles::open`] before this runs.
-fn read_peft_metadata(path: &Path) -> Result<Option<serde_json::Map<String, serde_json::Value>>> {
-    let mut f =
-        std::fs::File::open(path).with_context(|| format!("{}: cannot open", path.display()))?;
-    let mut len = [0u8; 8];
-    f.read_exact(&mut len)
-        .with_context(|| format!("{}: cannot read the header", path.display()))?;
-    let n = usize::try_from(u64::from_le_bytes(len)).unwrap_or(usize::MAX);
-    if n > 100 << 20 {
-        bail!("{}: header too large", path.display());
-    }
-    let mut header = vec![0u8; n];
-    f.read_exact(&mut header)
-        .with_context(|| format!("{}: cannot read the header", path.display()))?;
-    let v: serde_json::Value = serde_json::from_slice(&header)
-        .map_err(|_| anyhow!("{}: not a safetensors file", path.display()))?;
-    let Some(raw) = v
-        .get("__metadata__")
+fn peft_metadata(
+    files: &WeightFiles,
+) -> Result<Option<serde_json::Map<String, serde_json::Value>>> {
+    let Some(raw) = files
+        .metadata(0)
         .and_then(|m| m.get("lora_adapter_metadata"))
-        .and_then(|s| s.as_str())
     else {
         return Ok(None);
     };
@@ -550,7 +535,7 @@ fn read_peft_metadata(path: &Path) -> Result<Option<serde_json::Map<String, serd
         Ok(serde_json::Value::Object(m)) => Ok(Some(m)),
         _ => bail!(
             "{}: its lora_adapter_metadata is not a JSON object",
-            path.display()
+            files.describe()
         ),
     }
 }
