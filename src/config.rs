@@ -107,7 +107,7 @@ impl UNetConfig {
             other => bail!("unsupported mid_block_type {other}"),
         };
         let cross_attention_dim = usize_field(v, "cross_attention_dim", 2048)?;
-        Ok(Self {
+        let c = Self {
             in_channels: usize_field(v, "in_channels", 4)?,
             out_channels: usize_field(v, "out_channels", 4)?,
             layers_per_block,
@@ -142,7 +142,76 @@ impl UNetConfig {
                 .unwrap_or(true),
             freq_shift: f64_field(v, "freq_shift", 0.0),
             block_out_channels,
-        })
+        };
+        c.validate()?;
+        Ok(c)
+    }
+
+    /// The arithmetic the UNet's construction relies on: positive sizes, channel counts the
+    /// norm groups and attention heads divide. Each error names the field.
+    pub fn validate(&self) -> Result<()> {
+        const MAX: usize = 1 << 16;
+        let sane = |what: &str, v: usize| -> Result<()> {
+            if v == 0 || v > MAX {
+                bail!("{what} = {v} is out of range (1..={MAX})");
+            }
+            Ok(())
+        };
+        if self.block_out_channels.is_empty() {
+            bail!("block_out_channels is empty");
+        }
+        for &c in &self.block_out_channels {
+            sane("block_out_channels entry", c)?;
+            if !c.is_multiple_of(self.norm_num_groups.max(1)) {
+                bail!(
+                    "norm_num_groups = {} does not divide block_out_channels entry {c}",
+                    self.norm_num_groups
+                );
+            }
+        }
+        sane("norm_num_groups", self.norm_num_groups)?;
+        sane("in_channels", self.in_channels)?;
+        sane("out_channels", self.out_channels)?;
+        sane("layers_per_block", self.layers_per_block)?;
+        sane("cross_attention_dim", self.cross_attention_dim)?;
+        sane("addition_time_embed_dim", self.addition_time_embed_dim)?;
+        if !(self.norm_eps.is_finite() && self.norm_eps > 0.0) {
+            bail!("norm_eps = {} is not a positive number", self.norm_eps);
+        }
+        if self.pooled_dim() == 0 {
+            bail!(
+                "projection_class_embeddings_input_dim = {} leaves no room for the pooled text embedding beside 6 × addition_time_embed_dim",
+                self.projection_class_embeddings_input_dim
+            );
+        }
+        for (level, (&c, &heads)) in self.block_out_channels.iter().zip(&self.heads).enumerate() {
+            let attends = self.down_attention.get(level).copied().unwrap_or(false)
+                || self
+                    .up_attention
+                    .iter()
+                    .rev()
+                    .nth(level)
+                    .copied()
+                    .unwrap_or(false)
+                || (level + 1 == self.block_out_channels.len()
+                    && self.mid_transformer_depth.is_some());
+            if attends && (heads == 0 || !c.is_multiple_of(heads)) {
+                bail!(
+                    "attention_head_dim: level {level} has {c} channels and {heads} heads; the heads must divide the channels"
+                );
+            }
+        }
+        for &d in self
+            .down_transformer_depth
+            .iter()
+            .chain(&self.up_transformer_depth)
+            .chain(&self.mid_transformer_depth)
+        {
+            if d > 256 {
+                bail!("transformer_layers_per_block entry {d} is out of range");
+            }
+        }
+        Ok(())
     }
 }
 
@@ -261,10 +330,54 @@ impl ClipConfig {
                 None
             },
         };
-        if !c.hidden_size.is_multiple_of(c.num_attention_heads) || c.num_hidden_layers < 2 {
-            bail!("{}: inconsistent text encoder config", path.display());
-        }
+        c.validate()
+            .with_context(|| format!("{}: unsupported text encoder config", path.display()))?;
         Ok(c)
+    }
+
+    /// Positive sizes, heads dividing the width, at least the two layers SDXL reads the
+    /// penultimate of.
+    pub fn validate(&self) -> Result<()> {
+        for (what, v) in [
+            ("vocab_size", self.vocab_size),
+            ("hidden_size", self.hidden_size),
+            ("intermediate_size", self.intermediate_size),
+            ("num_attention_heads", self.num_attention_heads),
+            ("max_position_embeddings", self.max_position_embeddings),
+        ] {
+            if v == 0 || v > 1 << 20 {
+                bail!("{what} = {v} is out of range");
+            }
+        }
+        if !self.hidden_size.is_multiple_of(self.num_attention_heads) {
+            bail!(
+                "num_attention_heads = {} does not divide hidden_size = {}",
+                self.num_attention_heads,
+                self.hidden_size
+            );
+        }
+        if !(2..=256).contains(&self.num_hidden_layers) {
+            bail!(
+                "num_hidden_layers = {} (SDXL reads the penultimate layer: at least 2)",
+                self.num_hidden_layers
+            );
+        }
+        if self.max_position_embeddings < 77 {
+            bail!(
+                "max_position_embeddings = {} is below CLIP's 77 tokens",
+                self.max_position_embeddings
+            );
+        }
+        if self.projection_dim == Some(0) {
+            bail!("projection_dim = 0");
+        }
+        if !(self.layer_norm_eps.is_finite() && self.layer_norm_eps > 0.0) {
+            bail!(
+                "layer_norm_eps = {} is not a positive number",
+                self.layer_norm_eps
+            );
+        }
+        Ok(())
     }
 }
 
@@ -327,7 +440,7 @@ impl VaeConfig {
             (Some(mean), Some(std)) => Some((mean, std)),
             _ => None,
         };
-        Ok(Self {
+        let c = Self {
             latent_channels,
             out_channels: usize_field(&v, "out_channels", 3)?,
             layers_per_block: usize_field(&v, "layers_per_block", 2)?,
@@ -343,7 +456,111 @@ impl VaeConfig {
                 .and_then(Value::as_bool)
                 .unwrap_or(true),
             block_out_channels,
-        })
+        };
+        c.validate()
+            .with_context(|| format!("{}: unsupported VAE config", path.display()))?;
+        Ok(c)
+    }
+
+    /// Positive sizes, groups dividing the channels, a usable latent scale (a scaling factor
+    /// of 0 would make every image black; a latent standard deviation of 0 likewise).
+    pub fn validate(&self) -> Result<()> {
+        if self.block_out_channels.is_empty() || self.block_out_channels.len() > 8 {
+            bail!(
+                "block_out_channels has {} levels (1..=8)",
+                self.block_out_channels.len()
+            );
+        }
+        if self.norm_num_groups == 0 {
+            bail!("norm_num_groups = 0");
+        }
+        for &c in &self.block_out_channels {
+            if c == 0 || c > 1 << 16 || !c.is_multiple_of(self.norm_num_groups) {
+                bail!(
+                    "block_out_channels entry {c} is zero, too large, or not divisible by norm_num_groups = {}",
+                    self.norm_num_groups
+                );
+            }
+        }
+        for (what, v) in [
+            ("latent_channels", self.latent_channels),
+            ("out_channels", self.out_channels),
+            ("layers_per_block", self.layers_per_block),
+        ] {
+            if v == 0 || v > 1024 {
+                bail!("{what} = {v} is out of range");
+            }
+        }
+        if !(self.scaling_factor.is_finite() && self.scaling_factor > 0.0) {
+            bail!(
+                "scaling_factor = {} is not a positive number",
+                self.scaling_factor
+            );
+        }
+        if let Some((mean, std)) = &self.latents_mean_std
+            && (mean.iter().chain(std).any(|v| !v.is_finite()) || std.contains(&0.0))
+        {
+            bail!("latents_mean / latents_std hold a non-finite value or a zero deviation");
+        }
+        Ok(())
+    }
+}
+
+/// The noise schedule of a diffusers folder's `scheduler/scheduler_config.json`. DMD2's
+/// sampler reproduces SDXL's: ε prediction on the scaled-linear betas from 0.00085 to 0.012
+/// over 1000 steps. Other schedules (a v-prediction fine-tune, zero-terminal-SNR betas) would
+/// give wrong images without a word, so they are refused by name; `timestep_spacing` is
+/// honoured by the teacher samplers (DMD2 uses explicit timesteps).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct SchedulerConfig {
+    pub timestep_spacing: Option<crate::scheduler::Spacing>,
+}
+
+impl SchedulerConfig {
+    pub fn from_diffusers_json(path: &Path) -> Result<Self> {
+        let v = read_json(path)?;
+        Self::from_value(&v).with_context(|| format!("{}: unsupported scheduler", path.display()))
+    }
+
+    pub fn from_value(v: &Value) -> Result<Self> {
+        let text = |k: &str| v.get(k).and_then(Value::as_str);
+        let num = |k: &str| v.get(k).and_then(Value::as_f64);
+        match text("prediction_type") {
+            None | Some("epsilon") => {}
+            Some(other) => bail!(
+                "prediction_type = {other:?}: dmd2 runs epsilon-prediction models only (SDXL base and its fine-tunes)"
+            ),
+        }
+        match text("beta_schedule") {
+            None | Some("scaled_linear") => {}
+            Some(other) => bail!("beta_schedule = {other:?} (SDXL's is \"scaled_linear\")"),
+        }
+        for (key, want) in [
+            ("beta_start", 0.00085),
+            ("beta_end", 0.012),
+            ("num_train_timesteps", 1000.0),
+            ("steps_offset", 1.0),
+        ] {
+            if let Some(got) = num(key)
+                && (got - want).abs() > 1e-9 * want.abs().max(1.0)
+            {
+                bail!("{key} = {got} (SDXL's is {want})");
+            }
+        }
+        if let Some(Value::Array(_)) = v.get("trained_betas") {
+            bail!("trained_betas: a custom beta list is not supported");
+        }
+        if v.get("rescale_betas_zero_snr").and_then(Value::as_bool) == Some(true) {
+            bail!("rescale_betas_zero_snr = true is not supported");
+        }
+        let timestep_spacing = match text("timestep_spacing") {
+            None => None,
+            Some("leading") => Some(crate::scheduler::Spacing::Leading),
+            Some("trailing") => Some(crate::scheduler::Spacing::Trailing),
+            Some("linspace") => Some(crate::scheduler::Spacing::Linspace),
+            Some(other) => bail!("timestep_spacing = {other:?} (leading, trailing or linspace)"),
+        };
+        Ok(Self { timestep_spacing })
     }
 }
 

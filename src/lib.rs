@@ -6,6 +6,7 @@
 //! [`pipeline`] drives with the [`scheduler`] and the torch-compatible [`rng`]; [`cli`] and
 //! [`output`] face the user.
 
+pub mod cancel;
 pub mod checkpoint;
 pub mod cli;
 pub mod clip;
@@ -15,6 +16,7 @@ pub mod error;
 pub mod files;
 pub mod hub;
 pub mod kernels;
+pub mod loader;
 pub mod lora;
 pub mod metadata;
 pub mod naming;

@@ -1,5 +1,13 @@
-//! Writing images: PNG with the generation parameters in text chunks, written to a temporary
-//! file beside the target and renamed into place so no partial image is ever left behind.
+//! Writing images: PNG with the generation parameters in text chunks, and output files that
+//! can only create or replace regular files.
+//!
+//! Every target is checked before any work ([`check_target`]): a directory, a block device or
+//! a file the run reads (compared by device and inode, so links and other spellings count)
+//! is refused; a character device or FIFO the user names (`-o /dev/stdout`, a pipe) is
+//! written to directly; anything else is written to a temporary file beside the target,
+//! created exclusively under an unpredictable name (a planted file or symlink there makes the
+//! create fail, never redirects it), synced, and renamed into place — so no partial image is
+//! ever left behind and nothing outside the target is ever touched.
 
 use anyhow::{Context, Result, bail};
 use std::io::Write;
@@ -47,9 +55,166 @@ pub fn encode_png(
     Ok(buf)
 }
 
-/// Write `bytes` to `path` atomically: a temporary file in the same directory, synced, then
-/// renamed. On any error the temporary file is removed and `path` is untouched.
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+/// A file's identity: device and inode. Two paths with the same identity are the same file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct FileId {
+    dev: u64,
+    ino: u64,
+}
+
+impl FileId {
+    /// The identity of the file `path` names (after symlinks), if it exists.
+    pub fn of(path: &Path) -> Option<FileId> {
+        use std::os::unix::fs::MetadataExt;
+        let m = std::fs::metadata(path).ok()?;
+        Some(FileId {
+            dev: m.dev(),
+            ino: m.ino(),
+        })
+    }
+}
+
+/// How an output path is written.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Target {
+    /// A regular file, new or replaced: through a temporary file and a rename.
+    File(PathBuf),
+    /// A character device or FIFO the user named: written directly.
+    Stream(PathBuf),
+}
+
+impl Target {
+    pub fn path(&self) -> &Path {
+        match self {
+            Target::File(p) | Target::Stream(p) => p,
+        }
+    }
+}
+
+/// Decides how `path` is written, refusing what must not be: a directory, a block device, a
+/// socket, or a file among `inputs` (the files this run reads).
+pub fn check_target(path: &Path, inputs: &[FileId]) -> Result<Target> {
+    use std::os::unix::fs::FileTypeExt;
+    let name = path.display();
+    let meta = match std::fs::metadata(path) {
+        Ok(m) => m,
+        // Nothing there (or a dangling link, which the rename replaces): a new file.
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Ok(Target::File(path.to_path_buf()));
+        }
+        Err(e) => bail!("{name}: cannot write there: {e}"),
+    };
+    let t = meta.file_type();
+    if t.is_dir() {
+        bail!("{name}: is a directory; give a file name (or --out-dir for a directory)");
+    }
+    if t.is_block_device() {
+        bail!("{name}: a block device; refusing to write an image onto it");
+    }
+    if t.is_socket() {
+        bail!("{name}: a socket; give a file name");
+    }
+    if t.is_char_device() || t.is_fifo() {
+        return Ok(Target::Stream(path.to_path_buf()));
+    }
+    if let Some(id) = FileId::of(path)
+        && inputs.contains(&id)
+    {
+        bail!(
+            "{name}: is an input of this run (a model, LoRA, prompt or settings file); refusing to overwrite it"
+        );
+    }
+    Ok(Target::File(path.to_path_buf()))
+}
+
+/// The temporary-file name's marker: `.NAME.dmd2-PID-RANDOM.tmp`.
+const TEMP_MARK: &str = ".dmd2-";
+
+/// Longest file name the common file systems take.
+const NAME_MAX: usize = 255;
+
+/// An unpredictable 64-bit value (OS-seeded hasher keys, the time, a counter).
+fn random_u64() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u64(COUNTER.fetch_add(1, Ordering::Relaxed));
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0),
+    );
+    h.finish()
+}
+
+/// `.NAME.dmd2-PID-RANDOM.tmp`, with NAME cut (at a character boundary) so the whole fits in
+/// [`NAME_MAX`] bytes.
+fn temp_name(file_name: &str) -> String {
+    let tail = format!(
+        "{TEMP_MARK}{}-{:016x}.tmp",
+        std::process::id(),
+        random_u64()
+    );
+    let room = NAME_MAX - 1 - tail.len();
+    let mut cut = file_name.len().min(room);
+    while !file_name.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    format!(".{}{tail}", &file_name[..cut])
+}
+
+/// The temporary file being written, for the signal handler to remove on a forced exit.
+static CURRENT_TEMP: std::sync::Mutex<Option<PathBuf>> = std::sync::Mutex::new(None);
+
+/// Removes the temporary file being written, if any (called when the process must exit now).
+pub fn remove_current_temp() {
+    if let Ok(mut t) = CURRENT_TEMP.try_lock()
+        && let Some(p) = t.take()
+    {
+        let _ = std::fs::remove_file(p);
+    }
+}
+
+/// Writes `bytes` to `target`. A [`Target::File`] goes through an exclusively created
+/// temporary file in the same directory, synced and renamed; on any error it is removed and
+/// the target is untouched. A [`Target::Stream`] is opened (never created) and written.
+pub fn write(target: &Target, bytes: &[u8]) -> Result<()> {
+    match target {
+        Target::Stream(p) => write_stream(p, bytes),
+        Target::File(p) => write_file(p, bytes),
+    }
+}
+
+fn write_stream(path: &Path, bytes: &[u8]) -> Result<()> {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::fs::OpenOptionsExt;
+    // Non-blocking open: a FIFO nobody reads fails at once (ENXIO) instead of hanging.
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)
+        .map_err(|e| match e.raw_os_error() {
+            Some(libc::ENXIO) => anyhow::anyhow!("{}: no process reads this FIFO", path.display()),
+            _ => anyhow::anyhow!("{}: cannot write: {e}", path.display()),
+        })?;
+    // Then blocking writes, so a slow reader is waited for rather than failing with EAGAIN.
+    // SAFETY: fcntl on the descriptor of `f`, which this function owns.
+    unsafe {
+        let fd = f.as_raw_fd();
+        let flags = libc::fcntl(fd, libc::F_GETFL);
+        if flags >= 0 {
+            libc::fcntl(fd, libc::F_SETFL, flags & !libc::O_NONBLOCK);
+        }
+    }
+    f.write_all(bytes)
+        .and_then(|_| f.flush())
+        .with_context(|| format!("{}: cannot write", path.display()))
+}
+
+fn write_file(path: &Path, bytes: &[u8]) -> Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
     let dir = match path.parent() {
         Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
         _ => PathBuf::from("."),
@@ -58,21 +223,78 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
         .with_context(|| format!("{}: cannot create the output directory", dir.display()))?;
     let file_name = path
         .file_name()
-        .with_context(|| format!("{}: not a file name", path.display()))?;
-    let tmp = dir.join(format!(
-        ".{}.{}.tmp",
-        file_name.to_string_lossy(),
-        std::process::id()
-    ));
+        .with_context(|| format!("{}: not a file name", path.display()))?
+        .to_string_lossy()
+        .into_owned();
+    // Created exclusively: an existing file or symlink at the name fails the create instead
+    // of being followed or truncated; a fresh random name is tried a few times.
+    let mut attempt = 0;
+    let (tmp, mut f) = loop {
+        let tmp = dir.join(temp_name(&file_name));
+        match std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o644)
+            .open(&tmp)
+        {
+            Ok(f) => break (tmp, f),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && attempt < 8 => {
+                attempt += 1;
+            }
+            Err(e) => return Err(e).with_context(|| format!("{}: cannot write", path.display())),
+        }
+    };
+    if let Ok(mut t) = CURRENT_TEMP.lock() {
+        *t = Some(tmp.clone());
+    }
     let result = (|| -> std::io::Result<()> {
-        let mut f = std::fs::File::create(&tmp)?;
         f.write_all(bytes)?;
         f.sync_all()?;
-        std::fs::rename(&tmp, path)
+        drop(f);
+        std::fs::rename(&tmp, path)?;
+        // The rename itself durable too.
+        if let Ok(d) = std::fs::File::open(&dir) {
+            let _ = d.sync_all();
+        }
+        Ok(())
     })();
+    if let Ok(mut t) = CURRENT_TEMP.lock() {
+        *t = None;
+    }
     if let Err(e) = result {
         let _ = std::fs::remove_file(&tmp);
         return Err(e).with_context(|| format!("{}: cannot write", path.display()));
+    }
+    Ok(())
+}
+
+/// Creates `dir` (with its parents) under `root`, refusing a symlink on the way: an output
+/// name with subdirectories must not lead outside the output directory through a planted or
+/// pre-existing link.
+pub fn create_dir_inside(root: &Path, dir: &Path) -> Result<()> {
+    let rel = dir.strip_prefix(root).with_context(|| {
+        format!(
+            "{}: not inside the output directory {}",
+            dir.display(),
+            root.display()
+        )
+    })?;
+    let mut at = root.to_path_buf();
+    for c in rel.components() {
+        at.push(c);
+        match std::fs::symlink_metadata(&at) {
+            Ok(m) if m.file_type().is_symlink() => bail!(
+                "{}: a symbolic link inside the output directory; refusing to write through it",
+                at.display()
+            ),
+            Ok(m) if m.is_dir() => {}
+            Ok(_) => bail!("{}: exists and is not a directory", at.display()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                std::fs::create_dir(&at)
+                    .with_context(|| format!("{}: cannot create the directory", at.display()))?;
+            }
+            Err(e) => bail!("{}: {e}", at.display()),
+        }
     }
     Ok(())
 }
@@ -81,6 +303,9 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
 /// writing). Files of live processes are left alone. Linux only (it asks /proc); a no-op
 /// elsewhere.
 pub fn remove_stale_temp_files(dir: &Path) {
+    if !Path::new("/proc/self").is_dir() {
+        return;
+    }
     let Ok(entries) = std::fs::read_dir(dir) else {
         return;
     };
@@ -89,17 +314,21 @@ pub fn remove_stale_temp_files(dir: &Path) {
         let Some(pid) = stale_pid(&name) else {
             continue;
         };
-        if Path::new("/proc").is_dir() && !Path::new(&format!("/proc/{pid}")).exists() {
+        let is_file = e.file_type().is_ok_and(|t| t.is_file());
+        if is_file && !Path::new(&format!("/proc/{pid}")).exists() {
             let _ = std::fs::remove_file(e.path());
         }
     }
 }
 
-/// The pid in a `.NAME.dmd2-PID.tmp` temporary file name.
+/// The pid in a `.NAME.dmd2-PID-RANDOM.tmp` temporary file name.
 fn stale_pid(name: &str) -> Option<u32> {
     let rest = name.strip_prefix('.')?.strip_suffix(".tmp")?;
-    let (_, pid) = rest.rsplit_once(".dmd2-")?;
-    pid.parse().ok()
+    let (_, tail) = rest.rsplit_once(TEMP_MARK)?;
+    let (pid, random) = tail.split_once('-')?;
+    (random.len() == 16 && random.bytes().all(|b| b.is_ascii_hexdigit()))
+        .then(|| pid.parse().ok())
+        .flatten()
 }
 
 #[cfg(test)]
@@ -108,16 +337,27 @@ mod tests {
 
     #[test]
     fn temp_names() {
-        assert_eq!(stale_pid(".00001-42.png.dmd2-1234.tmp"), Some(1234));
+        let t = temp_name("00001-42.png");
+        assert_eq!(stale_pid(&t), Some(std::process::id()));
+        assert_ne!(t, temp_name("00001-42.png"), "unpredictable");
+        assert_eq!(
+            stale_pid(".00001-42.png.dmd2-1234-00000000deadbeef.tmp"),
+            Some(1234)
+        );
         assert_eq!(stale_pid("00001-42.png"), None);
-        assert_eq!(stale_pid(".x.dmd2-abc.tmp"), None);
+        assert_eq!(stale_pid(".x.dmd2-abc-00000000deadbeef.tmp"), None);
+        // Long names are cut so the temporary name stays within NAME_MAX.
+        let long = "é".repeat(127);
+        let t = temp_name(&long);
+        assert!(t.len() <= NAME_MAX, "{}", t.len());
+        assert_eq!(stale_pid(&t), Some(std::process::id()));
     }
 
     #[test]
     fn atomic_write_leaves_no_temp() {
         let dir = std::env::temp_dir().join(format!("dmd2-out-{}", std::process::id()));
         let p = dir.join("sub/a.png");
-        write_atomic(&p, b"abc").unwrap();
+        write(&Target::File(p.clone()), b"abc").unwrap();
         assert_eq!(std::fs::read(&p).unwrap(), b"abc");
         let names: Vec<_> = std::fs::read_dir(dir.join("sub"))
             .unwrap()
@@ -125,6 +365,27 @@ mod tests {
             .map(|e| e.file_name())
             .collect();
         assert_eq!(names.len(), 1);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn targets() {
+        let dir = std::env::temp_dir().join(format!("dmd2-targets-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let input = dir.join("model.safetensors");
+        std::fs::write(&input, b"x").unwrap();
+        let link = dir.join("link.png");
+        std::os::unix::fs::symlink(&input, &link).unwrap();
+        let ids = [FileId::of(&input).unwrap()];
+        assert!(check_target(&input, &ids).is_err());
+        assert!(check_target(&link, &ids).is_err(), "a link to an input");
+        assert!(check_target(&dir, &ids).is_err());
+        assert_eq!(
+            check_target(Path::new("/dev/null"), &ids).unwrap(),
+            Target::Stream("/dev/null".into())
+        );
+        let new = dir.join("new.png");
+        assert_eq!(check_target(&new, &ids).unwrap(), Target::File(new.clone()));
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -282,6 +282,7 @@ impl Pipeline {
         let timesteps = sampler.timesteps().to_vec();
         let n = timesteps.len();
         for (i, &t) in timesteps.iter().enumerate() {
+            crate::cancel::check()?;
             let x = sampler.scale_model_input(&latents, i)?;
             // CFG: negatives first, then positives, in one UNet call (as diffusers).
             let input = if uncond.is_some() {
@@ -366,6 +367,7 @@ impl Pipeline {
         let t1 = Instant::now();
         let latents = self.denoise(reqs, &cond, uncond.as_ref(), progress)?;
         let t2 = Instant::now();
+        crate::cancel::check()?;
         let images = self.decode(&latents)?;
         let t3 = Instant::now();
         let b = reqs.len() as f64;

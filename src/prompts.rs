@@ -1,10 +1,20 @@
-//! Prompt sources: `--prompt` flags, and prompt files (plain lines or JSON Lines) read as a
-//! stream, so a million-line file is never held in memory.
+//! Prompt sources: `--prompt` flags, and prompt files (plain lines or JSON Lines, from files,
+//! FIFOs or stdin) read as a stream, so a million-line file is never held in memory, and
+//! line by line with a bound, so a line of gigabytes is never held either.
 
 use anyhow::{Context, Result, bail};
 use serde::Deserialize;
 use std::io::BufRead;
 use std::path::{Path, PathBuf};
+
+/// Longest prompt or negative prompt, in bytes. CLIP reads 75 tokens per chunk; even prompts
+/// split into many chunks stay far below this.
+pub const MAX_PROMPT_BYTES: usize = 64 << 10;
+/// Longest line of a prompt file, in bytes (a JSON line holds a prompt, a negative prompt and
+/// settings, with escapes).
+pub const MAX_LINE_BYTES: usize = 1 << 20;
+/// Most images one prompt may ask for (`--num-images`, a JSON line's `num_images`).
+pub const MAX_IMAGES_PER_PROMPT: u64 = 1 << 32;
 
 /// Per-line settings of a JSON Lines prompt file. Unknown keys are refused.
 #[derive(Debug, Clone, Default, PartialEq, Deserialize)]
@@ -17,7 +27,7 @@ pub struct LineSettings {
     pub cfg: Option<f64>,
     pub width: Option<usize>,
     pub height: Option<usize>,
-    pub num_images: Option<usize>,
+    pub num_images: Option<u64>,
     pub name: Option<String>,
 }
 
@@ -51,10 +61,39 @@ impl std::fmt::Display for LineError {
     }
 }
 
-/// Checks that do not need the model: sizes and counts.
+/// A prompt from any source (flags, files, PNG settings): no NUL byte (it could not go into a
+/// PNG text chunk), at most [`MAX_PROMPT_BYTES`].
+pub fn check_prompt(what: &str, p: &str) -> Result<(), String> {
+    if p.contains('\0') {
+        return Err(format!("the {what} contains a NUL byte"));
+    }
+    if p.len() > MAX_PROMPT_BYTES {
+        return Err(format!(
+            "the {what} has {} bytes, more than the {MAX_PROMPT_BYTES} a prompt may have",
+            p.len()
+        ));
+    }
+    Ok(())
+}
+
+/// `--num-images` or a line's `num_images`: 1..=2^32.
+pub fn check_num_images(n: u64) -> Result<(), String> {
+    if n == 0 {
+        return Err("num_images must be at least 1".into());
+    }
+    if n > MAX_IMAGES_PER_PROMPT {
+        return Err(format!(
+            "num_images {n} is more than the {MAX_IMAGES_PER_PROMPT} one prompt may ask for"
+        ));
+    }
+    Ok(())
+}
+
+/// Checks that do not need the model: prompts, sizes and counts.
 pub fn check_settings(s: &LineSettings, force: bool) -> Result<(), String> {
-    if s.prompt.contains('\0') {
-        return Err("the prompt contains a NUL byte".into());
+    check_prompt("prompt", &s.prompt)?;
+    if let Some(n) = &s.negative_prompt {
+        check_prompt("negative prompt", n)?;
     }
     for (what, v) in [("width", s.width), ("height", s.height)] {
         if let Some(v) = v {
@@ -69,8 +108,11 @@ pub fn check_settings(s: &LineSettings, force: bool) -> Result<(), String> {
     {
         return Err("cfg must be a finite number".into());
     }
-    if s.num_images == Some(0) {
-        return Err("num_images must be at least 1".into());
+    if let Some(n) = s.num_images {
+        check_num_images(n)?;
+    }
+    if let Some(t) = &s.name {
+        crate::naming::check_template(t).map_err(|e| e.to_string())?;
     }
     Ok(())
 }
@@ -120,8 +162,16 @@ pub fn parse_line(text: &str, format: PromptFormat) -> Result<Option<LineSetting
 /// Where prompts come from.
 pub enum PromptSource {
     Flags(Vec<String>),
-    File { path: PathBuf, format: PromptFormat },
-    Stdin { format: PromptFormat },
+    /// A file by name: a regular file (read twice when checked before any work), or a FIFO,
+    /// device or `<(…)` substitution (read once, as a stream).
+    File {
+        path: PathBuf,
+        format: PromptFormat,
+        regular: bool,
+    },
+    Stdin {
+        format: PromptFormat,
+    },
 }
 
 impl PromptSource {
@@ -133,9 +183,37 @@ impl PromptSource {
         }
     }
 
-    /// Whether the whole source can be validated before any work (a regular file).
+    /// Whether the whole source can be read before any work and again for it (flags, a
+    /// regular file).
     pub fn checkable(&self) -> bool {
-        !matches!(self, PromptSource::Stdin { .. })
+        match self {
+            PromptSource::Flags(_) => true,
+            PromptSource::File { regular, .. } => *regular,
+            PromptSource::Stdin { .. } => false,
+        }
+    }
+
+    /// A `--prompt-file` value: `-` is stdin; anything else must exist and not be a directory.
+    pub fn file(path: &Path, format: Option<PromptFormat>) -> Result<Self> {
+        if path.as_os_str() == "-" {
+            return Ok(PromptSource::Stdin {
+                format: format.unwrap_or(PromptFormat::Text),
+            });
+        }
+        let m = std::fs::metadata(path).map_err(|e| match e.kind() {
+            std::io::ErrorKind::NotFound => {
+                anyhow::anyhow!("{}: no such prompt file", path.display())
+            }
+            _ => anyhow::anyhow!("{}: cannot read the prompt file: {e}", path.display()),
+        })?;
+        if m.is_dir() {
+            bail!("{}: is a directory, not a prompt file", path.display());
+        }
+        Ok(PromptSource::File {
+            path: path.to_path_buf(),
+            format: detect_format(path, format),
+            regular: m.is_file(),
+        })
     }
 
     /// Stream the items: each is a parsed line or a [`LineError`].
@@ -153,7 +231,7 @@ impl PromptSource {
                     },
                 })
             }))),
-            PromptSource::File { path, format } => {
+            PromptSource::File { path, format, .. } => {
                 let f = std::fs::File::open(path)
                     .with_context(|| format!("{}: cannot open", path.display()))?;
                 Ok(Box::new(lines(
@@ -186,9 +264,9 @@ fn lines<R: BufRead + 'static>(
         loop {
             buf.clear();
             line_no += 1;
-            match reader.read_until(b'\n', &mut buf) {
-                Ok(0) => return None,
-                Ok(_) => {}
+            let whole = match read_line_bounded(&mut reader, &mut buf, MAX_LINE_BYTES) {
+                Ok(None) => return None,
+                Ok(Some(whole)) => whole,
                 Err(e) => {
                     return Some(Err(LineError {
                         source: source.clone(),
@@ -196,7 +274,7 @@ fn lines<R: BufRead + 'static>(
                         message: format!("read error: {e}"),
                     }));
                 }
-            }
+            };
             let err = |message: String| {
                 Some(Err(LineError {
                     source: source.clone(),
@@ -204,8 +282,19 @@ fn lines<R: BufRead + 'static>(
                     message,
                 }))
             };
+            if !whole {
+                return err(format!(
+                    "the line is longer than the {MAX_LINE_BYTES} bytes a line may have"
+                ));
+            }
             let Ok(text) = std::str::from_utf8(&buf) else {
                 return err("not valid UTF-8".into());
+            };
+            // A UTF-8 byte-order mark (editors on Windows write one) is not part of line 1.
+            let text = if line_no == 1 {
+                text.strip_prefix('\u{feff}').unwrap_or(text)
+            } else {
+                text
             };
             match parse_line(text, format) {
                 Ok(None) => continue,
@@ -222,6 +311,42 @@ fn lines<R: BufRead + 'static>(
             }
         }
     })
+}
+
+/// Reads one line (up to and including `\n`) into `buf`, keeping at most `limit` bytes: the
+/// rest of a longer line is read and dropped. `None` at the end; `Some(false)` when the line
+/// was cut.
+fn read_line_bounded<R: BufRead>(
+    r: &mut R,
+    buf: &mut Vec<u8>,
+    limit: usize,
+) -> std::io::Result<Option<bool>> {
+    let mut read_any = false;
+    let mut whole = true;
+    loop {
+        let chunk = match r.fill_buf() {
+            Ok(c) => c,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        if chunk.is_empty() {
+            return Ok(read_any.then_some(whole));
+        }
+        read_any = true;
+        let (take, done) = match chunk.iter().position(|&b| b == b'\n') {
+            Some(i) => (i + 1, true),
+            None => (chunk.len(), false),
+        };
+        let room = limit.saturating_sub(buf.len());
+        if take > room {
+            whole = false;
+        }
+        buf.extend_from_slice(&chunk[..take.min(room)]);
+        r.consume(take);
+        if done {
+            return Ok(Some(whole));
+        }
+    }
 }
 
 /// The format of a prompt file: `.jsonl` files are JSON Lines unless told otherwise.
@@ -292,6 +417,47 @@ mod tests {
         assert!(check_dimension("width", 8192, false).is_err());
         assert!(check_dimension("width", 8192, true).is_ok());
         assert!(check_dimension("width", 0, true).is_err());
+    }
+
+    #[test]
+    fn long_lines_and_bom() {
+        let long = format!("{}\nnext\n", "x".repeat(MAX_LINE_BYTES + 10));
+        let items: Vec<_> = lines(
+            std::io::Cursor::new(long.into_bytes()),
+            PromptFormat::Text,
+            "f".into(),
+            false,
+        )
+        .collect();
+        assert_eq!(items.len(), 2);
+        assert!(items[0].as_ref().unwrap_err().message.contains("longer"));
+        assert_eq!(items[1].as_ref().unwrap().settings.prompt, "next");
+        let bom = "\u{feff}{\"prompt\": \"a\"}\n";
+        let items: Vec<_> = lines(
+            std::io::Cursor::new(bom.as_bytes().to_vec()),
+            PromptFormat::Jsonl,
+            "f".into(),
+            false,
+        )
+        .collect();
+        assert_eq!(items[0].as_ref().unwrap().settings.prompt, "a");
+        let big = format!("{{\"prompt\": \"{}\"}}", "y".repeat(MAX_PROMPT_BYTES + 1));
+        let e = check_settings(
+            &parse_line(&big, PromptFormat::Jsonl).unwrap().unwrap(),
+            false,
+        );
+        assert!(e.unwrap_err().contains("more than"));
+        let e = parse_line(
+            r#"{"prompt": "a", "num_images": 18446744073709551615}"#,
+            PromptFormat::Jsonl,
+        )
+        .unwrap()
+        .unwrap();
+        assert!(
+            check_settings(&e, false)
+                .unwrap_err()
+                .contains("num_images")
+        );
     }
 
     #[test]

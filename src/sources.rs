@@ -12,14 +12,18 @@ pub fn resolve_model(spec: &str) -> Result<PathBuf> {
     hub::resolve_model(&hub::ModelRef::parse(spec)?)
 }
 
-/// `--unet FILE_OR_REPO_FILE`
-pub fn replace_unet(parts: &mut ModelParts, spec: &str) -> Result<()> {
+/// `--unet FILE_OR_REPO_FILE`; returns the file read.
+pub fn replace_unet(parts: &mut ModelParts, spec: &str) -> Result<PathBuf> {
     let path = hub::resolve_file(spec)?;
-    crate::checkpoint::unet_file::replace_unet(parts, &path)
+    crate::checkpoint::unet_file::replace_unet(parts, &path)?;
+    Ok(path)
 }
 
-/// `--lora` values, local or from the Hub; returns one report per LoRA.
-pub fn apply_loras(parts: &mut ModelParts, specs: &[LoraSpec]) -> Result<Vec<lora::MergeReport>> {
+/// `--lora` values, local or from the Hub; returns one report per LoRA and the files read.
+pub fn apply_loras(
+    parts: &mut ModelParts,
+    specs: &[LoraSpec],
+) -> Result<(Vec<lora::MergeReport>, Vec<PathBuf>)> {
     let resolved = specs
         .iter()
         .map(|s| {
@@ -29,5 +33,6 @@ pub fn apply_loras(parts: &mut ModelParts, specs: &[LoraSpec]) -> Result<Vec<lor
             })
         })
         .collect::<Result<Vec<_>>>()?;
-    lora::apply_loras(parts, &resolved)
+    let files = resolved.iter().map(|s| s.path.clone()).collect();
+    Ok((lora::apply_loras(parts, &resolved)?, files))
 }

@@ -216,6 +216,7 @@ impl VaeDecoder {
         for i in (0..h).step_by(stride) {
             let mut row = Vec::new();
             for j in (0..w).step_by(stride) {
+                cancelled()?;
                 let t = z
                     .narrow(2, i, tile.min(h - i))?
                     .narrow(3, j, tile.min(w - j))?;
@@ -271,6 +272,8 @@ impl VaeDecoder {
         }
         x = self.mid_resnets[1].forward(&x, None)?;
         for level in &self.up {
+            // A full-size decode takes many seconds on a CPU: stop between blocks when asked.
+            cancelled()?;
             for res in &level.resnets {
                 x = res.forward(&x, None)?;
             }
@@ -343,4 +346,10 @@ pub fn to_rgb8(image: &Tensor) -> Result<Vec<u8>> {
         .to_vec1::<f32>()?;
     // numpy rounds half to even; so does f32::round_ties_even.
     Ok(x.into_iter().map(|v| v.round_ties_even() as u8).collect())
+}
+
+/// A stop request ([`crate::cancel`]) as a candle error (read back by
+/// [`crate::cancel::interrupted`]).
+fn cancelled() -> Result<()> {
+    crate::cancel::check().map_err(|e| candle_core::Error::Msg(e.to_string()))
 }

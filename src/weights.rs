@@ -153,6 +153,8 @@ pub struct ComponentWeights {
     pub map: BTreeMap<String, Mapped>,
     /// Additions merged into tensors as they load (LoRA), keyed by model name.
     pub patches: HashMap<String, Vec<Patch>>,
+    /// Tensors found holding NaN or Inf as they loaded, each with the file to blame.
+    pub non_finite: std::sync::Mutex<Vec<String>>,
 }
 
 /// A weight update computed on demand, in f32 on the CPU, so that merging never holds more
@@ -167,6 +169,8 @@ pub trait Delta: Send + Sync {
 pub struct Patch {
     pub delta: Arc<dyn Delta>,
     pub multiplier: f32,
+    /// The adapter file it comes from (for messages).
+    pub file: PathBuf,
 }
 
 impl ComponentWeights {
@@ -194,6 +198,7 @@ impl ComponentWeights {
             files,
             map,
             patches: HashMap::new(),
+            non_finite: Default::default(),
         }
     }
 
@@ -226,16 +231,31 @@ impl ComponentWeights {
             Some(patches) => crate::lora::merge_patches(&raw, patches, dtype)?,
             None => raw.to_dtype(dtype)?,
         };
-        if t.dtype().is_float()
-            && !t
-                .to_dtype(DType::F32)?
-                .sum_all()?
-                .to_scalar::<f32>()?
-                .is_finite()
-        {
-            note_non_finite(name);
+        if t.dtype().is_float() && !finite(&t)? {
+            // Blame the file the bad values come from: the weights' own file, or the LoRAs
+            // merged into finite weights.
+            let culprit = match self.patches.get(name) {
+                Some(patches) if finite(&raw)? => patches
+                    .iter()
+                    .map(|p| p.file.display().to_string())
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                _ => self.files.describe(),
+            };
+            self.non_finite
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push(format!("{culprit}: {name}"));
         }
         t.to_device(dev)
+    }
+
+    /// The tensors found holding NaN or Inf while loading so far, as `FILE: tensor`.
+    pub fn non_finite(&self) -> Vec<String> {
+        self.non_finite
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     /// A VarBuilder that loads each tensor in the dtype `precision` keeps tensors of its rank.
@@ -276,20 +296,12 @@ impl ComponentWeights {
     }
 }
 
-/// Names of tensors found holding NaN or Inf while loading (checked once per tensor, as it is
-/// converted). The caller decides: warn, or refuse with `--strict`.
-static NON_FINITE: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
-
-fn note_non_finite(name: &str) {
-    NON_FINITE
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .push(name.to_string());
-}
-
-/// Take the list of tensors that held NaN/Inf since the last call.
-pub fn take_non_finite() -> Vec<String> {
-    std::mem::take(&mut *NON_FINITE.lock().unwrap_or_else(|e| e.into_inner()))
+/// Whether every value of a float tensor is finite.
+fn finite(t: &Tensor) -> Result<bool> {
+    Ok(t.to_dtype(DType::F32)?
+        .sum_all()?
+        .to_scalar::<f32>()?
+        .is_finite())
 }
 
 struct Backend(Arc<ComponentWeights>, Precision);

@@ -3,7 +3,7 @@
 
 use super::single_file::Transform;
 use super::{Layout, ModelParts};
-use crate::config::{ClipConfig, UNetConfig, VaeConfig};
+use crate::config::{ClipConfig, SchedulerConfig, UNetConfig, VaeConfig};
 use crate::tokenizer::ClipTokenizer;
 use crate::weights::{ComponentWeights, WeightFiles};
 use anyhow::{Context, Result, bail};
@@ -36,6 +36,12 @@ pub fn open(dir: &Path) -> Result<ModelParts> {
     let text_encoder_2_config =
         ClipConfig::from_transformers_json(&te2_dir.join("config.json"), true)?;
     let vae_config = VaeConfig::from_diffusers_json(&vae_dir.join("config.json"))?;
+    let scheduler_json = dir.join("scheduler/scheduler_config.json");
+    let scheduler = if scheduler_json.exists() {
+        SchedulerConfig::from_diffusers_json(&scheduler_json)?
+    } else {
+        SchedulerConfig::default()
+    };
 
     let unet = component(&unet_dir, "diffusion_pytorch_model", |k| {
         Some((k.to_string(), Transform::Identity))
@@ -66,6 +72,7 @@ pub fn open(dir: &Path) -> Result<ModelParts> {
         tokenizer,
         tokenizer_2,
         force_zeros_for_empty_prompt: force_zeros(dir),
+        scheduler,
     })
 }
 

@@ -9,7 +9,7 @@ pub mod single_file;
 pub mod unet_file;
 pub mod writer;
 
-use crate::config::{ClipConfig, UNetConfig, VaeConfig};
+use crate::config::{ClipConfig, SchedulerConfig, UNetConfig, VaeConfig};
 use crate::tokenizer::ClipTokenizer;
 use crate::weights::ComponentWeights;
 use anyhow::{Result, bail};
@@ -34,6 +34,8 @@ pub struct ModelParts {
     /// SDXL pipelines use zero negative embeddings when CFG is on and no negative prompt
     /// was given (`model_index.json`'s `force_zeros_for_empty_prompt`, true for SDXL).
     pub force_zeros_for_empty_prompt: bool,
+    /// The folder's scheduler config (SDXL's for a single file).
+    pub scheduler: SchedulerConfig,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -60,12 +62,21 @@ fn open_single_file(path: &Path) -> Result<ModelParts> {
     let files = Arc::new(crate::weights::WeightFiles::open(&[path.to_path_buf()])?);
     let layout = single_file::detect(&files.shapes())
         .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    // Shapes inferred from a stranger's file are checked like a config's fields.
+    let check = |what: &str, r: Result<()>| {
+        r.map_err(|e| anyhow::anyhow!("{}: unsupported {what} shapes: {e}", path.display()))
+    };
+    check("UNet", layout.unet.validate())?;
+    check("text encoder 1", layout.text_encoder.validate())?;
+    check("text encoder 2", layout.text_encoder_2.validate())?;
+    check("VAE", layout.vae.validate())?;
     let mut maps = layout.maps;
     let mut take = |c: single_file::Component| {
         Arc::new(ComponentWeights {
             files: files.clone(),
             map: maps.remove(&c).unwrap_or_default(),
             patches: Default::default(),
+            non_finite: Default::default(),
         })
     };
     Ok(ModelParts {
@@ -82,5 +93,6 @@ fn open_single_file(path: &Path) -> Result<ModelParts> {
         tokenizer: ClipTokenizer::builtin("<|endoftext|>")?,
         tokenizer_2: ClipTokenizer::builtin("!")?,
         force_zeros_for_empty_prompt: true,
+        scheduler: SchedulerConfig::default(),
     })
 }

@@ -4,6 +4,7 @@
 pub mod generate;
 pub mod inspect;
 pub mod merge;
+pub mod signals;
 
 use crate::error::one_line;
 use clap::{Parser, Subcommand};
@@ -64,6 +65,10 @@ pub fn main_with_args(args: impl IntoIterator<Item = std::ffi::OsString>) -> i32
     };
     match result {
         Ok(()) => 0,
+        // Stopped by SIGINT or SIGTERM: the summary said so; 128 + the signal, as shells do.
+        Err(e) if crate::cancel::interrupted(&e).is_some() => {
+            128 + crate::cancel::interrupted(&e).unwrap_or(2)
+        }
         Err(e) => {
             eprintln!("error: {}", one_line(&e));
             crate::error::exit_code(&e)

@@ -340,6 +340,7 @@ fn plan(table: &NameTable, spec: &LoraSpec) -> Result<(MergeReport, Vec<Planned>
                         scale,
                     }),
                     multiplier: spec.weight,
+                    file: spec.path.clone(),
                 },
             });
         }

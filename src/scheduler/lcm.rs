@@ -43,16 +43,23 @@ pub fn parse_timesteps(s: &str) -> Result<Vec<usize>> {
                 .map_err(|_| anyhow::anyhow!("--timesteps: '{p}' is not a whole number"))
         })
         .collect::<Result<Vec<_>>>()?;
+    check_timesteps(&ts)?;
+    Ok(ts)
+}
+
+/// An explicit DMD2 timestep list, from any source (flags, presets, PNG settings): not
+/// empty, each below 1000, strictly decreasing.
+pub fn check_timesteps(ts: &[usize]) -> Result<()> {
     if ts.is_empty() {
-        bail!("--timesteps is empty");
+        bail!("timesteps: the list is empty");
     }
-    if ts.iter().any(|&t| t >= TRAIN_TIMESTEPS) {
-        bail!("--timesteps must be below {TRAIN_TIMESTEPS}");
+    if let Some(t) = ts.iter().find(|&&t| t >= TRAIN_TIMESTEPS) {
+        bail!("timesteps: {t} is not below {TRAIN_TIMESTEPS}");
     }
     if ts.windows(2).any(|w| w[1] >= w[0]) {
-        bail!("--timesteps must be strictly decreasing");
+        bail!("timesteps: {ts:?} is not strictly decreasing");
     }
-    Ok(ts)
+    Ok(())
 }
 
 /// One step of diffusers' `LCMScheduler.step` for ε-prediction.

@@ -113,7 +113,10 @@ impl SamplerSpec {
         match self.kind {
             SamplerKind::Dmd2 => {
                 let ts = match &self.timesteps {
-                    Some(t) => t.clone(),
+                    Some(t) => {
+                        lcm::check_timesteps(t)?;
+                        t.clone()
+                    }
                     None => dmd2_timesteps(self.steps)?,
                 };
                 Ok(Box::new(Dmd2Sampler::new(ts)))

@@ -1,0 +1,151 @@
+//! `dmd2 gen`'s flags, as clap parses them: nothing here is resolved or checked beyond its
+//! own syntax (see [`super::settings`]).
+
+use crate::device::DeviceChoice;
+use crate::precision::DtypeChoice;
+use crate::prompts::PromptFormat;
+use crate::scheduler::{SamplerKind, Spacing};
+use clap::{Args, ValueEnum};
+use std::path::PathBuf;
+
+#[derive(Debug, Args)]
+pub struct GenArgs {
+    /// SDXL model: a diffusers folder, a single-file .safetensors, or a Hugging Face repo id
+    /// (ORG/NAME[@REV][/FILE]). Default: the preset's (SDXL base).
+    #[arg(long, value_name = "PATH|REPO")]
+    pub model: Option<String>,
+    /// LoRA to merge at load, PATH[:WEIGHT] or REPO/FILE[:WEIGHT]; repeatable. Replaces the
+    /// preset's LoRAs.
+    #[arg(long = "lora", value_name = "PATH[:WEIGHT]")]
+    pub loras: Vec<String>,
+    /// Use no LoRA, even if the preset names some.
+    #[arg(long, conflicts_with = "loras")]
+    pub no_lora: bool,
+    /// Replace the model's UNet with a diffusers-layout UNet (safetensors or PyTorch .bin).
+    #[arg(long, value_name = "FILE|REPO/FILE")]
+    pub unet: Option<String>,
+    /// Named settings (see `dmd2 presets`) or a preset .toml file. With neither --model nor
+    /// --preset, the default recipe `dmd2-4step` applies.
+    #[arg(long)]
+    pub preset: Option<String>,
+    /// The prompt; repeatable.
+    #[arg(long, short = 'p')]
+    pub prompt: Vec<String>,
+    /// Prompts from a file, one per line (`-` for stdin); `.jsonl` files are JSON Lines.
+    #[arg(long, value_name = "FILE|-", conflicts_with = "prompt")]
+    pub prompt_file: Option<PathBuf>,
+    #[arg(long, value_enum)]
+    pub prompt_format: Option<PromptFormat>,
+    /// What to steer away from; acts only with --cfg above 1.
+    #[arg(long)]
+    pub negative_prompt: Option<String>,
+    /// Sampling steps (DMD2: 4 → timesteps 999,749,499,249; 1 → 399). Default 4.
+    #[arg(long)]
+    pub steps: Option<usize>,
+    /// Explicit DMD2 timesteps, e.g. 999,499 (overrides --steps).
+    #[arg(long, value_name = "T,T,…")]
+    pub timesteps: Option<String>,
+    /// Classifier-free guidance scale; 1 or below runs one conditional pass per step. Default 1.
+    #[arg(long)]
+    pub cfg: Option<f64>,
+    /// Sampler: dmd2 (default), or the teacher's euler, euler-a, ddim.
+    #[arg(long, value_enum)]
+    pub sampler: Option<SamplerKind>,
+    /// Timestep spacing of the teacher samplers (SDXL's: leading).
+    #[arg(long, value_enum)]
+    pub timestep_spacing: Option<Spacing>,
+    /// Seed of image 0; image i gets seed + i. Random (and printed) when absent.
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Default: the model's native size (UNet sample_size × 8 for folders; 1024 for SDXL).
+    #[arg(long)]
+    pub width: Option<usize>,
+    /// Default: the model's native size (UNet sample_size × 8 for folders; 1024 for SDXL).
+    #[arg(long)]
+    pub height: Option<usize>,
+    /// Images per prompt (at most 2^32).
+    #[arg(long, default_value_t = 1)]
+    pub num_images: u64,
+    /// Images per UNet call (throughput on GPUs).
+    #[arg(long, default_value_t = 1)]
+    pub batch_size: usize,
+    /// Output PNG for a single image (`-` writes it to stdout). Default out.png.
+    #[arg(long, short = 'o', value_name = "FILE|-")]
+    pub output: Option<PathBuf>,
+    /// Directory for several images (named by --name).
+    #[arg(long, value_name = "DIR")]
+    pub out_dir: Option<PathBuf>,
+    /// File name template: fields {index}, {seed}, {prompt}, {line}, {steps}, {preset};
+    /// `{index:05}` pads with zeros.
+    #[arg(long, value_name = "TEMPLATE")]
+    pub name: Option<String>,
+    /// One JSON line per finished image on stdout.
+    #[arg(long)]
+    pub json: bool,
+    /// Skip images whose file exists (resume an interrupted batch).
+    #[arg(long)]
+    pub skip_existing: bool,
+    /// What a bad prompt line or failed image does: fail (stop) or skip (count, go on).
+    /// Default: fail before any work for files, skip for stdin.
+    #[arg(long, value_enum)]
+    pub on_error: Option<OnError>,
+    /// Take only images whose index ≡ K (mod N), e.g. 0/4.
+    #[arg(long, value_name = "K/N", value_parser = parse_shard)]
+    pub shard: Option<(u64, u64)>,
+    /// Regenerate the image whose settings this PNG carries (flags override them).
+    #[arg(long, value_name = "IMAGE.png")]
+    pub from_png: Option<PathBuf>,
+    #[arg(long, value_enum, default_value_t = DeviceChoice::Auto)]
+    pub device: DeviceChoice,
+    /// Compute precision. auto: f16 on a GPU; on the CPU bf16 when it has AVX-512 BF16 and the
+    /// UNet has ≥ 100 M parameters (every real SDXL checkpoint), f32 otherwise. CPU bf16
+    /// keeps weights in bf16 and accumulates in f32; f16 needs a GPU.
+    #[arg(long, value_enum, default_value_t = DtypeChoice::Auto)]
+    pub dtype: DtypeChoice,
+    /// Decode with the VAE in overlapping tiles (diffusers' tiled decode: quarter-tile
+    /// overlaps blended linearly): less memory for large images, tiles decoded independently
+    /// so results differ slightly from a whole decode. Turned on automatically when a whole
+    /// decode would not fit in memory.
+    #[arg(long)]
+    pub vae_tiling: bool,
+    /// Tile size for --vae-tiling, in pixels (a multiple of 64).
+    #[arg(long, value_name = "PX", default_value_t = 512, value_parser = parse_tile_size)]
+    pub vae_tile_size: usize,
+    /// Allow sizes outside 64..4096 and memory estimates above what the machine has.
+    #[arg(long)]
+    pub force: bool,
+    /// Refuse weights that hold NaN or Inf (otherwise a warning).
+    #[arg(long)]
+    pub strict: bool,
+    /// No progress output.
+    #[arg(long, short = 'q')]
+    pub quiet: bool,
+    /// Timings per stage and LoRA details on stderr.
+    #[arg(long, short = 'v')]
+    pub verbose: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum OnError {
+    Skip,
+    Fail,
+}
+
+fn parse_tile_size(s: &str) -> Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(n) if n >= 64 && n % 64 == 0 => Ok(n),
+        _ => Err(format!(
+            "tile size must be a multiple of 64 pixels, at least 64 (got {s:?})"
+        )),
+    }
+}
+
+fn parse_shard(s: &str) -> Result<(u64, u64), String> {
+    let (k, n) = s.split_once('/').ok_or("expected K/N, e.g. 0/4")?;
+    let k: u64 = k.trim().parse().map_err(|_| "K is not a whole number")?;
+    let n: u64 = n.trim().parse().map_err(|_| "N is not a whole number")?;
+    if n == 0 || k >= n {
+        return Err(format!("shard {k}/{n}: need 0 <= K < N"));
+    }
+    Ok((k, n))
+}

@@ -1,0 +1,247 @@
+//! From prompts to jobs: each prompt item's images get their run index, seed, request and
+//! output path, lazily — only the images of this shard are ever made, by arithmetic, so a
+//! run of billions of images costs nothing until an image is due.
+
+use super::settings::{Settings, Sink};
+use crate::naming::{self, NameFields};
+use crate::pipeline::Request;
+use crate::prompts::PromptItem;
+use crate::scheduler::SamplerSpec;
+use anyhow::{Result, bail};
+use std::collections::HashSet;
+use std::path::PathBuf;
+
+/// One image of the run.
+pub struct Job {
+    pub index: u64,
+    pub line: usize,
+    pub req: Request,
+    pub path: Option<PathBuf>,
+}
+
+/// The settings every job starts from, with what the opened model decides settled: its
+/// native size and its scheduler's timestep spacing, where the settings leave them open.
+pub struct Base<'a> {
+    pub settings: &'a Settings,
+    pub width: usize,
+    pub height: usize,
+    pub sampler: SamplerSpec,
+}
+
+impl<'a> Base<'a> {
+    pub fn new(
+        settings: &'a Settings,
+        default_size: usize,
+        model_spacing: Option<crate::scheduler::Spacing>,
+    ) -> Self {
+        let mut sampler = settings.sampler.clone();
+        if let (false, Some(sp)) = (settings.spacing_explicit, model_spacing) {
+            sampler.spacing = sp;
+        }
+        Self {
+            settings,
+            width: settings.width.unwrap_or(default_size),
+            height: settings.height.unwrap_or(default_size),
+            sampler,
+        }
+    }
+}
+
+/// The images of one prompt item that this run (this shard) makes: their run indices,
+/// `first..first + count` stepped by the shard count.
+pub struct ItemJobs {
+    /// Run index of the item's first image (whether or not this shard takes it).
+    pub first: u64,
+    /// Images the item asks for.
+    pub count: u64,
+    sampler: SamplerSpec,
+    next: Option<u64>,
+    step: u64,
+}
+
+impl ItemJobs {
+    /// The item's images starting at run index `first`; errors when its settings conflict
+    /// with the run's or the indices would overflow.
+    pub fn new(s: &Settings, sampler: &SamplerSpec, item: &PromptItem, first: u64) -> Result<Self> {
+        let count = item.settings.num_images.unwrap_or(s.num_images);
+        if first.checked_add(count).is_none() {
+            bail!("the run numbers more than 2^64 images");
+        }
+        let mut sampler = sampler.clone();
+        if let Some(steps) = item.settings.steps {
+            sampler.steps = steps;
+            sampler.timesteps = None;
+            sampler.validate()?;
+        }
+        let (k, n) = s.shard.unwrap_or((0, 1));
+        // The first index ≥ first with index ≡ k (mod n).
+        let start = first + (k + n - first % n) % n;
+        Ok(Self {
+            first,
+            count,
+            sampler,
+            next: (start < first + count).then_some(start),
+            step: n,
+        })
+    }
+
+    /// Run index just past the item's images.
+    pub fn end(&self) -> u64 {
+        self.first + self.count
+    }
+}
+
+impl Iterator for ItemJobs {
+    /// A run index of this shard.
+    type Item = u64;
+
+    fn next(&mut self) -> Option<u64> {
+        let i = self.next?;
+        self.next = i
+            .checked_add(self.step)
+            .filter(|&j| j < self.first + self.count);
+        Some(i)
+    }
+}
+
+impl Base<'_> {
+    /// The job for run index `index` of `item` (whose images start at `jobs.first`).
+    pub fn job(&self, item: &PromptItem, jobs: &ItemJobs, index: u64) -> Result<Job> {
+        let s = &item.settings;
+        let k = index - jobs.first;
+        // Image i of a run gets seed + i; a line's own seed numbers its images from there.
+        let seed = match s.seed {
+            Some(sd) => sd.wrapping_add(k),
+            None => self.settings.seed.wrapping_add(index),
+        };
+        let req = Request {
+            prompt: s.prompt.clone(),
+            negative_prompt: s
+                .negative_prompt
+                .clone()
+                .or_else(|| self.settings.negative_prompt.clone()),
+            sampler: jobs.sampler.clone(),
+            cfg: s.cfg.unwrap_or(self.settings.cfg),
+            seed,
+            width: s.width.unwrap_or(self.width),
+            height: s.height.unwrap_or(self.height),
+        };
+        let path = output_path(self.settings, item, jobs, index, seed)?;
+        Ok(Job {
+            index,
+            line: item.line,
+            req,
+            path,
+        })
+    }
+}
+
+/// The output path of image `index` (`None` for stdout): the template (or the line's `name`)
+/// rendered and joined under the output directory, which it can never leave.
+pub fn output_path(
+    s: &Settings,
+    item: &PromptItem,
+    jobs: &ItemJobs,
+    index: u64,
+    seed: u64,
+) -> Result<Option<PathBuf>> {
+    Ok(match &s.sink {
+        Sink::Stdout => None,
+        Sink::File(p) => Some(p.clone()),
+        Sink::Dir { dir, template } => {
+            let steps = jobs
+                .sampler
+                .timesteps
+                .as_ref()
+                .map_or(jobs.sampler.steps, |t| t.len());
+            let fields = NameFields {
+                index,
+                seed,
+                prompt: &item.settings.prompt,
+                line: item.line,
+                steps,
+                preset: s.preset.as_deref().unwrap_or("custom"),
+            };
+            let name = match &item.settings.name {
+                // A fixed name for several images gets each image's number appended.
+                Some(t) if jobs.count > 1 && !t.contains('{') => {
+                    format!("{}-{}", naming::render(t, &fields)?, index - jobs.first)
+                }
+                Some(t) => naming::render(t, &fields)?,
+                None => naming::render(template, &fields)?,
+            };
+            Some(naming::safe_join(dir, &name)?)
+        }
+    })
+}
+
+/// The seed of image `index` of `item` (for names in the check before any work).
+pub fn seed_of(s: &Settings, item: &PromptItem, jobs: &ItemJobs, index: u64) -> u64 {
+    match item.settings.seed {
+        Some(sd) => sd.wrapping_add(index - jobs.first),
+        None => s.seed.wrapping_add(index),
+    }
+}
+
+/// Output names taken in this run: a second image with a name already taken is refused, so
+/// no image silently replaces another. Remembers up to [`Names::CAP`] names (beyond that,
+/// collisions go unnoticed: a run that large writes one file per index by default).
+#[derive(Default)]
+pub struct Names(HashSet<PathBuf>);
+
+impl Names {
+    pub const CAP: usize = 4_000_000;
+
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// Takes `path` for image `index`; an error if an earlier image of the run has it.
+    pub fn claim(&mut self, path: &std::path::Path, index: u64) -> Result<()> {
+        if self.0.len() >= Self::CAP {
+            return Ok(());
+        }
+        if !self.0.insert(path.to_path_buf()) {
+            bail!(
+                "image {index} would be written to {}, which an earlier image of this run takes; give --name a field that differs per image, such as {{index}}",
+                path.display()
+            );
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The shard's indices, by arithmetic: first..first+count stepped by n from k's residue.
+    #[test]
+    fn shard_indices() {
+        let all = |first: u64, count: u64, k: u64, n: u64| -> Vec<u64> {
+            let start = first + (k + n - first % n) % n;
+            let mut it = ItemJobs {
+                first,
+                count,
+                sampler: SamplerSpec::dmd2(vec![999]),
+                next: (start < first + count).then_some(start),
+                step: n,
+            };
+            std::iter::from_fn(|| it.next()).collect()
+        };
+        assert_eq!(all(0, 5, 0, 1), vec![0, 1, 2, 3, 4]);
+        assert_eq!(all(3, 5, 1, 3), vec![4, 7]);
+        assert_eq!(all(3, 5, 0, 3), vec![3, 6]);
+        assert_eq!(all(0, 1, 1, 2), Vec::<u64>::new());
+        // Ten million images, one shard of ten million: one image, at once.
+        assert_eq!(all(0, 10_000_000, 0, 10_000_000), vec![0]);
+        assert_eq!(
+            all(u64::MAX - 3, 3, 0, 1),
+            vec![u64::MAX - 3, u64::MAX - 2, u64::MAX - 1]
+        );
+    }
+}

@@ -1,0 +1,395 @@
+//! `dmd2 gen`, in layers: the flags ([`args`]) resolve into one [`Settings`] ([`settings`]);
+//! prompts stream into jobs ([`jobs`]); the model loads through [`crate::loader`]; images go
+//! out through [`write`]. [`run`] reads like the work: check, open, load, generate, report.
+
+pub mod args;
+pub mod jobs;
+pub mod settings;
+pub mod write;
+
+pub use args::{GenArgs, OnError};
+
+use crate::error::{Dmd2Error, bad_input, one_line};
+use crate::loader::{self, RunShape};
+use crate::output::{FileId, Target};
+use crate::pipeline::{self, Pipeline};
+use crate::prompts::{LineError, PromptItem, PromptSource};
+use anyhow::Result;
+use jobs::{Base, ItemJobs, Job, Names};
+use settings::{Settings, Sink};
+use std::time::Instant;
+use write::{Counts, Writer};
+
+pub fn run(a: GenArgs) -> Result<()> {
+    let started = Instant::now();
+    let s = Settings::resolve(a).map_err(bad_input)?;
+    let log = |msg: &str| {
+        if !s.quiet {
+            eprintln!("{msg}");
+        }
+    };
+
+    // 1. Every prompt line and every output name, before any work, when the prompts can be
+    //    read twice.
+    if s.source.checkable() && s.on_error == OnError::Fail {
+        check_before_work(&s)?;
+    }
+    if s.random_seed {
+        log(&format!("seed: {} (image i uses seed + i)", s.seed));
+    }
+    if let Some(p) = &s.preset {
+        log(&format!("preset: {p}"));
+    }
+    let device = crate::device::select(s.device).map_err(bad_input)?;
+    log(&format!("device: {}", crate::device::describe(&device)));
+
+    // 2. The model opened (configs and headers), the outputs checked against its files.
+    let t0 = Instant::now();
+    let opened = loader::open(&s.model).map_err(bad_input)?;
+    for r in &opened.loras {
+        log(&r.to_string());
+        if s.verbose {
+            for name in r.unmatched.iter().chain(&r.ignored_keys) {
+                eprintln!("  not merged: {name}");
+            }
+        }
+    }
+    let default_size =
+        crate::checkpoint::diffusers::default_image_size(&opened.model_path).unwrap_or(1024);
+    let base = Base::new(&s, default_size, opened.parts.scheduler.timestep_spacing);
+    let inputs: Vec<FileId> = opened
+        .input_files
+        .iter()
+        .chain(&s.inputs)
+        .filter_map(|p| FileId::of(p))
+        .collect();
+    let file_target = match &s.sink {
+        Sink::File(p) => Some(crate::output::check_target(p, &inputs).map_err(bad_input)?),
+        _ => None,
+    };
+
+    // 3. Loaded: precision, memory plan, every tensor.
+    let run_shape = RunShape {
+        width: base.width,
+        height: base.height,
+        batch: s.batch_size,
+        cfg: s.cfg > 1.0,
+    };
+    let (mut pipe, report) = opened
+        .build(&device, s.dtype, run_shape, s.memory)
+        .map_err(bad_input)?;
+    if s.verbose {
+        let kernels = if !device.is_cpu() {
+            String::new()
+        } else if crate::kernels::own() {
+            format!(
+                "; CPU kernels: own, tier {}",
+                crate::kernels::Tier::current()
+            )
+        } else {
+            "; CPU kernels: candle's".to_string()
+        };
+        eprintln!(
+            "precision: UNet {}, VAE {}{kernels}",
+            report.precision.unet.name(),
+            report.precision.vae.name()
+        );
+    }
+    if report.tiling_forced_by_memory {
+        log(&format!(
+            "note: a whole {}x{} VAE decode would not fit in memory; decoding in {}px tiles (--vae-tiling)",
+            base.width, base.height, s.memory.tile_px
+        ));
+    }
+    if let Some(first) = report.non_finite.first() {
+        let msg = format!(
+            "{} weight tensor(s) hold NaN or Inf (first: {first})",
+            report.non_finite.len()
+        );
+        if s.strict {
+            return Err(bad_input(anyhow::anyhow!("{msg}; refusing with --strict")));
+        }
+        eprintln!(
+            "warning: {msg}; images will likely be black or noise (--strict refuses such files)"
+        );
+    }
+    // When every prompt is known up front, encode them now and free the text encoders'
+    // memory before the UNet runs.
+    if let PromptSource::Flags(ps) = &s.source {
+        let mut all: Vec<&str> = ps.iter().map(String::as_str).collect();
+        all.push(s.negative_prompt.as_deref().unwrap_or(""));
+        pipe.release_text_encoders(&all)?;
+    }
+    if s.verbose {
+        log(&format!("load: {:.2}s", t0.elapsed().as_secs_f64()));
+    }
+    super::signals::install();
+    if let Sink::Dir { dir, .. } = &s.sink {
+        std::fs::create_dir_all(dir).map_err(|e| {
+            anyhow::anyhow!("{}: cannot create the output directory: {e}", dir.display())
+        })?;
+        crate::output::remove_stale_temp_files(dir);
+    }
+
+    // 4. The images, prompt by prompt, in batches of compatible jobs.
+    let writer = Writer::new(&s, inputs, report.precision.unet.short_name());
+    let mut run = Run {
+        s: &s,
+        pipe: &pipe,
+        writer: &writer,
+        counts: Counts::default(),
+        progress: crate::progress::Progress::new(s.quiet),
+        batch: Vec::new(),
+        names: Names::default(),
+        file_target,
+    };
+    let result = run.all(&base);
+    run.progress.finish();
+
+    // 5. The summary and the exit status.
+    let interrupted = crate::cancel::requested().is_some();
+    if !s.quiet || run.counts.failed() > 0 || interrupted {
+        eprintln!(
+            "{}",
+            write::summary(&run.counts, interrupted, started.elapsed().as_secs_f64())
+        );
+    }
+    result?;
+    if let Some(signal) = crate::cancel::requested() {
+        return Err(crate::cancel::Interrupted { signal }.into());
+    }
+    write::outcome(&run.counts)
+}
+
+/// Reads the whole prompt source once before any work: every line parsed and checked, every
+/// output name rendered; names two images would share are refused here.
+fn check_before_work(s: &Settings) -> Result<()> {
+    let mut bad: Vec<String> = Vec::new();
+    let mut names = Names::default();
+    let mut index = 0u64;
+    for item in s.source.items(s.force).map_err(bad_input)? {
+        let item = match item {
+            Ok(i) => i,
+            Err(e) => {
+                bad.push(e.to_string());
+                continue;
+            }
+        };
+        let line_error = |e: anyhow::Error| {
+            LineError {
+                source: s.source.name(),
+                line: item.line,
+                message: one_line(&e),
+            }
+            .to_string()
+        };
+        let jobs = match ItemJobs::new(s, &s.sampler, &item, index) {
+            Ok(j) => j,
+            Err(e) => {
+                bad.push(line_error(e));
+                continue;
+            }
+        };
+        index = jobs.end();
+        if matches!(s.sink, Sink::Dir { .. }) {
+            let mut jobs = jobs;
+            while let Some(i) = jobs.next() {
+                if names.len() >= Names::CAP {
+                    break;
+                }
+                let seed = jobs::seed_of(s, &item, &jobs, i);
+                let r = jobs::output_path(s, &item, &jobs, i, seed)
+                    .and_then(|p| p.map_or(Ok(()), |p| names.claim(&p, i)));
+                if let Err(e) = r {
+                    bad.push(line_error(e));
+                    break;
+                }
+            }
+        }
+    }
+    if bad.is_empty() {
+        return Ok(());
+    }
+    for e in &bad {
+        eprintln!("error: {e}");
+    }
+    Err(anyhow::Error::new(Dmd2Error::BadInput(format!(
+        "{}: {} problem(s); nothing was generated (--on-error skip to go on without those lines)",
+        s.source.name(),
+        bad.len()
+    ))))
+}
+
+/// The state of the image loop.
+struct Run<'a> {
+    s: &'a Settings,
+    pipe: &'a Pipeline,
+    writer: &'a Writer<'a>,
+    counts: Counts,
+    progress: crate::progress::Progress,
+    /// Jobs that share one UNet call, with their checked targets.
+    batch: Vec<(Job, Option<Target>)>,
+    names: Names,
+    /// The `--output` file's target, checked before loading.
+    file_target: Option<Target>,
+}
+
+impl Run<'_> {
+    /// Every prompt item's jobs; stops at the first error when `--on-error fail`, or when
+    /// interrupted.
+    fn all(&mut self, base: &Base) -> Result<()> {
+        let s = self.s;
+        let mut index = 0u64;
+        for item in s.source.items(s.force).map_err(bad_input)? {
+            if crate::cancel::requested().is_some() {
+                return Ok(());
+            }
+            let item: PromptItem = match item {
+                Ok(i) => i,
+                Err(e) => {
+                    self.bad_input(e.to_string())?;
+                    continue;
+                }
+            };
+            let jobs = match ItemJobs::new(s, &base.sampler, &item, index) {
+                Ok(j) => j,
+                Err(e) => {
+                    self.bad_line(&item, e)?;
+                    continue;
+                }
+            };
+            index = jobs.end();
+            let mut jobs = jobs;
+            while let Some(i) = jobs.next() {
+                let job = match base.job(&item, &jobs, i) {
+                    Ok(j) => j,
+                    Err(e) => {
+                        self.bad_line(&item, e)?;
+                        break;
+                    }
+                };
+                if !self.queue(&item, job)? {
+                    break;
+                }
+                if crate::cancel::requested().is_some() {
+                    return Ok(());
+                }
+            }
+        }
+        let batch = std::mem::take(&mut self.batch);
+        self.run_batch(batch)
+    }
+
+    /// Queues a job (running the batch before it when the job cannot join it); `false` when
+    /// the item's remaining jobs should be dropped (a bad name).
+    fn queue(&mut self, item: &PromptItem, job: Job) -> Result<bool> {
+        let target = match &job.path {
+            None => None,
+            Some(p) => {
+                if self.s.skip_existing
+                    && p.exists()
+                    && !matches!(self.file_target, Some(Target::Stream(_)))
+                {
+                    self.counts.skipped += 1;
+                    return Ok(true);
+                }
+                let checked = match &self.file_target {
+                    Some(t) => Ok(t.clone()),
+                    None => self
+                        .names
+                        .claim(p, job.index)
+                        .and_then(|_| self.writer.target(p)),
+                };
+                match checked {
+                    Ok(t) => Some(t),
+                    Err(e) => {
+                        self.bad_line(item, e)?;
+                        return Ok(false);
+                    }
+                }
+            }
+        };
+        if let Some((last, _)) = self.batch.last()
+            && (!pipeline::batchable(&last.req, &job.req) || self.batch.len() >= self.s.batch_size)
+        {
+            let batch = std::mem::take(&mut self.batch);
+            self.run_batch(batch)?;
+        }
+        self.batch.push((job, target));
+        Ok(true)
+    }
+
+    /// A bad line or name: reported, counted, and the run's end when `--on-error fail`.
+    fn bad_line(&mut self, item: &PromptItem, e: anyhow::Error) -> Result<()> {
+        let e = LineError {
+            source: self.s.source.name(),
+            line: item.line,
+            message: one_line(&e),
+        };
+        self.bad_input(e.to_string())
+    }
+
+    fn bad_input(&mut self, message: String) -> Result<()> {
+        eprintln!("error: {message}");
+        self.counts.failed_input += 1;
+        if self.s.on_error == OnError::Fail {
+            return Err(anyhow::Error::new(Dmd2Error::BadInput(message)));
+        }
+        Ok(())
+    }
+
+    /// Makes and writes one batch of images.
+    fn run_batch(&mut self, batch: Vec<(Job, Option<Target>)>) -> Result<()> {
+        if batch.is_empty() || crate::cancel::requested().is_some() {
+            return Ok(());
+        }
+        let reqs: Vec<_> = batch.iter().map(|(j, _)| j.req.clone()).collect();
+        let label = format!("image {}", batch[0].0.index);
+        let generated = {
+            let progress = &self.progress;
+            let mut step = |i: usize, n: usize| progress.step(&label, i, n);
+            self.pipe.generate_batch(&reqs, &mut step)
+        };
+        let images = match generated {
+            Ok(g) => g,
+            Err(e) if crate::cancel::interrupted(&e).is_some() => return Ok(()),
+            Err(e) => {
+                let first = &batch[0].0;
+                eprintln!(
+                    "error: image {} (line {}): {}",
+                    first.index,
+                    first.line,
+                    one_line(&e)
+                );
+                self.counts.failed_runtime += batch.len();
+                if self.s.on_error == OnError::Fail {
+                    return Err(e);
+                }
+                return Ok(());
+            }
+        };
+        for ((job, target), img) in batch.iter().zip(images) {
+            match self.writer.write(job, target.as_ref(), &img) {
+                Ok(write_s) => {
+                    self.counts.written += 1;
+                    self.progress
+                        .image_done(&write::shown(target.as_ref()), self.counts.written);
+                    if self.s.verbose {
+                        eprintln!(
+                            "timings: encode {:.2}s, denoise {:.2}s, decode {:.2}s, write {write_s:.2}s",
+                            img.timings.encode, img.timings.denoise, img.timings.decode
+                        );
+                    }
+                }
+                Err(e) => {
+                    eprintln!("error: image {}: {}", job.index, one_line(&e));
+                    self.counts.failed_write += 1;
+                    if self.s.on_error == OnError::Fail {
+                        return Err(e);
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,305 @@
+//! One resolved [`Settings`] for a `dmd2 gen` run: built-in defaults < preset < `--from-png` <
+//! flags, every value checked once, here, whatever source it came from (the same timestep,
+//! prompt, size and count checks for flags, presets, PNG chunks and — per line — prompt
+//! files). Nothing is loaded; the model's native size, which needs the model, is settled in
+//! [`super::jobs::Base`].
+
+use super::args::{GenArgs, OnError};
+use crate::device::DeviceChoice;
+use crate::loader::{MemoryPolicy, ModelSpec};
+use crate::lora::LoraSpec;
+use crate::metadata::{self, ImageSettings};
+use crate::naming;
+use crate::precision::DtypeChoice;
+use crate::presets::{self, Preset};
+use crate::prompts::{self, PromptSource};
+use crate::scheduler::{self, SamplerKind, SamplerSpec, Spacing};
+use anyhow::{Context, Result, bail};
+use std::io::IsTerminal;
+use std::path::PathBuf;
+
+/// Where images go.
+pub enum Sink {
+    Stdout,
+    File(PathBuf),
+    Dir { dir: PathBuf, template: String },
+}
+
+/// Everything a run does, resolved.
+pub struct Settings {
+    pub model: ModelSpec,
+    pub preset: Option<String>,
+    pub sampler: SamplerSpec,
+    /// The timestep spacing was given (flag, PNG, preset); otherwise the model's scheduler
+    /// config decides it.
+    pub spacing_explicit: bool,
+    pub cfg: f64,
+    /// An explicit size (flags, PNG, preset); otherwise the model's native size.
+    pub width: Option<usize>,
+    pub height: Option<usize>,
+    pub negative_prompt: Option<String>,
+    pub seed: u64,
+    /// The seed was drawn at random (and should be printed).
+    pub random_seed: bool,
+    pub num_images: u64,
+    pub batch_size: usize,
+    pub source: PromptSource,
+    pub sink: Sink,
+    pub on_error: OnError,
+    pub shard: Option<(u64, u64)>,
+    pub skip_existing: bool,
+    pub json: bool,
+    pub quiet: bool,
+    pub verbose: bool,
+    pub strict: bool,
+    pub force: bool,
+    pub device: DeviceChoice,
+    pub dtype: DtypeChoice,
+    pub memory: MemoryPolicy,
+    /// Files the run reads besides the model's (prompt file, PNG, preset file): no output may
+    /// replace them.
+    pub inputs: Vec<PathBuf>,
+}
+
+impl Settings {
+    /// Resolves the flags into settings; every error is the user's (bad input).
+    pub fn resolve(a: GenArgs) -> Result<Settings> {
+        let png = match &a.from_png {
+            Some(p) => Some(metadata::settings_from_png(p)?),
+            None => None,
+        };
+        let png = png.as_ref();
+        let preset: Option<Preset> = match &a.preset {
+            Some(p) => Some(presets::find(p)?),
+            None if a.model.is_none() && png.is_none() => {
+                Some(presets::find(presets::DEFAULT_PRESET)?)
+            }
+            None => None,
+        };
+        let p = preset.clone().unwrap_or_default();
+        let origin = |what: &str| -> String {
+            match (&a.from_png, &preset) {
+                (Some(f), _) => format!("{} ({what})", f.display()),
+                (_, Some(pr)) => format!("preset {} ({what})", pr.name),
+                _ => what.to_string(),
+            }
+        };
+        let model = a
+            .model
+            .clone()
+            .or_else(|| png.map(|s| s.model.clone()))
+            .or(p.model.clone())
+            .context("no model: give --model PATH (or a preset that names one)")?;
+        let loras = if a.no_lora {
+            Vec::new()
+        } else if !a.loras.is_empty() {
+            a.loras.clone()
+        } else if let Some(s) = png {
+            s.loras
+                .iter()
+                .map(|l| format!("{}:{}", l.path, l.weight))
+                .collect()
+        } else {
+            p.loras.clone().unwrap_or_default()
+        };
+        // `PATH[:WEIGHT]` parsed once, here, so a bad weight is refused before any loading.
+        let loras = loras
+            .iter()
+            .map(|l| l.parse::<LoraSpec>().map_err(anyhow::Error::msg))
+            .collect::<Result<Vec<_>>>()?;
+        let unet = a
+            .unet
+            .clone()
+            .or_else(|| png.and_then(|s| s.unet.clone()))
+            .or(p.unet.clone());
+        let sampler = resolve_sampler(&a, png, &p).with_context(|| origin("sampler"))?;
+        let spacing_explicit =
+            a.timestep_spacing.is_some() || png.is_some() || p.timestep_spacing.is_some();
+        let cfg = a.cfg.or(png.map(|s| s.cfg)).or(p.cfg).unwrap_or(1.0);
+        if !cfg.is_finite() {
+            bail!("{}: cfg must be a finite number", origin("cfg"));
+        }
+        let width = a.width.or(png.map(|s| s.width)).or(p.width);
+        let height = a.height.or(png.map(|s| s.height)).or(p.height);
+        for (what, v) in [("width", width), ("height", height)] {
+            if let Some(v) = v {
+                prompts::check_dimension(what, v, a.force).map_err(anyhow::Error::msg)?;
+            }
+        }
+        let negative_prompt = a
+            .negative_prompt
+            .clone()
+            .or_else(|| png.and_then(|s| s.negative_prompt.clone()))
+            .or(p.negative_prompt.clone());
+        if let Some(n) = &negative_prompt {
+            prompts::check_prompt("negative prompt", n).map_err(anyhow::Error::msg)?;
+        }
+        prompts::check_num_images(a.num_images)
+            .map_err(|e| anyhow::anyhow!("--num-images: {e}"))?;
+        if a.batch_size == 0 {
+            bail!("--batch-size must be at least 1");
+        }
+        if let Some(t) = &a.name {
+            naming::check_template(t)?;
+        }
+        let source = prompt_source(&a, png)?;
+        let sink = sink(&a, &source)?;
+        // Check the whole prompt file before any work when it can be read twice.
+        let on_error = a.on_error.unwrap_or(if source.checkable() {
+            OnError::Fail
+        } else {
+            OnError::Skip
+        });
+        let mut inputs: Vec<PathBuf> = a.from_png.iter().cloned().collect();
+        if let PromptSource::File { path, .. } = &source {
+            inputs.push(path.clone());
+        }
+        if let Some(pr) = &preset
+            && std::path::Path::new(&pr.origin).is_file()
+        {
+            inputs.push(pr.origin.clone().into());
+        }
+        let (seed, random_seed) = match a.seed.or(png.map(|s| s.seed)) {
+            Some(s) => (s, false),
+            None => (random_seed(), true),
+        };
+        Ok(Settings {
+            model: ModelSpec { model, unet, loras },
+            preset: preset.map(|p| p.name),
+            sampler,
+            spacing_explicit,
+            cfg,
+            width,
+            height,
+            negative_prompt,
+            seed,
+            random_seed,
+            num_images: a.num_images,
+            batch_size: a.batch_size,
+            source,
+            sink,
+            on_error,
+            shard: a.shard,
+            skip_existing: a.skip_existing,
+            json: a.json,
+            quiet: a.quiet,
+            verbose: a.verbose,
+            strict: a.strict,
+            force: a.force,
+            device: a.device,
+            dtype: a.dtype,
+            memory: MemoryPolicy {
+                vae_tiling: a.vae_tiling.then_some(a.vae_tile_size),
+                tile_px: a.vae_tile_size,
+                force: a.force,
+            },
+            inputs,
+        })
+    }
+}
+
+/// Sampler, steps, timesteps and spacing, the flags over the PNG over the preset, checked as
+/// one: an explicit timestep list from any source must be valid timesteps.
+fn resolve_sampler(a: &GenArgs, png: Option<&ImageSettings>, p: &Preset) -> Result<SamplerSpec> {
+    let kind = a
+        .sampler
+        .or(png.map(|s| s.sampler.kind))
+        .or(p.sampler)
+        .unwrap_or(SamplerKind::Dmd2);
+    let steps = a
+        .steps
+        .or(png.map(|s| s.sampler.steps))
+        .or(p.steps)
+        .unwrap_or(4);
+    let timesteps = match &a.timesteps {
+        Some(t) => Some(scheduler::parse_timesteps(t)?),
+        // An explicit --steps replaces a preset's or image's explicit timestep list.
+        None if a.steps.is_some() => None,
+        None => png
+            .and_then(|s| s.sampler.timesteps.clone())
+            .or(p.timesteps.clone()),
+    };
+    let spacing = a
+        .timestep_spacing
+        .or(png.map(|s| s.sampler.spacing))
+        .or(p.timestep_spacing)
+        .unwrap_or(Spacing::Leading);
+    let sampler = SamplerSpec {
+        kind,
+        steps,
+        timesteps,
+        spacing,
+    };
+    sampler.validate()?;
+    Ok(sampler)
+}
+
+fn prompt_source(a: &GenArgs, png: Option<&ImageSettings>) -> Result<PromptSource> {
+    let source = match (&a.prompt_file, a.prompt.is_empty(), png) {
+        (Some(f), _, _) => PromptSource::file(f, a.prompt_format)?,
+        (None, false, _) => PromptSource::Flags(a.prompt.clone()),
+        (None, true, Some(s)) => PromptSource::Flags(vec![s.prompt.clone()]),
+        (None, true, None) => bail!("no prompt: give --prompt TEXT or --prompt-file FILE"),
+    };
+    if let PromptSource::Flags(ps) = &source {
+        for p in ps {
+            prompts::check_prompt("prompt", p).map_err(anyhow::Error::msg)?;
+        }
+    }
+    Ok(source)
+}
+
+fn sink(a: &GenArgs, source: &PromptSource) -> Result<Sink> {
+    let single_image =
+        matches!(source, PromptSource::Flags(p) if p.len() == 1) && a.num_images == 1;
+    Ok(match (&a.output, &a.out_dir) {
+        (Some(_), Some(_)) => bail!("give either --output or --out-dir, not both"),
+        (Some(o), None) if o.as_os_str() == "-" => {
+            if !single_image {
+                bail!("-o - writes one image; use --out-dir for several");
+            }
+            if std::io::stdout().is_terminal() {
+                bail!(
+                    "-o -: refusing to write a PNG to a terminal; redirect stdout (dmd2 gen … -o - > image.png)"
+                );
+            }
+            if a.json {
+                bail!("-o - and --json both want stdout");
+            }
+            Sink::Stdout
+        }
+        (Some(o), None) => {
+            if !single_image {
+                bail!("--output names one image; use --out-dir for several");
+            }
+            Sink::File(o.clone())
+        }
+        (None, dir) => {
+            if single_image && dir.is_none() && a.name.is_none() {
+                Sink::File(PathBuf::from("out.png"))
+            } else {
+                Sink::Dir {
+                    dir: dir.clone().unwrap_or_else(|| PathBuf::from(".")),
+                    template: a
+                        .name
+                        .clone()
+                        .unwrap_or_else(|| naming::DEFAULT_TEMPLATE.to_string()),
+                }
+            }
+        }
+    })
+}
+
+fn random_seed() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0),
+    );
+    h.write_u32(std::process::id());
+    // Seeds up to 2^53 survive a round trip through JSON tools as exact integers.
+    h.finish() >> 11
+}

@@ -1,0 +1,194 @@
+//! The output side of `dmd2 gen`: every target checked before its image is made, images
+//! written as PNG files (or to stdout), one JSON line per image, the counts and the summary.
+
+use super::jobs::Job;
+use super::settings::{Settings, Sink};
+use crate::metadata::{ImageSettings, LoraRef};
+use crate::output::{self, FileId, PngText, Target};
+use crate::pipeline::{Generated, Request};
+use anyhow::{Context, Result, bail};
+use std::io::Write;
+use std::path::Path;
+use std::time::Instant;
+
+/// What happened to the run's images.
+#[derive(Default)]
+pub struct Counts {
+    pub written: usize,
+    pub skipped: usize,
+    /// Bad prompt lines and names.
+    pub failed_input: usize,
+    /// Images that failed while being made.
+    pub failed_runtime: usize,
+    /// Images made but not written.
+    pub failed_write: usize,
+}
+
+impl Counts {
+    pub fn failed(&self) -> usize {
+        self.failed_input + self.failed_runtime + self.failed_write
+    }
+}
+
+/// Writes the run's images where the settings say.
+pub struct Writer<'a> {
+    settings: &'a Settings,
+    /// The files the run reads (model, LoRAs, prompt and settings files).
+    inputs: Vec<FileId>,
+    /// The model as the user named it, for the settings stored in each PNG.
+    pub model: String,
+    pub precision: &'static str,
+}
+
+impl<'a> Writer<'a> {
+    pub fn new(settings: &'a Settings, inputs: Vec<FileId>, precision: &'static str) -> Self {
+        Self {
+            settings,
+            inputs,
+            model: settings.model.model.clone(),
+            precision,
+        }
+    }
+
+    /// Checks where `path` would be written, before its image is made (see
+    /// [`output::check_target`]); for a path inside `--out-dir`, that no directory on the way
+    /// is a symbolic link.
+    pub fn target(&self, path: &Path) -> Result<Target> {
+        if let Sink::Dir { dir, .. } = &self.settings.sink
+            && let Some(parent) = path.parent()
+            && parent != dir
+        {
+            output::create_dir_inside(dir, parent)?;
+        }
+        output::check_target(path, &self.inputs)
+    }
+
+    /// The settings stored in an image's PNG.
+    pub fn image_settings(&self, req: &Request) -> ImageSettings {
+        let s = self.settings;
+        ImageSettings {
+            prompt: req.prompt.clone(),
+            negative_prompt: req.negative_prompt.clone(),
+            seed: req.seed,
+            sampler: req.sampler.clone(),
+            cfg: req.cfg,
+            width: req.width,
+            height: req.height,
+            model: self.model.clone(),
+            loras: s
+                .model
+                .loras
+                .iter()
+                .map(|l| LoraRef {
+                    path: l.path.display().to_string(),
+                    weight: l.weight,
+                })
+                .collect(),
+            unet: s.model.unet.clone(),
+            preset: s.preset.clone(),
+            precision: Some(self.precision.to_string()),
+        }
+    }
+
+    /// Writes one finished image and its JSON line; returns the seconds the write took.
+    pub fn write(&self, job: &Job, target: Option<&Target>, img: &Generated) -> Result<f64> {
+        let settings = self.image_settings(&job.req);
+        let text = PngText {
+            parameters: settings.a1111(),
+            json: settings.to_json(),
+        };
+        let bytes = output::encode_png(&img.rgb, img.width, img.height, Some(&text))?;
+        let t = Instant::now();
+        match target {
+            None => {
+                let mut out = std::io::stdout().lock();
+                out.write_all(&bytes)
+                    .and_then(|_| out.flush())
+                    .context("cannot write the PNG to stdout")?;
+            }
+            Some(t) => output::write(t, &bytes)?,
+        }
+        let write_s = t.elapsed().as_secs_f64();
+        if self.settings.json {
+            self.json_line(job, target, img, &settings, write_s)?;
+        }
+        Ok(write_s)
+    }
+
+    fn json_line(
+        &self,
+        job: &Job,
+        target: Option<&Target>,
+        img: &Generated,
+        settings: &ImageSettings,
+        write_s: f64,
+    ) -> Result<()> {
+        let steps = job
+            .req
+            .sampler
+            .timesteps
+            .as_ref()
+            .map_or(job.req.sampler.steps, |t| t.len());
+        let line = serde_json::json!({
+            "path": shown(target),
+            "index": job.index,
+            "line": job.line,
+            "prompt": job.req.prompt,
+            "negative_prompt": job.req.negative_prompt,
+            "seed": job.req.seed,
+            "steps": steps,
+            "cfg": job.req.cfg,
+            "sampler": job.req.sampler.kind.name(),
+            "width": job.req.width,
+            "height": job.req.height,
+            "model": self.model,
+            "loras": settings.loras,
+            "preset": self.settings.preset,
+            "seconds": {
+                "encode": img.timings.encode,
+                "denoise": img.timings.denoise,
+                "decode": img.timings.decode,
+                "write": write_s,
+            },
+        });
+        let mut out = std::io::stdout().lock();
+        writeln!(out, "{line}")
+            .and_then(|_| out.flush())
+            .context("cannot write to stdout")
+    }
+}
+
+/// How an image's destination is shown in messages.
+pub fn shown(target: Option<&Target>) -> String {
+    target.map_or_else(|| "<stdout>".into(), |t| t.path().display().to_string())
+}
+
+/// The last line of every run, on stderr.
+pub fn summary(counts: &Counts, interrupted: bool, seconds: f64) -> String {
+    format!(
+        "{}: {} written, {} skipped (existing), {} failed in {seconds:.1}s",
+        if interrupted { "interrupted" } else { "done" },
+        counts.written,
+        counts.skipped,
+        counts.failed(),
+    )
+}
+
+/// The run's error, if the counts make it one: failed images (1), bad input (2).
+pub fn outcome(counts: &Counts) -> Result<()> {
+    if counts.failed_runtime + counts.failed_write > 0 {
+        bail!(
+            "{} image(s) failed",
+            counts.failed_runtime + counts.failed_write
+        );
+    }
+    if counts.failed_input > 0 {
+        return Err(anyhow::Error::new(crate::error::Dmd2Error::BadInput(
+            format!(
+                "{} bad prompt line(s) or name(s) skipped",
+                counts.failed_input
+            ),
+        )));
+    }
+    Ok(())
+}
