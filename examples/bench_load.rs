@@ -241,7 +241,7 @@ fn write_model(path: &Path) -> Result<()> {
     let entries = model_entries()?;
     let mut rng = Rng(0x9E37_79B9_7F4A_7C15);
     let meta = BTreeMap::from([("format".to_string(), "pt".to_string())]);
-    write_streaming(path, &entries, &meta, |_, e| {
+    write_streaming(path, &[], &entries, &meta, |_, e| {
         let (mean, std) = std_for(&e.name, &e.shape);
         Ok(rng
             .tensor(&e.shape, std, DType::F32)?
@@ -316,7 +316,7 @@ fn write_lora(path: &Path, rank: usize) -> Result<usize> {
     }
     let mut rng = Rng(0x1234_5678_9ABC_DEF1);
     let meta = BTreeMap::from([("format".to_string(), "pt".to_string())]);
-    write_streaming(path, &entries, &meta, |_, e| {
+    write_streaming(path, &[], &entries, &meta, |_, e| {
         if e.name.ends_with(".alpha") {
             return Ok(Tensor::new(8f32, &Device::Cpu)?.to_dtype(DType::F16)?);
         }

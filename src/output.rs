@@ -177,21 +177,139 @@ pub fn remove_current_temp() {
     }
 }
 
-/// Writes `bytes` to `target`. A [`Target::File`] goes through an exclusively created
-/// temporary file in the same directory, synced and renamed; on any error it is removed and
-/// the target is untouched. A [`Target::Stream`] is opened (never created) and written.
+/// Writes `bytes` to `target` (see [`OutputFile`]).
 pub fn write(target: &Target, bytes: &[u8]) -> Result<()> {
-    match target {
-        Target::Stream(p) => write_stream(p, bytes),
-        Target::File(p) => write_file(p, bytes),
+    let mut out = OutputFile::create(target)?;
+    out.write_all(bytes)
+        .with_context(|| format!("{}: cannot write", target.path().display()))?;
+    out.commit()
+}
+
+/// An output being written. A [`Target::File`] is written to a temporary file in the same
+/// directory, created exclusively, and [`OutputFile::commit`] syncs and renames it into place;
+/// dropped before that, the temporary file is removed and the target is untouched. A
+/// [`Target::Stream`] is opened (never created) and written directly.
+pub struct OutputFile {
+    file: std::fs::File,
+    target: PathBuf,
+    /// The temporary file, for a regular target.
+    temp: Option<PathBuf>,
+}
+
+impl OutputFile {
+    pub fn create(target: &Target) -> Result<Self> {
+        match target {
+            Target::Stream(p) => Ok(Self {
+                file: open_stream(p)?,
+                target: p.clone(),
+                temp: None,
+            }),
+            Target::File(p) => {
+                let (temp, file) = create_temp(p, || temp_name(&file_name_of(p)))?;
+                if let Ok(mut t) = CURRENT_TEMP.lock() {
+                    *t = Some(temp.clone());
+                }
+                Ok(Self {
+                    file,
+                    target: p.clone(),
+                    temp: Some(temp),
+                })
+            }
+        }
+    }
+
+    /// Finishes the write: synced and renamed into place (a regular file), or flushed.
+    pub fn commit(mut self) -> Result<()> {
+        let name = self.target.display().to_string();
+        let result = (|| -> std::io::Result<()> {
+            self.file.flush()?;
+            if let Some(temp) = &self.temp {
+                self.file.sync_all()?;
+                std::fs::rename(temp, &self.target)?;
+                // The rename itself durable too.
+                if let Some(dir) = self.target.parent()
+                    && let Ok(d) = std::fs::File::open(if dir.as_os_str().is_empty() {
+                        Path::new(".")
+                    } else {
+                        dir
+                    })
+                {
+                    let _ = d.sync_all();
+                }
+            }
+            Ok(())
+        })();
+        result.with_context(|| format!("{name}: cannot write"))?;
+        // Renamed: nothing left to remove.
+        self.temp = None;
+        Ok(())
     }
 }
 
-fn write_stream(path: &Path, bytes: &[u8]) -> Result<()> {
+impl Write for OutputFile {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.file.write(buf)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.file.flush()
+    }
+}
+
+impl Drop for OutputFile {
+    fn drop(&mut self) {
+        if let Ok(mut t) = CURRENT_TEMP.lock() {
+            *t = None;
+        }
+        if let Some(temp) = self.temp.take() {
+            let _ = std::fs::remove_file(temp);
+        }
+    }
+}
+
+fn file_name_of(path: &Path) -> String {
+    path.file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "output".into())
+}
+
+/// Creates a temporary file beside `path` (its directory created when missing) under the
+/// names `candidate` gives, exclusively: an existing file or symlink at a name fails that
+/// create instead of being followed or truncated, and the next name is tried (8 times).
+fn create_temp(
+    path: &Path,
+    mut candidate: impl FnMut() -> String,
+) -> Result<(PathBuf, std::fs::File)> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    std::fs::create_dir_all(&dir)
+        .with_context(|| format!("{}: cannot create the output directory", dir.display()))?;
+    let mut last = None;
+    for _ in 0..8 {
+        let tmp = dir.join(candidate());
+        match std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o644)
+            .open(&tmp)
+        {
+            Ok(f) => return Ok((tmp, f)),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => last = Some(e),
+            Err(e) => return Err(e).with_context(|| format!("{}: cannot write", path.display())),
+        }
+    }
+    Err(last.unwrap_or_else(|| std::io::Error::other("no temporary name")))
+        .with_context(|| format!("{}: cannot create a temporary file", path.display()))
+}
+
+fn open_stream(path: &Path) -> Result<std::fs::File> {
     use std::os::fd::AsRawFd;
     use std::os::unix::fs::OpenOptionsExt;
     // Non-blocking open: a FIFO nobody reads fails at once (ENXIO) instead of hanging.
-    let mut f = std::fs::OpenOptions::new()
+    let f = std::fs::OpenOptions::new()
         .write(true)
         .custom_flags(libc::O_NONBLOCK)
         .open(path)
@@ -208,64 +326,7 @@ fn write_stream(path: &Path, bytes: &[u8]) -> Result<()> {
             libc::fcntl(fd, libc::F_SETFL, flags & !libc::O_NONBLOCK);
         }
     }
-    f.write_all(bytes)
-        .and_then(|_| f.flush())
-        .with_context(|| format!("{}: cannot write", path.display()))
-}
-
-fn write_file(path: &Path, bytes: &[u8]) -> Result<()> {
-    use std::os::unix::fs::OpenOptionsExt;
-    let dir = match path.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
-    std::fs::create_dir_all(&dir)
-        .with_context(|| format!("{}: cannot create the output directory", dir.display()))?;
-    let file_name = path
-        .file_name()
-        .with_context(|| format!("{}: not a file name", path.display()))?
-        .to_string_lossy()
-        .into_owned();
-    // Created exclusively: an existing file or symlink at the name fails the create instead
-    // of being followed or truncated; a fresh random name is tried a few times.
-    let mut attempt = 0;
-    let (tmp, mut f) = loop {
-        let tmp = dir.join(temp_name(&file_name));
-        match std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o644)
-            .open(&tmp)
-        {
-            Ok(f) => break (tmp, f),
-            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && attempt < 8 => {
-                attempt += 1;
-            }
-            Err(e) => return Err(e).with_context(|| format!("{}: cannot write", path.display())),
-        }
-    };
-    if let Ok(mut t) = CURRENT_TEMP.lock() {
-        *t = Some(tmp.clone());
-    }
-    let result = (|| -> std::io::Result<()> {
-        f.write_all(bytes)?;
-        f.sync_all()?;
-        drop(f);
-        std::fs::rename(&tmp, path)?;
-        // The rename itself durable too.
-        if let Ok(d) = std::fs::File::open(&dir) {
-            let _ = d.sync_all();
-        }
-        Ok(())
-    })();
-    if let Ok(mut t) = CURRENT_TEMP.lock() {
-        *t = None;
-    }
-    if let Err(e) = result {
-        let _ = std::fs::remove_file(&tmp);
-        return Err(e).with_context(|| format!("{}: cannot write", path.display()));
-    }
-    Ok(())
+    Ok(f)
 }
 
 /// Creates `dir` (with its parents) under `root`, refusing a symlink on the way: an output
@@ -351,6 +412,34 @@ mod tests {
         let t = temp_name(&long);
         assert!(t.len() <= NAME_MAX, "{}", t.len());
         assert_eq!(stale_pid(&t), Some(std::process::id()));
+    }
+
+    /// A symlink planted at the temporary name is never followed: the create fails there, the
+    /// file it points at is untouched.
+    #[test]
+    fn planted_symlink_at_the_temp_name() {
+        let dir = std::env::temp_dir().join(format!("dmd2-plant-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let victim = dir.join("victim");
+        std::fs::write(&victim, b"precious").unwrap();
+        std::os::unix::fs::symlink(&victim, dir.join(".planted.tmp")).unwrap();
+        let r = create_temp(&dir.join("out.png"), || ".planted.tmp".into());
+        assert!(r.is_err());
+        assert_eq!(std::fs::read(&victim).unwrap(), b"precious");
+        // With fresh names it goes through, beside the planted link.
+        let mut n = 0;
+        let (tmp, _) = create_temp(&dir.join("out.png"), || {
+            n += 1;
+            if n == 1 {
+                ".planted.tmp".into()
+            } else {
+                ".fresh.tmp".into()
+            }
+        })
+        .unwrap();
+        assert!(tmp.ends_with(".fresh.tmp"));
+        assert_eq!(std::fs::read(&victim).unwrap(), b"precious");
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! Property tests (bounded fuzzing) of the parsers that read strangers' input: prompt-file
-//! lines, PNG `parameters` text, output-name templates, and single-file key maps. None may
-//! panic; their outputs must keep their invariants. Run longer with
+//! lines, PNG `parameters` text and text chunks, output-name templates, single-file key maps,
+//! LoRA files and safetensors headers. None may panic; their outputs must keep their
+//! invariants. Run longer with
 //! `PROPTEST_CASES=100000 cargo test --release --test fuzz`.
 
 use dmd2::checkpoint::single_file;
@@ -158,6 +159,104 @@ proptest! {
         let spec = dmd2::lora::LoraSpec { path: path.clone(), weight: 0.5 };
         let _ = dmd2::lora::apply_loras(&mut parts, &[spec]);
         let _ = dmd2::lora::describe_file(&path);
+    }
+}
+
+fn file_config() -> ProptestConfig {
+    ProptestConfig {
+        cases: cases(400),
+        failure_persistence: None,
+        ..ProptestConfig::default()
+    }
+}
+
+/// A header entry with hostile numbers: huge, zero, wrapping shapes; offsets anywhere.
+fn header_entry() -> impl Strategy<Value = serde_json::Value> {
+    let dim = prop_oneof![
+        0u64..5,
+        Just(u64::MAX),
+        Just((1u64 << 59) + 4),
+        Just(1u64 << 32),
+        any::<u64>(),
+    ];
+    let dtype = prop_oneof![
+        Just("F32"),
+        Just("F16"),
+        Just("BF16"),
+        Just("U8"),
+        Just("BOOL"),
+        Just("F8_E4M3"),
+        Just("X")
+    ];
+    let offset = prop_oneof![0u64..64, Just(u64::MAX), any::<u64>()];
+    (
+        dtype,
+        proptest::collection::vec(dim, 0..4),
+        offset.clone(),
+        offset,
+    )
+        .prop_map(|(d, shape, a, b)| serde_json::json!({"dtype": d, "shape": shape, "data_offsets": [a, b]}))
+}
+
+proptest! {
+    #![proptest_config(file_config())]
+
+    /// The safetensors reader on hostile headers (wrapping shapes, offsets out of range,
+    /// unknown dtypes, data too short or too long) and on random bytes: it accepts only
+    /// headers whose every tensor fits its data, and never panics.
+    #[test]
+    fn safetensors_reader_never_panics(
+        entries in proptest::collection::vec(("[a-c]{1,2}", header_entry()), 0..5),
+        data in 0usize..128,
+        junk in proptest::collection::vec(any::<u8>(), 0..64),
+    ) {
+        let dir = std::env::temp_dir().join(format!("dmd2-fuzz-st-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let header: serde_json::Map<String, serde_json::Value> = entries.into_iter().collect();
+        let h = serde_json::to_vec(&header).unwrap();
+        let mut bytes = (h.len() as u64).to_le_bytes().to_vec();
+        bytes.extend(h);
+        bytes.extend(vec![0u8; data]);
+        let p = dir.join("f.safetensors");
+        std::fs::write(&p, &bytes).unwrap();
+        if let Ok(f) = dmd2::safetensors_file::SafetensorsFile::open(&p) {
+            for t in f.tensors.values() {
+                prop_assert!(t.start + t.len <= bytes.len() as u64);
+            }
+        }
+        std::fs::write(&p, &junk).unwrap();
+        prop_assert!(dmd2::safetensors_file::SafetensorsFile::open(&p).is_err() || junk.len() >= 8);
+    }
+
+    /// PNG text chunks of any kind and content (and random bytes as a PNG): the settings
+    /// reader takes them or says why, and never panics.
+    #[test]
+    fn png_text_reader_never_panics(
+        chunks in proptest::collection::vec((0u8..3, "[a-z0-9]{1,12}", "\\PC{0,200}"), 0..4),
+        junk in proptest::collection::vec(any::<u8>(), 0..200),
+    ) {
+        let dir = std::env::temp_dir().join(format!("dmd2-fuzz-png-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let p = dir.join("f.png");
+        {
+            let f = std::fs::File::create(&p).unwrap();
+            let mut enc = png::Encoder::new(f, 1, 1);
+            enc.set_color(png::ColorType::Rgb);
+            for (kind, key, text) in chunks {
+                let key = if kind == 0 { "parameters".to_string() } else if kind == 1 { "dmd2".to_string() } else { key };
+                let _ = match kind % 3 {
+                    0 => enc.add_ztxt_chunk(key, text),
+                    1 => enc.add_itxt_chunk(key, text),
+                    _ => enc.add_text_chunk(key, text.chars().filter(|c| c.is_ascii()).collect()),
+                };
+            }
+            if let Ok(mut w) = enc.write_header() {
+                let _ = w.write_image_data(&[0, 0, 0]);
+            }
+        }
+        let _ = dmd2::metadata::settings_from_png(&p);
+        std::fs::write(&p, &junk).unwrap();
+        let _ = dmd2::metadata::settings_from_png(&p);
     }
 }
 

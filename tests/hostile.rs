@@ -562,22 +562,26 @@ fn png_text_bomb_is_refused() {
     }
     let size = std::fs::metadata(&png_path).unwrap().len();
     assert!(size < 8 << 20, "{size}");
-    let o = run_gen_rss(&["--from-png", png_path.to_str().unwrap()], &out_dir);
+    let out = out_dir.join("new.png");
+    let o = run_gen_rss(&[
+        "--from-png",
+        png_path.to_str().unwrap(),
+        "-o",
+        out.to_str().unwrap(),
+    ]);
     assert_refused(&o.0, &png_path, "inflates", &out_dir, &before);
     assert!(o.1 < 512 << 20, "peak RSS {} MiB", o.1 >> 20);
 }
 
-/// Runs `dmd2 gen --device cpu ARGS -o OUT_DIR/new.png` and returns its output and its peak
+/// Runs `dmd2 gen --device cpu ARGS` and returns its output and its peak
 /// resident memory: the largest VmHWM read from /proc/PID/status while it runs (the
 /// kernel's high-water mark of the child's own address space; ru_maxrss would count this test
 /// process's memory, which a spawned child inherits until exec).
-fn run_gen_rss(extra: &[&str], out_dir: &Path) -> (Output, u64) {
+fn run_gen_rss(extra: &[&str]) -> (Output, u64) {
     use std::io::Read;
-    let out = out_dir.join("new.png");
     let mut child = Command::new(env!("CARGO_BIN_EXE_dmd2"))
         .args(["gen", "--device", "cpu"])
         .args(extra)
-        .args(["-o", out.to_str().unwrap()])
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()
@@ -616,4 +620,771 @@ fn run_gen_rss(extra: &[&str], out_dir: &Path) -> (Output, u64) {
         stderr: t_err.join().unwrap(),
     };
     (o, peak)
+}
+
+// ---------------------------------------------------------------------------------------
+// Outputs: only regular files created or replaced, never an input, never through a link.
+// ---------------------------------------------------------------------------------------
+
+/// `dmd2 ARGS`, killed (and failed) after 120 s.
+fn dmd2(args: &[&str]) -> Output {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_dmd2"))
+        .args(args)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let t0 = std::time::Instant::now();
+    while child.try_wait().unwrap().is_none() {
+        if t0.elapsed().as_secs() > 120 {
+            let _ = child.kill();
+            panic!("{args:?} did not finish");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    child.wait_with_output().unwrap()
+}
+
+fn gen_args<'a>(model: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
+    let mut v = vec![
+        "gen", "--model", model, "--width", "64", "--height", "64", "--device", "cpu", "--seed",
+        "1",
+    ];
+    v.extend_from_slice(extra);
+    v
+}
+
+fn err_of(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+#[test]
+fn outputs_to_devices_and_fifos_are_plain_writes() {
+    use std::os::unix::fs::FileTypeExt;
+    let d = tmpdir("special-out");
+    let tiny = fixtures().join("tiny");
+    let model = tiny.to_str().unwrap();
+    // /dev/null: written to, still a device.
+    let o = dmd2(&gen_args(model, &["--prompt", "x", "-o", "/dev/null"]));
+    assert!(o.status.success(), "{}", err_of(&o));
+    assert!(
+        std::fs::metadata("/dev/null")
+            .unwrap()
+            .file_type()
+            .is_char_device()
+    );
+    // A symlink to /dev/null: written through, the link stays a link.
+    let link = d.join("null.png");
+    std::os::unix::fs::symlink("/dev/null", &link).unwrap();
+    let o = dmd2(&gen_args(
+        model,
+        &["--prompt", "x", "-o", link.to_str().unwrap()],
+    ));
+    assert!(o.status.success(), "{}", err_of(&o));
+    assert!(
+        std::fs::symlink_metadata(&link)
+            .unwrap()
+            .file_type()
+            .is_symlink()
+    );
+    // /dev/full: the write fails, exit 1, counted in the summary.
+    let o = dmd2(&gen_args(model, &["--prompt", "x", "-o", "/dev/full"]));
+    let err = err_of(&o);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("/dev/full") && err.contains("1 failed"),
+        "{err}"
+    );
+    assert!(
+        std::fs::metadata("/dev/full")
+            .unwrap()
+            .file_type()
+            .is_char_device()
+    );
+    // A FIFO with a reader gets the PNG; without one, an error at once.
+    let fifo = d.join("pipe.png");
+    assert!(
+        Command::new("mkfifo")
+            .arg(&fifo)
+            .status()
+            .unwrap()
+            .success()
+    );
+    let reader = {
+        let fifo = fifo.clone();
+        std::thread::spawn(move || std::fs::read(&fifo).unwrap())
+    };
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    let o = dmd2(&gen_args(
+        model,
+        &["--prompt", "x", "-o", fifo.to_str().unwrap()],
+    ));
+    assert!(o.status.success(), "{}", err_of(&o));
+    let bytes = reader.join().unwrap();
+    image::load_from_memory(&bytes).expect("a whole PNG through the FIFO");
+    assert!(std::fs::metadata(&fifo).unwrap().file_type().is_fifo());
+    let o = dmd2(&gen_args(
+        model,
+        &["--prompt", "x", "-o", fifo.to_str().unwrap()],
+    ));
+    let err = err_of(&o);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(err.contains("no process reads"), "{err}");
+    // A directory: refused before any work.
+    let o = dmd2(&gen_args(
+        model,
+        &["--prompt", "x", "-o", d.to_str().unwrap()],
+    ));
+    assert_eq!(o.status.code(), Some(2), "{}", err_of(&o));
+    assert!(err_of(&o).contains("is a directory"));
+    // merge --output /dev/null writes through, leaving the device.
+    let o = dmd2(&["merge", "--model", model, "--output", "/dev/null", "-q"]);
+    assert!(o.status.success(), "{}", err_of(&o));
+    assert!(
+        std::fs::metadata("/dev/null")
+            .unwrap()
+            .file_type()
+            .is_char_device()
+    );
+}
+
+/// An output naming an input of the run (the model, a LoRA, a link or hard link to one) is
+/// refused before any work and the input is untouched.
+#[test]
+fn outputs_never_replace_inputs() {
+    let d = tmpdir("inputs");
+    let model = d.join("m.safetensors");
+    std::fs::copy(tiny(), &model).unwrap();
+    let lora = d.join("l.safetensors");
+    std::fs::copy(fixtures().join("lora/kohya_diffusers.safetensors"), &lora).unwrap();
+    let hard = d.join("hard.png");
+    std::fs::hard_link(&model, &hard).unwrap();
+    let soft = d.join("soft.png");
+    std::os::unix::fs::symlink(&lora, &soft).unwrap();
+    let before = (
+        std::fs::read(&model).unwrap(),
+        std::fs::read(&lora).unwrap(),
+    );
+    let m = model.to_str().unwrap();
+    let l = lora.to_str().unwrap();
+    for out in [m, l, hard.to_str().unwrap(), soft.to_str().unwrap()] {
+        let o = dmd2(&gen_args(m, &["--lora", l, "--prompt", "x", "-o", out]));
+        let err = err_of(&o);
+        assert_eq!(o.status.code(), Some(2), "{out}: {err}");
+        assert!(err.contains("is an input of this run"), "{err}");
+    }
+    let o = dmd2(&["merge", "--model", m, "--lora", l, "--output", l]);
+    assert_eq!(o.status.code(), Some(2), "{}", err_of(&o));
+    assert_eq!(
+        (
+            std::fs::read(&model).unwrap(),
+            std::fs::read(&lora).unwrap()
+        ),
+        before
+    );
+}
+
+/// Names two images of a run would share: refused before any work for a file or flags; for
+/// stdin the second image is refused (reported, counted) and the first is kept.
+#[test]
+fn colliding_names_are_refused() {
+    let d = tmpdir("collide");
+    let out = d.join("out");
+    let before = listing(&out);
+    let tiny = fixtures().join("tiny");
+    let model = tiny.to_str().unwrap();
+    let o = dmd2(&gen_args(
+        model,
+        &[
+            "--prompt",
+            "x",
+            "--num-images",
+            "3",
+            "--name",
+            "same.png",
+            "--out-dir",
+            out.to_str().unwrap(),
+        ],
+    ));
+    let err = err_of(&o);
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("same.png") && err.contains("earlier image"),
+        "{err}"
+    );
+    assert_eq!(listing(&out), before, "nothing written");
+    let pf = d.join("p.txt");
+    std::fs::write(&pf, "a red car\nA red car!\n").unwrap();
+    let o = dmd2(&gen_args(
+        model,
+        &[
+            "--prompt-file",
+            pf.to_str().unwrap(),
+            "--name",
+            "{prompt}.png",
+            "--out-dir",
+            out.to_str().unwrap(),
+        ],
+    ));
+    assert_eq!(o.status.code(), Some(2), "{}", err_of(&o));
+    assert_eq!(listing(&out), before, "nothing written");
+    // stdin: streamed, so the second image is refused when it comes.
+    let mut child = Command::new(env!("CARGO_BIN_EXE_dmd2"))
+        .args(gen_args(
+            model,
+            &[
+                "--prompt-file",
+                "-",
+                "--name",
+                "{prompt}.png",
+                "--json",
+                "--out-dir",
+                out.to_str().unwrap(),
+            ],
+        ))
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::Write;
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"a red car\nA red car!\n")
+        .unwrap();
+    let o = child.wait_with_output().unwrap();
+    let err = err_of(&o);
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("1 written") && err.contains("1 failed"),
+        "{err}"
+    );
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    assert_eq!(stdout.lines().count(), 1, "{stdout}");
+    assert!(listing(&out).contains("a-red-car.png"));
+}
+
+/// Counts far beyond any real run are checked, not materialised: refused with a reason, or
+/// (sharded) made at once for this shard's one image.
+#[test]
+fn huge_counts_are_cheap() {
+    let d = tmpdir("counts");
+    let out = d.join("out");
+    let tiny = fixtures().join("tiny");
+    let model = tiny.to_str().unwrap();
+    let o = dmd2(&gen_args(
+        model,
+        &[
+            "--prompt",
+            "x",
+            "--num-images",
+            "18446744073709551615",
+            "--out-dir",
+            out.to_str().unwrap(),
+        ],
+    ));
+    let err = err_of(&o);
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("--num-images") && !err.contains("panicked"),
+        "{err}"
+    );
+    let t0 = std::time::Instant::now();
+    let o = dmd2(&gen_args(
+        model,
+        &[
+            "--prompt",
+            "x",
+            "--num-images",
+            "4294967296",
+            "--shard",
+            "4294967295/4294967296",
+            "--out-dir",
+            out.to_str().unwrap(),
+        ],
+    ));
+    assert!(o.status.success(), "{}", err_of(&o));
+    assert!(t0.elapsed().as_secs() < 60);
+    let pngs: Vec<String> = listing(&out)
+        .into_iter()
+        .filter(|f| f != "keep.png")
+        .collect();
+    assert_eq!(pngs, vec!["4294967295-4294967296.png".to_string()]);
+    let pf = d.join("p.jsonl");
+    std::fs::write(
+        &pf,
+        r#"{"prompt": "x", "num_images": 18446744073709551615}"#,
+    )
+    .unwrap();
+    let o = dmd2(&gen_args(
+        model,
+        &[
+            "--prompt-file",
+            pf.to_str().unwrap(),
+            "--out-dir",
+            out.to_str().unwrap(),
+        ],
+    ));
+    let err = err_of(&o);
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("num_images") && !err.contains("panicked"),
+        "{err}"
+    );
+}
+
+/// Explicit timesteps from a preset file or a PNG's settings are checked as flags are.
+#[test]
+fn timesteps_from_presets_and_pngs_are_checked() {
+    let d = tmpdir("timesteps");
+    let tiny = fixtures().join("tiny");
+    let model = tiny.to_str().unwrap();
+    let out = d.join("out/new.png");
+    for bad in ["[5000, 10]", "[]", "[999, 999]", "[10, 500]"] {
+        let preset = d.join("p.toml");
+        std::fs::write(&preset, format!("timesteps = {bad}\n")).unwrap();
+        let o = dmd2(&gen_args(
+            model,
+            &[
+                "--preset",
+                preset.to_str().unwrap(),
+                "--prompt",
+                "x",
+                "-o",
+                out.to_str().unwrap(),
+            ],
+        ));
+        let err = err_of(&o);
+        assert_eq!(o.status.code(), Some(2), "{bad}: {err}");
+        assert!(
+            err.contains("timesteps") && !err.contains("panicked"),
+            "{bad}: {err}"
+        );
+        assert!(!out.exists());
+    }
+    // A PNG whose dmd2 settings chunk says [5000, 10], or holds a NUL in its prompt.
+    let good = d.join("good.png");
+    let o = dmd2(&gen_args(
+        model,
+        &["--prompt", "x", "-o", good.to_str().unwrap()],
+    ));
+    assert!(o.status.success(), "{}", err_of(&o));
+    let settings = dmd2::metadata::settings_from_png(&good).unwrap();
+    for (name, edit) in [
+        (
+            "ts",
+            serde_json::json!({"sampler": {"kind": "dmd2", "steps": 2, "timesteps": [5000, 10], "spacing": "leading"}}),
+        ),
+        ("nul", serde_json::json!({"prompt": "a\u{0}b"})),
+    ] {
+        let mut v = serde_json::to_value(&settings).unwrap();
+        for (k, x) in edit.as_object().unwrap() {
+            v[k] = x.clone();
+        }
+        let png_path = d.join(format!("{name}.png"));
+        let f = std::fs::File::create(&png_path).unwrap();
+        let mut enc = png::Encoder::new(f, 1, 1);
+        enc.set_color(png::ColorType::Rgb);
+        enc.add_itxt_chunk("dmd2".into(), v.to_string()).unwrap();
+        enc.write_header()
+            .unwrap()
+            .write_image_data(&[0, 0, 0])
+            .unwrap();
+        let o = dmd2(&[
+            "gen",
+            "--from-png",
+            png_path.to_str().unwrap(),
+            "--device",
+            "cpu",
+            "-o",
+            out.to_str().unwrap(),
+        ]);
+        let err = err_of(&o);
+        assert_eq!(o.status.code(), Some(2), "{name}: {err}");
+        assert!(
+            err.contains(png_path.to_str().unwrap()) || err.contains("NUL"),
+            "{name}: {err}"
+        );
+        assert!(!out.exists());
+    }
+}
+
+/// A prompt line of 10 MB is refused without holding it; a prompt over the limit is refused
+/// with the limit named.
+#[test]
+fn long_prompts_are_bounded() {
+    let d = tmpdir("long");
+    let out = d.join("out");
+    let pf = d.join("p.txt");
+    let mut text = "y".repeat(10 << 20);
+    text.push('\n');
+    text.push_str(&"z".repeat(70_000));
+    text.push('\n');
+    std::fs::write(&pf, text).unwrap();
+    let model = fixtures().join("tiny");
+    let (o, peak) = run_gen_rss(&[
+        "--model",
+        model.to_str().unwrap(),
+        "--prompt-file",
+        pf.to_str().unwrap(),
+        "--width",
+        "64",
+        "--height",
+        "64",
+        "--out-dir",
+        out.to_str().unwrap(),
+    ]);
+    let err = err_of(&o);
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    assert!(err.contains(":1: the line is longer"), "{err}");
+    assert!(err.contains(":2: the prompt has 70000 bytes"), "{err}");
+    assert!(peak < 300 << 20, "peak RSS {} MiB", peak >> 20);
+}
+
+/// Temporary files of dead processes are removed when a run starts in the directory; a live
+/// process's are left.
+#[test]
+fn stale_temp_files_are_removed() {
+    let d = tmpdir("stale");
+    let out = d.join("out");
+    let dead = ".a.png.dmd2-999999999-0123456789abcdef.tmp";
+    let live = format!(".b.png.dmd2-{}-0123456789abcdef.tmp", std::process::id());
+    std::fs::write(out.join(dead), b"partial").unwrap();
+    std::fs::write(out.join(&live), b"being written").unwrap();
+    let tiny = fixtures().join("tiny");
+    let o = dmd2(&gen_args(
+        tiny.to_str().unwrap(),
+        &["--prompt", "x", "--out-dir", out.to_str().unwrap()],
+    ));
+    assert!(o.status.success(), "{}", err_of(&o));
+    let files = listing(&out);
+    assert!(!files.contains(dead), "{files:?}");
+    assert!(files.contains(&live), "{files:?}");
+}
+
+/// SIGTERM during one long image stops it within a step: exit code 143, no image, no
+/// temporary file, within seconds.
+#[test]
+fn sigterm_stops_a_long_image() {
+    use std::io::{BufRead, BufReader};
+    let d = tmpdir("sigterm");
+    let out = d.join("out");
+    let tiny = fixtures().join("tiny");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_dmd2"))
+        .args([
+            "gen",
+            "--model",
+            tiny.to_str().unwrap(),
+            "--device",
+            "cpu",
+            "--prompt",
+            "x",
+            "--steps",
+            "400",
+            "--width",
+            "256",
+            "--height",
+            "256",
+            "--verbose",
+            "--out-dir",
+            out.to_str().unwrap(),
+        ])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stderr = BufReader::new(child.stderr.take().unwrap());
+    let mut seen = String::new();
+    // Loaded: the sampling loop is about to run.
+    while !seen.contains("load:") {
+        let mut line = String::new();
+        if stderr.read_line(&mut line).unwrap() == 0 {
+            break;
+        }
+        seen.push_str(&line);
+    }
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    let t0 = std::time::Instant::now();
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let status = child.wait().unwrap();
+    let mut rest = String::new();
+    std::io::Read::read_to_string(&mut stderr, &mut rest).unwrap();
+    assert!(t0.elapsed().as_secs_f64() < 10.0, "took {:?}", t0.elapsed());
+    assert_eq!(status.code(), Some(143), "{seen}{rest}");
+    assert!(rest.contains("interrupted"), "{rest}");
+    assert_eq!(listing(&out), BTreeSet::from(["keep.png".to_string()]));
+}
+
+/// A copy of the tiny folder (weights and tokenizers linked) with `edit` applied to the JSON
+/// file `rel`.
+fn tiny_with(
+    d: &Path,
+    name: &str,
+    rel: &str,
+    edit: impl FnOnce(&mut serde_json::Value),
+) -> PathBuf {
+    fn copy(src: &Path, dst: &Path) {
+        std::fs::create_dir_all(dst).unwrap();
+        for e in std::fs::read_dir(src).unwrap().flatten() {
+            let (s, t) = (e.path(), dst.join(e.file_name()));
+            if s.is_dir() {
+                copy(&s, &t);
+            } else if s.extension().is_some_and(|x| x == "json") {
+                std::fs::copy(&s, &t).unwrap();
+            } else {
+                std::os::unix::fs::symlink(&s, &t).unwrap();
+            }
+        }
+    }
+    let dst = d.join(name);
+    copy(&fixtures().join("tiny"), &dst);
+    let p = dst.join(rel);
+    let mut v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
+    edit(&mut v);
+    std::fs::write(&p, v.to_string()).unwrap();
+    dst
+}
+
+/// Config values the model cannot be built with, and schedules it does not implement: one
+/// line naming the file and the field, exit code 2, before any tensor is read.
+#[test]
+fn bad_config_values_are_refused_by_name() {
+    let d = tmpdir("configs");
+    let out_dir = d.join("out");
+    let before = listing(&out_dir);
+    type Edit = Box<dyn FnOnce(&mut serde_json::Value)>;
+    let cases: Vec<(&str, &str, Edit, &str)> = vec![
+        (
+            "heads0",
+            "unet/config.json",
+            Box::new(|v| v["attention_head_dim"] = serde_json::json!([0, 0, 0])),
+            "attention_head_dim",
+        ),
+        (
+            "heads5",
+            "unet/config.json",
+            Box::new(|v| v["attention_head_dim"] = serde_json::json!([1, 5, 4])),
+            "attention_head_dim",
+        ),
+        (
+            "groups",
+            "unet/config.json",
+            Box::new(|v| v["norm_num_groups"] = serde_json::json!(0)),
+            "norm_num_groups",
+        ),
+        (
+            "scale0",
+            "vae/config.json",
+            Box::new(|v| v["scaling_factor"] = serde_json::json!(0)),
+            "scaling_factor",
+        ),
+        (
+            "te_heads",
+            "text_encoder/config.json",
+            Box::new(|v| v["num_attention_heads"] = serde_json::json!(3)),
+            "num_attention_heads",
+        ),
+        (
+            "vpred",
+            "scheduler/scheduler_config.json",
+            Box::new(|v| v["prediction_type"] = serde_json::json!("v_prediction")),
+            "prediction_type",
+        ),
+        (
+            "betas",
+            "scheduler/scheduler_config.json",
+            Box::new(|v| v["beta_schedule"] = serde_json::json!("linear")),
+            "beta_schedule",
+        ),
+    ];
+    for (name, rel, edit, field) in cases {
+        let model = tiny_with(&d, name, rel, edit);
+        let o = run_gen(&model, &out_dir.join("new.png"), &[]);
+        assert_refused(&o, &model.join(rel), field, &out_dir, &before);
+    }
+}
+
+/// Names up to 255 bytes work (the temporary name is shortened); longer ones are refused
+/// before any work. A subdirectory that is a link out of --out-dir is refused.
+#[test]
+fn name_lengths_and_linked_subdirectories() {
+    let d = tmpdir("names");
+    let out = d.join("out");
+    let tiny = fixtures().join("tiny");
+    let model = tiny.to_str().unwrap();
+    let long = format!("{}.png", "n".repeat(251));
+    assert_eq!(long.len(), 255);
+    let o = dmd2(&gen_args(
+        model,
+        &[
+            "--prompt",
+            "x",
+            "--name",
+            &long,
+            "--out-dir",
+            out.to_str().unwrap(),
+        ],
+    ));
+    assert!(o.status.success(), "{}", err_of(&o));
+    assert!(listing(&out).contains(&long));
+    let too_long = format!("{}.png", "m".repeat(252));
+    let o = dmd2(&gen_args(
+        model,
+        &[
+            "--prompt",
+            "x",
+            "--name",
+            &too_long,
+            "--out-dir",
+            out.to_str().unwrap(),
+        ],
+    ));
+    assert_eq!(o.status.code(), Some(2), "{}", err_of(&o));
+    assert!(!listing(&out).contains(&too_long));
+    // out/sub -> a directory outside: a JSON line's name sub/x.png must not go through it.
+    let outside = d.join("outside");
+    std::fs::create_dir_all(&outside).unwrap();
+    std::os::unix::fs::symlink(&outside, out.join("sub")).unwrap();
+    let pf = d.join("p.jsonl");
+    std::fs::write(&pf, r#"{"prompt": "x", "name": "sub/x.png"}"#).unwrap();
+    let o = dmd2(&gen_args(
+        model,
+        &[
+            "--prompt-file",
+            pf.to_str().unwrap(),
+            "--out-dir",
+            out.to_str().unwrap(),
+        ],
+    ));
+    let err = err_of(&o);
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    assert!(err.contains("symbolic link"), "{err}");
+    assert_eq!(std::fs::read_dir(&outside).unwrap().count(), 0);
+}
+
+/// A write that fails after its image was made is counted as failed and, with
+/// `--on-error skip`, the run goes on.
+#[test]
+fn failed_writes_are_counted_and_skippable() {
+    let d = tmpdir("failwrite");
+    let out = d.join("out");
+    assert!(
+        Command::new("mkfifo")
+            .arg(out.join("pipe.png"))
+            .status()
+            .unwrap()
+            .success()
+    );
+    let pf = d.join("p.jsonl");
+    std::fs::write(
+        &pf,
+        "{\"prompt\": \"x\", \"name\": \"pipe.png\"}\n{\"prompt\": \"y\", \"name\": \"ok.png\"}\n",
+    )
+    .unwrap();
+    let tiny = fixtures().join("tiny");
+    let o = dmd2(&gen_args(
+        tiny.to_str().unwrap(),
+        &[
+            "--prompt-file",
+            pf.to_str().unwrap(),
+            "--on-error",
+            "skip",
+            "--out-dir",
+            out.to_str().unwrap(),
+        ],
+    ));
+    let err = err_of(&o);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("1 written") && err.contains("1 failed"),
+        "{err}"
+    );
+    assert!(listing(&out).contains("ok.png"));
+}
+
+/// NaN in a `--unet` file is blamed on that file, not on `--model`.
+#[test]
+fn nan_in_a_unet_file_names_it() {
+    let d = tmpdir("nan-unet");
+    let unet = d.join("unet.safetensors");
+    rewrite(
+        &fixtures().join("tiny/unet/diffusion_pytorch_model.safetensors"),
+        &unet,
+        |h, data| {
+            let o = &h["conv_in.bias"]["data_offsets"];
+            let (a, b) = (
+                o[0].as_u64().unwrap() as usize,
+                o[1].as_u64().unwrap() as usize,
+            );
+            for c in data[a..b].chunks_mut(2) {
+                c.copy_from_slice(&0x7e00u16.to_le_bytes());
+            }
+        },
+    );
+    let o = run_gen(
+        &fixtures().join("tiny"),
+        &d.join("out/new.png"),
+        &["--unet", unet.to_str().unwrap(), "--strict"],
+    );
+    let err = err_of(&o);
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains(unet.to_str().unwrap()) && err.contains("conv_in.bias"),
+        "{err}"
+    );
+}
+
+/// Prompt files that are not regular files: a FIFO (or `<(…)`) is read once, as a stream;
+/// /dev/null holds no prompt.
+#[test]
+fn prompt_files_from_fifos_and_devices() {
+    let d = tmpdir("pf-fifo");
+    let out = d.join("out");
+    let fifo = d.join("prompts");
+    assert!(
+        Command::new("mkfifo")
+            .arg(&fifo)
+            .status()
+            .unwrap()
+            .success()
+    );
+    let writer = {
+        let fifo = fifo.clone();
+        std::thread::spawn(move || std::fs::write(&fifo, "a fox\n").unwrap())
+    };
+    let tiny = fixtures().join("tiny");
+    let o = dmd2(&gen_args(
+        tiny.to_str().unwrap(),
+        &[
+            "--prompt-file",
+            fifo.to_str().unwrap(),
+            "--out-dir",
+            out.to_str().unwrap(),
+        ],
+    ));
+    writer.join().unwrap();
+    let err = err_of(&o);
+    assert!(o.status.success(), "{err}");
+    assert!(err.contains("1 written"), "{err}");
+    let o = dmd2(&gen_args(
+        tiny.to_str().unwrap(),
+        &[
+            "--prompt-file",
+            "/dev/null",
+            "--out-dir",
+            out.to_str().unwrap(),
+        ],
+    ));
+    let err = err_of(&o);
+    assert!(o.status.success(), "{err}");
+    assert!(err.contains("0 written"), "{err}");
 }

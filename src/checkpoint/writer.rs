@@ -19,7 +19,7 @@ use anyhow::{Context, Result, anyhow, bail};
 use candle_core::{DType, Device, Tensor};
 use std::collections::{BTreeMap, HashMap};
 use std::io::{BufWriter, Write};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 
 /// One tensor of a file to write.
@@ -32,40 +32,25 @@ pub struct TensorEntry {
 
 pub use crate::safetensors_file::dtype_name;
 
-/// Removes the temporary file unless the write completed.
-struct TempFile {
-    path: PathBuf,
-    done: bool,
-}
-
-impl Drop for TempFile {
-    fn drop(&mut self) {
-        if !self.done {
-            let _ = std::fs::remove_file(&self.path);
-        }
-    }
-}
-
 /// Write a safetensors file tensor by tensor: `entries` in order, the data of entry `i` from
 /// `data(i, entry)` (a tensor of exactly that dtype and shape, on the CPU). The header goes
-/// first, so nothing but the tensor being written is held. Written to a temporary file next
-/// to `out`, renamed when complete.
+/// first, so nothing but the tensor being written is held. The output is checked
+/// ([`crate::output::check_target`]: no directory, device or input of `inputs` replaced) and
+/// written through [`crate::output::OutputFile`]: complete or not at all.
 pub fn write_streaming(
     out: &Path,
+    inputs: &[crate::output::FileId],
     entries: &[TensorEntry],
     metadata: &BTreeMap<String, String>,
     mut data: impl FnMut(usize, &TensorEntry) -> Result<Tensor>,
 ) -> Result<()> {
-    let dir = match out.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
-    if !dir.is_dir() {
+    if let Some(dir) = out.parent()
+        && !dir.as_os_str().is_empty()
+        && !dir.is_dir()
+    {
         bail!("{}: no such directory", dir.display());
     }
-    let file_name = out
-        .file_name()
-        .ok_or_else(|| anyhow!("{}: not a file name", out.display()))?;
+    let target = crate::output::check_target(out, inputs)?;
     let mut header = serde_json::Map::new();
     if !metadata.is_empty() {
         header.insert(
@@ -102,16 +87,10 @@ pub fn write_streaming(
         json.push(b' ');
     }
 
-    let mut tmp_name = file_name.to_os_string();
-    tmp_name.push(format!(".dmd2-tmp-{}", std::process::id()));
-    let mut tmp = TempFile {
-        path: dir.join(tmp_name),
-        done: false,
-    };
-    let f = std::fs::File::create(&tmp.path)
-        .with_context(|| format!("{}: cannot create", tmp.path.display()))?;
-    let mut w = BufWriter::with_capacity(8 << 20, f);
-    let io = |e: std::io::Error| anyhow!("{}: {e}", tmp.path.display());
+    let file = crate::output::OutputFile::create(&target)?;
+    let name = out.display().to_string();
+    let mut w = BufWriter::with_capacity(8 << 20, file);
+    let io = |e: std::io::Error| anyhow!("{name}: {e}");
     w.write_all(&(json.len() as u64).to_le_bytes())
         .map_err(io)?;
     w.write_all(&json).map_err(io)?;
@@ -128,17 +107,12 @@ pub fn write_streaming(
             );
         }
         t.write_bytes(&mut w)
-            .with_context(|| format!("{}: writing {}", tmp.path.display(), e.name))?;
+            .with_context(|| format!("{name}: writing {}", e.name))?;
     }
-    let f = w
+    let file = w
         .into_inner()
-        .map_err(|e| anyhow!("{}: {}", tmp.path.display(), e.error()))?;
-    f.sync_all().map_err(io)?;
-    drop(f);
-    std::fs::rename(&tmp.path, out)
-        .with_context(|| format!("cannot move {} to {}", tmp.path.display(), out.display()))?;
-    tmp.done = true;
-    Ok(())
+        .map_err(|e| anyhow!("{name}: {}", e.error()))?;
+    file.commit()
 }
 
 fn component(parts: &ModelParts, c: Component) -> &Arc<ComponentWeights> {
@@ -266,7 +240,24 @@ pub fn write_single_file(parts: &ModelParts, out: &Path, dtype: Option<DType>) -
         });
     }
     let metadata = BTreeMap::from([("format".to_string(), "pt".to_string())]);
-    write_streaming(out, &entries, &metadata, |i, e| {
+    // No output may replace a file the model or its LoRAs are read from.
+    let inputs: Vec<crate::output::FileId> = [
+        &parts.unet,
+        &parts.text_encoder,
+        &parts.text_encoder_2,
+        &parts.vae,
+    ]
+    .iter()
+    .flat_map(|c| {
+        c.files
+            .paths
+            .iter()
+            .chain(c.patches.values().flatten().map(|p| &p.file))
+            .filter_map(|p| crate::output::FileId::of(p))
+            .collect::<Vec<_>>()
+    })
+    .collect();
+    write_streaming(out, &inputs, &entries, &metadata, |i, e| {
         let t = &originals[i];
         let w = component(parts, t.component);
         let loaded = t

@@ -51,23 +51,13 @@ pub struct MergeArgs {
 }
 
 pub fn run(a: MergeArgs) -> Result<()> {
-    let same_file =
-        |x: &std::path::Path, y: &std::path::Path| match (x.canonicalize(), y.canonicalize()) {
-            (Ok(x), Ok(y)) => x == y,
-            _ => false,
-        };
-    if same_file(&a.model, &a.output) || a.lora.iter().any(|l| same_file(&l.path, &a.output)) {
-        return Err(bad_input(anyhow::anyhow!(
-            "{}: the output would overwrite one of the inputs",
-            a.output.display()
-        )));
-    }
-    if a.output.is_dir() {
-        return Err(bad_input(anyhow::anyhow!(
-            "{}: is a directory; --output is the file to write",
-            a.output.display()
-        )));
-    }
+    // The output is checked before any tensor is read: not a directory, not one of the
+    // inputs (by device and inode), a device or FIFO written directly.
+    let inputs: Vec<crate::output::FileId> = std::iter::once(&a.model)
+        .chain(a.lora.iter().map(|l| &l.path))
+        .filter_map(|p| crate::output::FileId::of(p))
+        .collect();
+    crate::output::check_target(&a.output, &inputs).map_err(bad_input)?;
     let t0 = Instant::now();
     let mut parts = checkpoint::open(&a.model).map_err(bad_input)?;
     let reports = lora::apply_loras(&mut parts, &a.lora).map_err(bad_input)?;
@@ -86,7 +76,7 @@ pub fn run(a: MergeArgs) -> Result<()> {
     }
     writer::write_single_file(&parts, &a.output, a.dtype.map(DType::from))?;
     let size = std::fs::metadata(&a.output).map(|m| m.len()).unwrap_or(0);
-    if size == 0 {
+    if size == 0 && std::fs::metadata(&a.output).is_ok_and(|m| m.is_file()) {
         bail!("{}: nothing written", a.output.display());
     }
     if !a.quiet {
