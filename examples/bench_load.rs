@@ -14,11 +14,11 @@
 //! file is read once before timing so both variants start from a warm page cache.
 //!
 //! `--ops DIR` (with files kept by `--keep`) times the steps of merging every patched weight:
-//! `ComponentWeights::load`'s step-by-step path against `lora::merge_patches`.
+//! `ComponentWeights::load`'s step-by-step path against `weights::merge_patches`.
 
 use anyhow::{Context, Result, bail};
 use candle_core::{DType, Device, Shape, Tensor};
-use dmd2::checkpoint::single_file::{Component, canonical_maps, original_tensors};
+use dmd2::keymap::{Component, canonical_maps, original_tensors};
 use dmd2::checkpoint::writer::{TensorEntry, assembled_shape, write_streaming};
 use dmd2::clip::ClipTextModel;
 use dmd2::config::{VaeConfig, sdxl_base};
@@ -409,7 +409,7 @@ fn ops(model: &Path, lora: &Path, dtype: DType) -> Result<()> {
         "× multiplier",
         "add",
         "to dtype",
-        "fused (lora::merge_patches)",
+        "fused (weights::merge_patches)",
     ];
     let mut elems = 0usize;
     for (name, patches) in &w.patches {
@@ -433,7 +433,7 @@ fn ops(model: &Path, lora: &Path, dtype: DType) -> Result<()> {
         }
         let out = x.to_dtype(dtype)?;
         tick(5, &mut t);
-        let fused = dmd2::lora::merge_patches(&raw, patches, dtype)?;
+        let fused = dmd2::weights::merge_patches(&raw, patches, dtype)?;
         tick(6, &mut t);
         if fused.dims() != out.dims() {
             bail!("{name}: fused shape differs");

@@ -16,6 +16,7 @@ pub mod error;
 pub mod files;
 pub mod hub;
 pub mod kernels;
+pub mod keymap;
 pub mod loader;
 pub mod lora;
 pub mod metadata;

@@ -6,7 +6,7 @@ mod common;
 
 use candle_core::{DType, Device, Tensor};
 use common::*;
-use dmd2::checkpoint::single_file::Component;
+use dmd2::keymap::Component;
 use dmd2::checkpoint::{self, ModelParts, writer};
 use dmd2::lora::{self, LoraSpec, MergeReport};
 use dmd2::pipeline::Pipeline;
@@ -718,7 +718,7 @@ fn inspect_describes_loras_and_checkpoints() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
-/// `lora::merge_patches` gives exactly the numbers of `ComponentWeights::load`'s step-by-step
+/// `weights::merge_patches` gives exactly the numbers of `ComponentWeights::load`'s step-by-step
 /// merge, in every output dtype.
 #[test]
 fn merge_patches_equals_load() {
@@ -736,7 +736,7 @@ fn merge_patches_equals_load() {
             let raw = w.load_raw(name).unwrap();
             for dtype in [DType::F32, DType::F16, DType::BF16] {
                 let want = w.load(name, dtype, &Device::Cpu).unwrap();
-                let got = lora::merge_patches(&raw, patches, dtype).unwrap();
+                let got = dmd2::weights::merge_patches(&raw, patches, dtype).unwrap();
                 assert_eq!(got.dtype(), dtype);
                 assert_eq!(got.dims(), want.dims());
                 assert_eq!(max_abs(&got, &want), 0.0, "{name} {dtype:?}");

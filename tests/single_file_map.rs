@@ -1,12 +1,12 @@
 //! Single-file (LDM/sgm) SDXL checkpoints: architecture inference and the name map, on
 //! synthetic shape maps (SDXL base, an SSD-1B-like model, a tiny model), on error cases, and on
-//! the tiny fixture pair (single file + diffusers folder) when present.
+//! the tiny fixture pair (single file + diffusers folder).
 
 mod common;
 
-use dmd2::checkpoint::single_file::{
-    Assemble, Component, SingleFileError, SingleFileLayout, Transform, canonical_maps, detect,
-    original_tensors,
+use dmd2::checkpoint::single_file::{SingleFileLayout, detect};
+use dmd2::keymap::{
+    Assemble, Component, SingleFileError, Transform, canonical_maps, original_tensors,
 };
 use dmd2::config::{ClipConfig, UNetConfig, VaeConfig};
 use std::collections::{BTreeMap, BTreeSet};

@@ -1,7 +1,7 @@
 //! diffusers folders: `model_index.json` plus one sub-folder per component, each with its
 //! `config.json` and safetensors weights.
 
-use super::single_file::Transform;
+use crate::keymap::Transform;
 use super::{Layout, ModelParts};
 use crate::config::{ClipConfig, SchedulerConfig, UNetConfig, VaeConfig};
 use crate::tokenizer::ClipTokenizer;

@@ -10,6 +10,7 @@ pub mod unet_file;
 pub mod writer;
 
 use crate::config::{ClipConfig, SchedulerConfig, UNetConfig, VaeConfig};
+use crate::keymap::Component;
 use crate::tokenizer::ClipTokenizer;
 use crate::weights::ComponentWeights;
 use anyhow::{Result, bail};
@@ -71,7 +72,7 @@ fn open_single_file(path: &Path) -> Result<ModelParts> {
     check("text encoder 2", layout.text_encoder_2.validate())?;
     check("VAE", layout.vae.validate())?;
     let mut maps = layout.maps;
-    let mut take = |c: single_file::Component| {
+    let mut take = |c: Component| {
         Arc::new(ComponentWeights {
             files: files.clone(),
             map: maps.remove(&c).unwrap_or_default(),
@@ -82,10 +83,10 @@ fn open_single_file(path: &Path) -> Result<ModelParts> {
     Ok(ModelParts {
         name: path.display().to_string(),
         layout: Layout::SingleFile,
-        unet: take(single_file::Component::Unet),
-        text_encoder: take(single_file::Component::TextEncoder),
-        text_encoder_2: take(single_file::Component::TextEncoder2),
-        vae: take(single_file::Component::Vae),
+        unet: take(Component::Unet),
+        text_encoder: take(Component::TextEncoder),
+        text_encoder_2: take(Component::TextEncoder2),
+        vae: take(Component::Vae),
         unet_config: layout.unet,
         text_encoder_config: layout.text_encoder,
         text_encoder_2_config: layout.text_encoder_2,

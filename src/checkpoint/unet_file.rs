@@ -18,7 +18,7 @@
 //! mapped and then unlinked (on Unix the mapping stays valid; nothing is left behind).
 
 use super::ModelParts;
-use super::single_file::{Mapped, Transform};
+use crate::keymap::{Mapped, Transform};
 use crate::weights::{ComponentWeights, WeightFiles};
 use anyhow::{Context, Result, bail};
 use candle_core::DType;

@@ -1,7 +1,7 @@
 //! Writing an original-layout (LDM/sgm) SDXL single file from any loaded model, with its
 //! LoRA patches baked in.
 //!
-//! The key layout is exactly that of the original files ([`single_file::canonical_maps`]:
+//! The key layout is exactly that of the original files ([`crate::keymap::canonical_maps`]:
 //! `model.diffusion_model.…`, `conditioner.embedders.0.transformer.text_model.…`,
 //! `conditioner.embedders.1.model.…` with OpenCLIP's fused `in_proj_weight` and transposed
 //! `text_projection`, `first_stage_model.…` with `nin_shortcut` and 1x1-conv attention), so
@@ -13,7 +13,7 @@
 //! in the same folder, then rename).
 
 use super::ModelParts;
-use super::single_file::{self, Assemble, Component, canonical_maps, original_tensors};
+use crate::keymap::{Assemble, Component, canonical_maps, original_tensors};
 use crate::weights::ComponentWeights;
 use anyhow::{Context, Result, anyhow, bail};
 use candle_core::{DType, Device, Tensor};
@@ -280,7 +280,7 @@ pub fn single_file_keys(parts: &ModelParts) -> Result<Vec<String>> {
         &parts.vae_config,
     )
     .map_err(|e| anyhow!("{e}"))?;
-    Ok(single_file::original_tensors(&maps)
+    Ok(original_tensors(&maps)
         .into_iter()
         .map(|t| t.key)
         .collect())

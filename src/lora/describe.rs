@@ -4,7 +4,8 @@
 use super::file::{Adapter, Factor, LoraFile, Spelling};
 use super::names::{Lookup, NameTable};
 use super::{format_name, part_name};
-use crate::checkpoint::single_file::{self, Component};
+use crate::checkpoint::single_file;
+use crate::keymap::Component;
 use crate::checkpoint::{self, ModelParts};
 use crate::config::{ClipConfig, UNetConfig, VaeConfig, sdxl_base};
 use crate::weights::{ComponentWeights, WeightFiles};

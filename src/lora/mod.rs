@@ -24,16 +24,14 @@
 mod delta;
 mod describe;
 mod file;
-mod merge;
 mod names;
 
 pub use describe::describe_file;
 pub use file::{Adapter, LoraFile, Module, Spelling};
-pub use merge::{merge_patches, release_merge_buffers};
 pub use names::{Lookup, NameTable, Naming, Target};
 
 use crate::checkpoint::ModelParts;
-use crate::checkpoint::single_file::Component;
+use crate::keymap::Component;
 use crate::weights::{ComponentWeights, Patch};
 use anyhow::{Result, anyhow, bail};
 use std::collections::{BTreeMap, BTreeSet, HashMap};

@@ -10,7 +10,7 @@
 //! then one lookup: nothing is guessed from where the underscores are.
 
 use crate::checkpoint::ModelParts;
-use crate::checkpoint::single_file::{Component, UNET_PREFIX, canonical_maps};
+use crate::keymap::{Component, UNET_PREFIX, canonical_maps};
 use crate::config::sdxl_base;
 use crate::weights::ComponentWeights;
 use std::collections::HashMap;

@@ -2,7 +2,11 @@
 //! models ask for to the names stored in the file (with a small transform for single-file
 //! layouts), converted to the compute dtype one tensor at a time as the model is built.
 
-use crate::checkpoint::single_file::{Mapped, Transform};
+mod merge;
+
+pub use merge::{merge_patches, release_merge_buffers};
+
+use crate::keymap::{Mapped, Transform};
 use crate::precision::Precision;
 use candle_core::{DType, Device, Error, Result, Shape, Tensor};
 use candle_nn::VarBuilder;
@@ -227,8 +231,8 @@ impl ComponentWeights {
     pub fn load(&self, name: &str, dtype: DType, dev: &Device) -> Result<Tensor> {
         let raw = self.load_raw(name)?;
         let t = match self.patches.get(name) {
-            // ΔW merged in f32 into a reused buffer, then cast (crate::lora::merge_patches).
-            Some(patches) => crate::lora::merge_patches(&raw, patches, dtype)?,
+            // ΔW merged in f32 into a reused buffer, then cast ([`merge_patches`]).
+            Some(patches) => merge_patches(&raw, patches, dtype)?,
             None => raw.to_dtype(dtype)?,
         };
         if t.dtype().is_float() && !finite(&t)? {

@@ -2,7 +2,7 @@
 //! `ComponentWeights::load` does for a patched weight, in fewer passes over the tensor and on
 //! every core (candle's element-wise CPU ops run on one thread and allocate per step).
 
-use crate::weights::Patch;
+use super::Patch;
 use candle_core::{CpuStorage, DType, Device, Error, Result, Storage, Tensor};
 use std::sync::{Mutex, OnceLock};
 
