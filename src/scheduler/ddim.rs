@@ -1,7 +1,7 @@
 //! diffusers' `DDIMScheduler` with SDXL's config and η = 0 (deterministic): integer
 //! timesteps, `set_alpha_to_one = False` (the step after the last uses ᾱ₀), no clipping.
 
-use super::teacher::{alphas_cumprod, mul_scalar, spaced_timesteps};
+use super::schedule::{alphas_cumprod, mul_scalar, spaced_timesteps};
 use super::{Sampler, Spacing, TRAIN_TIMESTEPS};
 use crate::rng::TorchRng;
 use anyhow::Result;
@@ -77,7 +77,7 @@ impl Sampler for DdimSampler {
         let beta_t = 1.0 - a_t;
         // x0 = (x − β_t^½ ε) / ᾱ_t^½
         let x0 = (x - mul_scalar(eps, beta_t.sqrt())?)?
-            .broadcast_div(&super::teacher::scalar(a_t.sqrt(), x)?)?;
+            .broadcast_div(&super::schedule::scalar(a_t.sqrt(), x)?)?;
         // η = 0: std_dev_t = 0·variance^½ = 0, direction = (1 − ᾱ_prev − 0)^½ ε
         let direction = mul_scalar(eps, (1.0 - a_prev - 0.0).sqrt())?;
         mul_scalar(&x0, a_prev.sqrt())? + direction

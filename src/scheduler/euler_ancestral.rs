@@ -1,41 +1,31 @@
 //! diffusers' `EulerAncestralDiscreteScheduler` with SDXL's config: one Gaussian draw of the
 //! latent shape per step, the last step included (where it is multiplied by σ_up = 0).
 
-use super::Sampler;
-use super::Spacing;
-use super::teacher::{
-    div_scalar, euler_init_noise_sigma, euler_sigmas, mul_scalar, spaced_timesteps,
-};
+use super::schedule::{EulerTable, div_scalar, mul_scalar};
+use super::{Sampler, Spacing};
 use crate::rng::TorchRng;
 use anyhow::Result;
 use candle_core::Tensor;
 
 pub struct EulerAncestralSampler {
-    timesteps: Vec<f64>,
-    sigmas: Vec<f32>,
-    init_noise_sigma: f32,
+    table: EulerTable,
 }
 
 impl EulerAncestralSampler {
     pub fn new(steps: usize, spacing: Spacing) -> Result<Self> {
-        let timesteps = spaced_timesteps(steps, spacing, false)?;
-        let sigmas = euler_sigmas(&timesteps);
-        let init_noise_sigma = euler_init_noise_sigma(&sigmas, spacing);
         Ok(Self {
-            timesteps,
-            sigmas,
-            init_noise_sigma,
+            table: EulerTable::new(steps, spacing)?,
         })
     }
 
     /// `scheduler.sigmas`: one per step plus the final zero.
     pub fn sigmas(&self) -> &[f32] {
-        &self.sigmas
+        &self.table.sigmas
     }
 
     /// (σ_up, σ_down) of step `i`, float32 as diffusers computes them.
     pub fn up_down(&self, i: usize) -> (f32, f32) {
-        let (from, to) = (self.sigmas[i], self.sigmas[i + 1]);
+        let (from, to) = (self.table.sigmas[i], self.table.sigmas[i + 1]);
         let up = ((to * to) * (from * from - to * to) / (from * from)).sqrt();
         let down = (to * to - up * up).sqrt();
         (up, down)
@@ -44,17 +34,15 @@ impl EulerAncestralSampler {
 
 impl Sampler for EulerAncestralSampler {
     fn timesteps(&self) -> &[f64] {
-        &self.timesteps
+        &self.table.timesteps
     }
 
     fn init_noise_sigma(&self) -> f64 {
-        self.init_noise_sigma as f64
+        self.table.init_noise_sigma as f64
     }
 
-    /// `sample / (σ² + 1)^½`
     fn scale_model_input(&self, x: &Tensor, i: usize) -> candle_core::Result<Tensor> {
-        let s = self.sigmas[i];
-        div_scalar(x, (s * s + 1.0).sqrt())
+        self.table.scale_model_input(x, i)
     }
 
     fn step(
@@ -64,7 +52,7 @@ impl Sampler for EulerAncestralSampler {
         x: &Tensor,
         rngs: &mut [TorchRng],
     ) -> candle_core::Result<Tensor> {
-        let sigma = self.sigmas[i];
+        let sigma = self.table.sigmas[i];
         let pred_original = (x - mul_scalar(eps, sigma)?)?;
         let (up, down) = self.up_down(i);
         let derivative = div_scalar(&(x - pred_original)?, sigma)?;

@@ -1,20 +1,22 @@
-//! Samplers (diffusers calls them schedulers): DMD2's, and the teacher's for comparison.
+//! Samplers (diffusers calls them schedulers): DMD2's ([`dmd2`]), and the teacher's for
+//! comparison ([`euler`], [`euler_ancestral`], [`ddim`]), over SDXL's noise schedule
+//! ([`schedule`]). [`SamplerSpec::build`] makes one.
 //!
 //! A sampler owns the timestep list and turns the UNet's ε prediction into the next latents,
 //! drawing any noise it needs from the image's torch-compatible generator in diffusers' order.
 
 pub mod ddim;
+pub mod dmd2;
 pub mod euler;
 pub mod euler_ancestral;
-pub mod lcm;
-pub mod teacher;
+pub mod schedule;
 
 use crate::rng::TorchRng;
 use candle_core::{Result, Tensor};
 use clap::ValueEnum;
 use serde::{Deserialize, Serialize};
 
-pub use lcm::{Dmd2Sampler, dmd2_timesteps, lcm_step, parse_timesteps, sdxl_alphas_cumprod};
+pub use dmd2::{Dmd2Sampler, dmd2_timesteps, lcm_step, parse_timesteps, sdxl_alphas_cumprod};
 
 /// Number of training timesteps of SDXL's noise schedule.
 pub const TRAIN_TIMESTEPS: usize = 1000;
@@ -114,7 +116,7 @@ impl SamplerSpec {
             SamplerKind::Dmd2 => {
                 let ts = match &self.timesteps {
                     Some(t) => {
-                        lcm::check_timesteps(t)?;
+                        dmd2::check_timesteps(t)?;
                         t.clone()
                     }
                     None => dmd2_timesteps(self.steps)?,
@@ -125,7 +127,15 @@ impl SamplerSpec {
                 if self.timesteps.is_some() {
                     anyhow::bail!("--timesteps applies to the dmd2 sampler only");
                 }
-                teacher::build(kind, self.steps, self.spacing)
+                let (steps, spacing) = (self.steps, self.spacing);
+                Ok(match kind {
+                    SamplerKind::Euler => Box::new(euler::EulerSampler::new(steps, spacing)?),
+                    SamplerKind::EulerA => {
+                        Box::new(euler_ancestral::EulerAncestralSampler::new(steps, spacing)?)
+                    }
+                    SamplerKind::Ddim => Box::new(ddim::DdimSampler::new(steps, spacing)?),
+                    SamplerKind::Dmd2 => unreachable!("matched above"),
+                })
             }
         }
     }

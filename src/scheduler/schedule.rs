@@ -1,5 +1,6 @@
-//! The teacher's samplers: diffusers' `EulerDiscreteScheduler`, `EulerAncestralDiscreteScheduler`
-//! and `DDIMScheduler` (η = 0) with SDXL base's scheduler config: `scaled_linear` β from
+//! SDXL's noise schedule and the timestep and sigma tables the samplers share — DMD2's and
+//! the teacher's (diffusers' `EulerDiscreteScheduler`, `EulerAncestralDiscreteScheduler` and
+//! `DDIMScheduler` with η = 0) — with SDXL base's scheduler config: `scaled_linear` β from
 //! 0.00085 to 0.012 over 1000 training steps, `steps_offset` 1, ε prediction, linear sigma
 //! interpolation, no Karras sigmas, final sigma zero, DDIM without `set_alpha_to_one` or
 //! sample clipping. `timestep_spacing` is the [`Spacing`] argument (SDXL's config: leading).
@@ -19,26 +20,12 @@
 //! - every per-step scalar (σ, σ_up, √ᾱ, …) is a 0-dim float32 torch tensor, so the step
 //!   arithmetic is float32, one rounding per torch op, in diffusers' order.
 
-use super::{Sampler, SamplerKind, Spacing, TRAIN_TIMESTEPS};
+use super::{Spacing, TRAIN_TIMESTEPS};
 use anyhow::{Result, bail};
 use candle_core::Tensor;
 
-pub use super::ddim::DdimSampler;
-pub use super::euler::EulerSampler;
-pub use super::euler_ancestral::EulerAncestralSampler;
-
 /// diffusers' `steps_offset` in SDXL base's scheduler config.
 pub const STEPS_OFFSET: usize = 1;
-
-/// A teacher sampler for `steps` steps with the given timestep spacing.
-pub fn build(kind: SamplerKind, steps: usize, spacing: Spacing) -> Result<Box<dyn Sampler>> {
-    Ok(match kind {
-        SamplerKind::Euler => Box::new(EulerSampler::new(steps, spacing)?),
-        SamplerKind::EulerA => Box::new(EulerAncestralSampler::new(steps, spacing)?),
-        SamplerKind::Ddim => Box::new(DdimSampler::new(steps, spacing)?),
-        SamplerKind::Dmd2 => bail!("the dmd2 sampler is not a teacher sampler"),
-    })
-}
 
 fn check_steps(steps: usize) -> Result<()> {
     if steps == 0 {
@@ -194,6 +181,34 @@ pub fn euler_init_noise_sigma(sigmas: &[f32], spacing: Spacing) -> f32 {
     }
 }
 
+/// The Euler schedulers' shared tables: timesteps (float32, as the UNet sees them), sigmas
+/// (one per step plus the final zero) and the initial noise scale.
+pub struct EulerTable {
+    pub timesteps: Vec<f64>,
+    pub sigmas: Vec<f32>,
+    pub init_noise_sigma: f32,
+}
+
+impl EulerTable {
+    pub fn new(steps: usize, spacing: Spacing) -> Result<Self> {
+        // np.float32 timesteps; the UNet sees them as floats (fractional for linspace).
+        let timesteps = spaced_timesteps(steps, spacing, false)?;
+        let sigmas = euler_sigmas(&timesteps);
+        let init_noise_sigma = euler_init_noise_sigma(&sigmas, spacing);
+        Ok(Self {
+            timesteps,
+            sigmas,
+            init_noise_sigma,
+        })
+    }
+
+    /// `sample / (σ² + 1)^½` at step `i` (both Euler kinds' `scale_model_input`).
+    pub fn scale_model_input(&self, x: &Tensor, i: usize) -> candle_core::Result<Tensor> {
+        let s = self.sigmas[i];
+        div_scalar(x, (s * s + 1.0).sqrt())
+    }
+}
+
 /// A 0-dim float32 tensor on `like`'s device, for scalar-times-tensor ops that round like
 /// torch's (one rounding per op; `Tensor * f64` would go through an f64 affine map).
 pub(crate) fn scalar(v: f32, like: &Tensor) -> candle_core::Result<Tensor> {
@@ -213,6 +228,17 @@ pub(crate) fn mul_scalar(x: &Tensor, v: f32) -> candle_core::Result<Tensor> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::scheduler::{SamplerKind, SamplerSpec};
+
+    fn build(kind: SamplerKind, steps: usize, spacing: Spacing) -> anyhow::Result<()> {
+        SamplerSpec {
+            kind,
+            steps,
+            timesteps: None,
+            spacing,
+        }
+        .validate()
+    }
 
     #[test]
     fn leading_timesteps() {

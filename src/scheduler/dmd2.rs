@@ -7,9 +7,9 @@ use anyhow::{Result, bail};
 use candle_core::Tensor;
 
 /// SDXL's "scaled_linear" schedule: β = linspace(√0.00085, √0.012, 1000)², ᾱ = cumprod(1 − β),
-/// bit for bit as torch builds it (see [`super::teacher::alphas_cumprod`]).
+/// bit for bit as torch builds it (see [`super::schedule::alphas_cumprod`]).
 pub fn sdxl_alphas_cumprod() -> Vec<f32> {
-    super::teacher::alphas_cumprod()
+    super::schedule::alphas_cumprod()
 }
 
 /// DMD2's timesteps for `steps` sampling steps.
