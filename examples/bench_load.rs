@@ -18,10 +18,10 @@
 
 use anyhow::{Context, Result, bail};
 use candle_core::{DType, Device, Shape, Tensor};
-use dmd2::keymap::{Component, canonical_maps, original_tensors};
 use dmd2::checkpoint::writer::{TensorEntry, assembled_shape, write_streaming};
 use dmd2::clip::ClipTextModel;
 use dmd2::config::{VaeConfig, sdxl_base};
+use dmd2::keymap::{Component, canonical_maps, original_tensors};
 use dmd2::unet::UNet;
 use dmd2::vae::VaeDecoder;
 use std::collections::{BTreeMap, HashMap};

@@ -6,8 +6,8 @@ mod common;
 
 use candle_core::{DType, Device, Tensor};
 use common::*;
-use dmd2::keymap::Component;
 use dmd2::checkpoint::{self, ModelParts, writer};
+use dmd2::keymap::Component;
 use dmd2::lora::{self, LoraSpec, MergeReport};
 use dmd2::pipeline::Pipeline;
 use dmd2::weights::ComponentWeights;

@@ -9,7 +9,6 @@ use candle_core::{DType, Device, Tensor};
 use common::*;
 use dmd2::pipeline::Request;
 use dmd2::scheduler::euler::EulerSampler;
-use dmd2::scheduler::euler_ancestral::EulerAncestralSampler;
 use dmd2::scheduler::{Sampler, SamplerKind, SamplerSpec, Spacing};
 use serde::Deserialize;
 use std::collections::HashMap;
@@ -125,7 +124,7 @@ fn check_schedule(name: &str) {
                 .to_vec(),
         ),
         SamplerKind::EulerA => Some(
-            EulerAncestralSampler::new(c.steps, c.spacing)
+            EulerSampler::ancestral(c.steps, c.spacing)
                 .unwrap()
                 .sigmas()
                 .to_vec(),

@@ -5,10 +5,10 @@
 mod common;
 
 use dmd2::checkpoint::single_file::{SingleFileLayout, detect};
+use dmd2::config::{ClipConfig, UNetConfig, VaeConfig};
 use dmd2::keymap::{
     Assemble, Component, SingleFileError, Transform, canonical_maps, original_tensors,
 };
-use dmd2::config::{ClipConfig, UNetConfig, VaeConfig};
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 

@@ -1,9 +1,9 @@
 //! diffusers folders: `model_index.json` plus one sub-folder per component, each with its
 //! `config.json` and safetensors weights.
 
-use crate::keymap::Transform;
 use super::{Layout, ModelParts};
 use crate::config::{ClipConfig, SchedulerConfig, UNetConfig, VaeConfig};
+use crate::keymap::Transform;
 use crate::tokenizer::ClipTokenizer;
 use crate::weights::{ComponentWeights, WeightFiles};
 use anyhow::{Context, Result, bail};

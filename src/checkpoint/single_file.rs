@@ -45,8 +45,8 @@ use crate::keymap::{
     original_tensors,
 };
 use crate::keymap::{
-    NORM_GROUPS, TEXT_ENCODER_2_PREFIX, TEXT_ENCODER_PREFIX, UNET_PREFIX,
-    VAE_PREFIX, heads_for_width, inconsistent,
+    NORM_GROUPS, TEXT_ENCODER_2_PREFIX, TEXT_ENCODER_PREFIX, UNET_PREFIX, VAE_PREFIX,
+    heads_for_width, inconsistent,
 };
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -626,4 +626,3 @@ fn infer_unet(s: &Shapes, te1: &ClipConfig, te2: &ClipConfig) -> Result<UNetConf
         freq_shift: 0.0,
     })
 }
-

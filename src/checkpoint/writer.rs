@@ -280,8 +280,5 @@ pub fn single_file_keys(parts: &ModelParts) -> Result<Vec<String>> {
         &parts.vae_config,
     )
     .map_err(|e| anyhow!("{e}"))?;
-    Ok(original_tensors(&maps)
-        .into_iter()
-        .map(|t| t.key)
-        .collect())
+    Ok(original_tensors(&maps).into_iter().map(|t| t.key).collect())
 }

@@ -280,4 +280,3 @@ pub fn heads_for_width(width: usize) -> usize {
         1
     }
 }
-

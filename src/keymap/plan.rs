@@ -4,7 +4,8 @@
 //! reversed up blocks and 1x1-convolution attention are written once, here.
 
 use super::{
-    Component, Result, Transform, inconsistent, TEXT_ENCODER_2_PREFIX, TEXT_ENCODER_PREFIX, UNET_PREFIX, VAE_PREFIX,
+    Component, Result, TEXT_ENCODER_2_PREFIX, TEXT_ENCODER_PREFIX, Transform, UNET_PREFIX,
+    VAE_PREFIX, inconsistent,
 };
 use crate::config::{ClipConfig, UNetConfig, VaeConfig};
 

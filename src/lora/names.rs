@@ -10,8 +10,8 @@
 //! then one lookup: nothing is guessed from where the underscores are.
 
 use crate::checkpoint::ModelParts;
-use crate::keymap::{Component, UNET_PREFIX, canonical_maps};
 use crate::config::sdxl_base;
+use crate::keymap::{Component, UNET_PREFIX, canonical_maps};
 use crate::weights::ComponentWeights;
 use std::collections::HashMap;
 

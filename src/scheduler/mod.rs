@@ -1,5 +1,5 @@
 //! Samplers (diffusers calls them schedulers): DMD2's ([`dmd2`]), and the teacher's for
-//! comparison ([`euler`], [`euler_ancestral`], [`ddim`]), over SDXL's noise schedule
+//! comparison ([`euler`]: Euler and Euler ancestral, [`ddim`]), over SDXL's noise schedule
 //! ([`schedule`]). [`SamplerSpec::build`] makes one.
 //!
 //! A sampler owns the timestep list and turns the UNet's ε prediction into the next latents,
@@ -8,7 +8,6 @@
 pub mod ddim;
 pub mod dmd2;
 pub mod euler;
-pub mod euler_ancestral;
 pub mod schedule;
 
 use crate::rng::TorchRng;
@@ -131,7 +130,7 @@ impl SamplerSpec {
                 Ok(match kind {
                     SamplerKind::Euler => Box::new(euler::EulerSampler::new(steps, spacing)?),
                     SamplerKind::EulerA => {
-                        Box::new(euler_ancestral::EulerAncestralSampler::new(steps, spacing)?)
+                        Box::new(euler::EulerSampler::ancestral(steps, spacing)?)
                     }
                     SamplerKind::Ddim => Box::new(ddim::DdimSampler::new(steps, spacing)?),
                     SamplerKind::Dmd2 => unreachable!("matched above"),
