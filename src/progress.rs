@@ -93,3 +93,103 @@ impl Progress {
         }
     }
 }
+
+/// Bytes of one transfer (a download), on stderr: a bar redrawn at most ten times a second on
+/// a terminal, otherwise a line every few seconds (so a long download is visible in logs);
+/// nothing when `quiet`.
+pub struct Transfer {
+    label: String,
+    terminal: bool,
+    quiet: bool,
+    total: usize,
+    done: usize,
+    resumed_at: usize,
+    since: Instant,
+    last: Option<Instant>,
+}
+
+impl Transfer {
+    /// Seconds between lines when stderr is not a terminal.
+    const LOG_EVERY: f64 = 5.0;
+
+    pub fn new(label: String, quiet: bool) -> Self {
+        Self {
+            label,
+            terminal: std::io::stderr().is_terminal(),
+            quiet,
+            total: 0,
+            done: 0,
+            resumed_at: 0,
+            since: Instant::now(),
+            last: None,
+        }
+    }
+
+    /// A transfer of `total` bytes starts (again).
+    pub fn start(&mut self, total: usize) {
+        self.total = total;
+        self.done = 0;
+        self.resumed_at = 0;
+        self.since = Instant::now();
+        self.show(true);
+    }
+
+    /// The bytes a resumed transfer starts from (counted as done, not in the rate).
+    pub fn resumed(&mut self, at: usize) {
+        self.resumed_at = at;
+    }
+
+    pub fn advance(&mut self, bytes: usize) {
+        self.done += bytes;
+        self.show(false);
+    }
+
+    pub fn finish(&mut self) {
+        self.show(true);
+        if self.terminal && !self.quiet {
+            eprintln!();
+        }
+    }
+
+    fn show(&mut self, force: bool) {
+        if self.quiet {
+            return;
+        }
+        let now = Instant::now();
+        let every = if self.terminal { 0.1 } else { Self::LOG_EVERY };
+        if !force && self.last.is_some_and(|t| (now - t).as_secs_f64() < every) {
+            return;
+        }
+        self.last = Some(now);
+        let mb = |b: usize| b as f64 / 1e6;
+        let pct = (self.done * 100).checked_div(self.total).unwrap_or(100);
+        let secs = (now - self.since).as_secs_f64().max(1e-3);
+        let rate = mb(self.done.saturating_sub(self.resumed_at)) / secs;
+        if self.terminal {
+            let width = 30;
+            let filled = (self.done * width)
+                .checked_div(self.total)
+                .unwrap_or(width)
+                .min(width);
+            use std::io::Write;
+            let mut err = std::io::stderr().lock();
+            let _ = write!(
+                err,
+                "\r\x1b[2K{} [{}{}] {:.1}/{:.1} MB {pct}% {rate:.1} MB/s",
+                self.label,
+                "#".repeat(filled),
+                "-".repeat(width - filled),
+                mb(self.done),
+                mb(self.total),
+            );
+            let _ = err.flush();
+        } else {
+            eprintln!(
+                "{}: {:.1}/{:.1} MB ({pct}%), {rate:.1} MB/s",
+                self.label,
+                mb(self.done),
+                mb(self.total)
+            );
+        }
+    }
+}

@@ -114,6 +114,20 @@ impl Component {
         }
     }
 
+    /// The stem of the component's weight files in its folder (`STEM.safetensors`,
+    /// `STEM.fp16.safetensors`, `STEM.safetensors.index.json`).
+    pub fn weights_stem(self) -> &'static str {
+        match self {
+            Component::Unet | Component::Vae => "diffusion_pytorch_model",
+            Component::TextEncoder | Component::TextEncoder2 => "model",
+        }
+    }
+
+    /// The component of a diffusers folder name.
+    pub fn from_folder(name: &str) -> Option<Component> {
+        Component::ALL.into_iter().find(|c| c.folder() == name)
+    }
+
     /// The prefix of the component's tensors in an original-layout file.
     pub fn source_prefix(self) -> &'static str {
         match self {
