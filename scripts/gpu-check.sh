@@ -34,6 +34,19 @@ elif [ -f gpu/gpu_check.xz ]; then
 elif [ ! -x "$bin" ]; then
     bin=target/release/examples/gpu_check # the dry run: built here
 fi
+# The CUDA libraries the binary links by name (cuBLAS, cuRAND, NVRTC, the runtime) come with
+# PyTorch's pip packages there: let the loader find them.
+if [ "$DEVICE" = cuda ]; then
+    for d in $("${PYTHON:-python3}" -c 'import nvidia; print(" ".join(nvidia.__path__))' 2>/dev/null); do
+        for l in $(find "$d" -name 'lib*.so.[0-9]*' -printf '%h\n' | sort -u); do
+            LD_LIBRARY_PATH=$l${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+        done
+    done
+    export LD_LIBRARY_PATH
+    if [ -n "$bin" ] && [ -x "$bin" ] && ldd "$bin" | grep -q 'not found'; then
+        echo -e "\n## missing libraries\n\n$(ldd "$bin" | grep 'not found')" >>"$OUT/report.md"
+    fi
+fi
 env_candle=()
 [ "$DEVICE" = cpu ] && env_candle=(DMD2_KERNELS=candle)
 if [ -z "$bin" ] || [ ! -x "$bin" ]; then

@@ -21,8 +21,24 @@ export CUDA_COMPUTE_CAP
 mkdir -p gpu
 if [ -z "${SKIP_BUILD:-}" ]; then
     command -v nvcc >/dev/null || { echo "error: nvcc not on PATH (set CUDA_ROOT and PATH)" >&2; exit 2; }
-    cargo build --release --features cuda --example gpu_check
-    xz -T0 -9 -c target/release/examples/gpu_check >gpu/gpu_check.xz
+    target=${CARGO_TARGET_DIR:-target}
+    # candle links the CUDA libraries by name (cudarc's dynamic-linking): a toolkit from PyPI
+    # has only their versioned names and no libcuda.so (the driver's, absent on a machine
+    # without a GPU). Link against unversioned names for the toolkit's libraries and a stub
+    # libcuda.so.1 with the driver symbols cudarc uses; at run time the loader finds the
+    # driver and the toolkit's libraries (scripts/gpu-check.sh sets LD_LIBRARY_PATH).
+    cargo build --release --features cuda --lib
+    links=$(mktemp -d)
+    for name in cublas cublasLt curand nvrtc cudart; do
+        found=$(find "${CUDA_ROOT:-/usr/local/cuda}"/lib* -maxdepth 1 -name "lib$name.so.[0-9]*" | sort | head -1)
+        [ -n "$found" ] && ln -s "$found" "$links/lib$name.so"
+    done
+    nm "$target"/release/deps/libcudarc-*.rlib 2>/dev/null \
+        | awk '$1 == "U" && $2 ~ /^cu[A-Z]/ { print "void " $2 "(void) {}" }' | sort -u >"$links/cuda_stub.c"
+    cc -shared -fPIC -Wl,-soname,libcuda.so.1 -o "$links/libcuda.so" "$links/cuda_stub.c"
+    cargo rustc --release --features cuda --example gpu_check -- -L "native=$links"
+    rm -rf "$links"
+    xz -T0 -9 -c "$target"/release/examples/gpu_check >gpu/gpu_check.xz
 fi
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT

@@ -3,7 +3,7 @@
 
 use super::{Layout, ModelParts};
 use crate::config::{ClipConfig, SchedulerConfig, UNetConfig, VaeConfig};
-use crate::keymap::Transform;
+use crate::keymap::{Component, Transform};
 use crate::tokenizer::ClipTokenizer;
 use crate::weights::{ComponentWeights, WeightFiles};
 use anyhow::{Context, Result, bail};
@@ -11,24 +11,28 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 pub fn open(dir: &Path) -> Result<ModelParts> {
-    if !dir.join("model_index.json").exists() && !dir.join("unet").is_dir() {
+    if !dir.join("model_index.json").exists() && !dir.join(Component::Unet.folder()).is_dir() {
         bail!(
             "{}: not a diffusers model folder (no model_index.json)",
             dir.display()
         );
     }
-    let sub = |name: &str| -> Result<PathBuf> {
-        let p = dir.join(name);
+    let sub = |c: Component| -> Result<PathBuf> {
+        let p = dir.join(c.folder());
         if !p.is_dir() {
-            bail!("{}: missing component folder {name}/", dir.display());
+            bail!(
+                "{}: missing component folder {}/",
+                dir.display(),
+                c.folder()
+            );
         }
         Ok(p)
     };
     let (unet_dir, te_dir, te2_dir, vae_dir) = (
-        sub("unet")?,
-        sub("text_encoder")?,
-        sub("text_encoder_2")?,
-        sub("vae")?,
+        sub(Component::Unet)?,
+        sub(Component::TextEncoder)?,
+        sub(Component::TextEncoder2)?,
+        sub(Component::Vae)?,
     );
     let unet_config = UNetConfig::from_diffusers_json(&unet_dir.join("config.json"))?;
     let text_encoder_config =
@@ -43,12 +47,20 @@ pub fn open(dir: &Path) -> Result<ModelParts> {
         SchedulerConfig::default()
     };
 
-    let unet = component(&unet_dir, "diffusion_pytorch_model", |k| {
+    let unet = component(&unet_dir, Component::Unet.weights_stem(), |k| {
         Some((k.to_string(), Transform::Identity))
     })?;
-    let text_encoder = component(&te_dir, "model", text_encoder_name)?;
-    let text_encoder_2 = component(&te2_dir, "model", text_encoder_name)?;
-    let vae = component(&vae_dir, "diffusion_pytorch_model", vae_name)?;
+    let text_encoder = component(
+        &te_dir,
+        Component::TextEncoder.weights_stem(),
+        text_encoder_name,
+    )?;
+    let text_encoder_2 = component(
+        &te2_dir,
+        Component::TextEncoder2.weights_stem(),
+        text_encoder_name,
+    )?;
+    let vae = component(&vae_dir, Component::Vae.weights_stem(), vae_name)?;
 
     let tokenizer = match dir.join("tokenizer") {
         p if p.is_dir() => ClipTokenizer::from_folder(&p)?,

@@ -13,18 +13,18 @@
 //!   bytes from the archive's storage entries. Loading an untrusted `.bin` therefore runs no
 //!   code.
 //!
-//! The weight store maps safetensors files, so a `.bin` is first rewritten, one tensor at a
-//! time, into a temporary safetensors file (under the system temp dir, `TMPDIR`), which is
-//! mapped and then unlinked (on Unix the mapping stays valid; nothing is left behind).
+//! The weight store reads safetensors files, so a `.bin` is first rewritten, one tensor at a
+//! time, by the safetensors writer ([`super::writer::write_streaming`]) into a private
+//! temporary directory (created exclusively, mode 0700, under the system temp dir `TMPDIR`),
+//! opened, and removed: the open file stays readable on Unix, and nothing is left behind.
 
 use super::ModelParts;
 use crate::keymap::{Mapped, Transform};
 use crate::weights::{ComponentWeights, WeightFiles};
 use anyhow::{Context, Result, bail};
-use candle_core::DType;
 use candle_core::pickle::PthTensors;
 use std::collections::BTreeMap;
-use std::io::{BufWriter, Read, Write};
+use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -154,26 +154,37 @@ fn check_compatible(old: &ComponentWeights, new: &ComponentWeights, path: &Path)
     Ok(())
 }
 
-/// Removes the file when dropped (the temporary safetensors copy of a `.bin`).
-struct TempFile(PathBuf);
+/// A private temporary directory (mode 0700, an unpredictable name, created exclusively),
+/// removed with everything in it when dropped.
+struct TempDir(PathBuf);
 
-impl Drop for TempFile {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
+impl TempDir {
+    fn new() -> Result<Self> {
+        use std::hash::{BuildHasher, Hasher};
+        use std::os::unix::fs::DirBuilderExt;
+        for _ in 0..8 {
+            let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+            h.write_u32(std::process::id());
+            let dir = std::env::temp_dir().join(format!("dmd2-unet-{:016x}", h.finish()));
+            match std::fs::DirBuilder::new().mode(0o700).create(&dir) {
+                Ok(()) => return Ok(Self(dir)),
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+                Err(e) => {
+                    return Err(e).with_context(|| format!("cannot create {}", dir.display()));
+                }
+            }
+        }
+        bail!(
+            "cannot create a temporary directory under {}",
+            std::env::temp_dir().display()
+        )
     }
 }
 
-fn safetensors_dtype(d: DType) -> Result<&'static str> {
-    Ok(match d {
-        DType::F16 => "F16",
-        DType::BF16 => "BF16",
-        DType::F32 => "F32",
-        DType::F64 => "F64",
-        DType::U8 => "U8",
-        DType::I64 => "I64",
-        DType::U32 => "U32",
-        other => bail!("tensors of dtype {other:?} are not supported"),
-    })
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
 }
 
 /// Read a PyTorch zip checkpoint's tensors and map them as safetensors.
@@ -199,18 +210,12 @@ fn open_torch_zip(path: &Path) -> Result<WeightFiles> {
             path.display()
         );
     }
-    let tmp = TempFile(std::env::temp_dir().join(format!(
-        "dmd2-unet-{}-{}.safetensors",
-        std::process::id(),
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos())
-            .unwrap_or(0)
-    )));
-    write_safetensors(&pth, &tmp.0)
+    let tmp = TempDir::new()?;
+    let converted = tmp.0.join("unet.safetensors");
+    write_safetensors(&pth, &converted)
         .with_context(|| format!("{}: cannot convert to safetensors", path.display()))?;
-    let files = WeightFiles::open(std::slice::from_ref(&tmp.0))?;
-    // The mapping outlives the name on Unix; elsewhere removal may fail and is harmless.
+    let files = WeightFiles::open(std::slice::from_ref(&converted))?;
+    // The open file outlives its name on Unix.
     drop(tmp);
     Ok(files)
 }
@@ -219,45 +224,22 @@ fn open_torch_zip(path: &Path) -> Result<WeightFiles> {
 fn write_safetensors(pth: &PthTensors, out: &Path) -> Result<()> {
     let mut names: Vec<&String> = pth.tensor_infos().keys().collect();
     names.sort();
-    let mut header = serde_json::Map::new();
-    let mut offset = 0usize;
-    for name in &names {
-        let info = &pth.tensor_infos()[*name];
-        let len = info.layout.shape().elem_count() * info.dtype.size_in_bytes();
-        header.insert(
-            (*name).clone(),
-            serde_json::json!({
-                "dtype": safetensors_dtype(info.dtype).with_context(|| format!("tensor {name}"))?,
-                "shape": info.layout.dims(),
-                "data_offsets": [offset, offset + len],
-            }),
-        );
-        offset += len;
-    }
-    let mut header = serde_json::to_vec(&serde_json::Value::Object(header))?;
-    while header.len() % 8 != 0 {
-        header.push(b' ');
-    }
-    let file =
-        std::fs::File::create(out).with_context(|| format!("cannot create {}", out.display()))?;
-    let mut w = BufWriter::with_capacity(1 << 20, file);
-    w.write_all(&(header.len() as u64).to_le_bytes())?;
-    w.write_all(&header)?;
-    for name in names {
-        let t = pth
-            .get(name)
-            .map_err(|e| anyhow::anyhow!("tensor {name}: {e}"))?
-            .with_context(|| format!("tensor {name} vanished"))?
-            .contiguous()?;
-        let bytes = safetensors::View::data(&t);
-        let info = &pth.tensor_infos()[name];
-        if bytes.len() != info.layout.shape().elem_count() * info.dtype.size_in_bytes() {
-            bail!("tensor {name}: unexpected data size");
-        }
-        w.write_all(&bytes)?;
-    }
-    w.into_inner()
-        .map_err(|e| anyhow::anyhow!("{}: {}", out.display(), e.error()))?
-        .sync_all()?;
-    Ok(())
+    let entries: Vec<super::writer::TensorEntry> = names
+        .iter()
+        .map(|name| {
+            let info = &pth.tensor_infos()[*name];
+            super::writer::TensorEntry {
+                name: (*name).clone(),
+                dtype: info.dtype,
+                shape: info.layout.dims().to_vec(),
+            }
+        })
+        .collect();
+    super::writer::write_streaming(out, &[], &entries, &Default::default(), |_, e| {
+        Ok(pth
+            .get(&e.name)
+            .map_err(|err| anyhow::anyhow!("tensor {}: {err}", e.name))?
+            .with_context(|| format!("tensor {} vanished", e.name))?
+            .contiguous()?)
+    })
 }

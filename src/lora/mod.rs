@@ -212,10 +212,11 @@ fn components(parts: &ModelParts) -> [(Component, &Arc<ComponentWeights>); 4] {
     ]
 }
 
-/// The PEFT component prefix of a dotted module name.
+/// The PEFT component prefix (a diffusers folder name) of a dotted module name.
 fn peft_component(module: &str) -> Option<&'static str> {
-    ["unet", "text_encoder_2", "text_encoder"]
+    Component::ALL
         .into_iter()
+        .map(Component::folder)
         .find(|p| module.strip_prefix(p).is_some_and(|r| r.starts_with('.')))
 }
 
