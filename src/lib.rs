@@ -20,7 +20,6 @@ pub mod keymap;
 pub mod loader;
 pub mod lora;
 pub mod metadata;
-pub mod naming;
 pub mod nn;
 pub mod output;
 pub mod pipeline;

@@ -112,7 +112,7 @@ pub fn check_settings(s: &LineSettings, force: bool) -> Result<(), String> {
         check_num_images(n)?;
     }
     if let Some(t) = &s.name {
-        crate::naming::check_template(t).map_err(|e| e.to_string())?;
+        crate::output::file_names::check_template(t).map_err(|e| e.to_string())?;
     }
     Ok(())
 }

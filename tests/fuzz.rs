@@ -6,7 +6,7 @@
 
 use dmd2::checkpoint::single_file;
 use dmd2::metadata::parse_a1111;
-use dmd2::naming::{self, NameFields};
+use dmd2::output::file_names::{self, NameFields};
 use dmd2::prompts::{PromptFormat, check_settings, parse_line};
 use proptest::prelude::*;
 use std::collections::BTreeMap;
@@ -116,10 +116,10 @@ proptest! {
 
     #[test]
     fn names_stay_inside_the_output_dir(template in "\\PC{0,60}", prompt in "\\PC{0,60}") {
-        if naming::check_template(&template).is_ok() {
+        if file_names::check_template(&template).is_ok() {
             let f = NameFields { index: 3, seed: 9, prompt: &prompt, line: 1, steps: 4, preset: "p" };
-            if let Ok(name) = naming::render(&template, &f)
-                && let Ok(p) = naming::safe_join(Path::new("/out/dir"), &name)
+            if let Ok(name) = file_names::render(&template, &f)
+                && let Ok(p) = file_names::safe_join(Path::new("/out/dir"), &name)
             {
                 prop_assert!(p.starts_with("/out/dir"));
                 prop_assert!(p != Path::new("/out/dir"));

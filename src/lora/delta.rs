@@ -1,6 +1,6 @@
 //! ΔW of one adapter module: its shape from the factor shapes alone (checked against the
-//! target before anything is merged) and its value, computed in f32 from the memory-mapped
-//! factors when the model loads the weight.
+//! target before anything is merged) and its value, computed in f32 from the factors, read
+//! from the file when the model loads the weight.
 //!
 //! The maths follows ComfyUI (`comfy/weight_adapter/{lora,loha,lokr}.py`) and LyCORIS
 //! (`lycoris/modules/{locon,loha,lokr}.py`, `lycoris/functional/general.py`):

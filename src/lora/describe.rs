@@ -3,7 +3,7 @@
 
 use super::file::{Adapter, Factor, LoraFile, Spelling};
 use super::names::{Lookup, NameTable};
-use super::{format_name, part_name};
+use super::{component_label, format_name};
 use crate::checkpoint::single_file;
 use crate::checkpoint::{self, ModelParts};
 use crate::config::{ClipConfig, UNetConfig, VaeConfig, sdxl_base};
@@ -155,7 +155,7 @@ fn describe_lora(f: &LoraFile) -> String {
     let part_list: Vec<String> = parts
         .iter()
         .map(|(c, n)| match c {
-            Some(c) => format!("{} {n}", part_name(*c)),
+            Some(c) => format!("{} {n}", component_label(*c)),
             None => format!("unknown {n}"),
         })
         .collect();

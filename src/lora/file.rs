@@ -3,7 +3,7 @@
 //! A key is `<module><suffix>`; the suffix says which factor it is (`.lora_down.weight`,
 //! `.lora_A.weight`, `.hada_w1_a`, `.lokr_w2_b`, `.alpha`, …) and the module part is resolved
 //! against the model later ([`super::names`]). Only the safetensors header is read here, plus
-//! the 0-dim alpha tensors; the factors stay memory-mapped until a weight is merged.
+//! the 0-dim alpha tensors; a factor is read from the file when its weight is merged.
 
 use crate::weights::WeightFiles;
 use anyhow::{Context, Result, anyhow, bail};
@@ -388,7 +388,7 @@ impl LoraFile {
     ) -> Result<Option<Module>> {
         let key = |p: Part| parts.get(&p).map(|(k, _)| k.to_string());
         let need = |p: Part, what: &str| {
-            key(p).ok_or_else(|| anyhow!("module {name} has {what} but no {}", part_name(p)))
+            key(p).ok_or_else(|| anyhow!("module {name} has {what} but no {}", factor_name(p)))
         };
         let factors: Vec<(&Part, &(&str, Spelling))> =
             parts.iter().filter(|(p, _)| **p != Part::Alpha).collect();
@@ -428,9 +428,9 @@ impl LoraFile {
                         (None, Some(a), Some(b)) => Ok(Factor::Product(a, b)),
                         _ => bail!(
                             "module {name} needs either {} or both {} and {}",
-                            part_name(full),
-                            part_name(a),
-                            part_name(b)
+                            factor_name(full),
+                            factor_name(a),
+                            factor_name(b)
                         ),
                     }
                 };
@@ -498,7 +498,7 @@ impl LoraFile {
     }
 }
 
-fn part_name(p: Part) -> &'static str {
+fn factor_name(p: Part) -> &'static str {
     match p {
         Part::Down => "down (lora_down / lora_A)",
         Part::Up => "up (lora_up / lora_B)",

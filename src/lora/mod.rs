@@ -105,7 +105,7 @@ pub struct MergeReport {
 }
 
 /// Short names of the model parts for one-line reports.
-pub fn part_name(c: Component) -> &'static str {
+pub fn component_label(c: Component) -> &'static str {
     match c {
         Component::Unet => "UNet",
         Component::TextEncoder => "CLIP-L",
@@ -119,7 +119,7 @@ impl fmt::Display for MergeReport {
         let parts: Vec<String> = self
             .parts
             .iter()
-            .map(|(c, n)| format!("{} {n}", part_name(*c)))
+            .map(|(c, n)| format!("{} {n}", component_label(*c)))
             .collect();
         write!(
             f,
@@ -177,7 +177,7 @@ pub fn apply_loras(parts: &mut ModelParts, specs: &[LoraSpec]) -> Result<Vec<Mer
             bail!(
                 "{}: the {} weights are already in use (LoRAs must be applied before the model is loaded)",
                 parts.name,
-                part_name(c)
+                component_label(c)
             );
         }
     }
@@ -281,7 +281,7 @@ fn plan(table: &NameTable, spec: &LoraSpec) -> Result<(MergeReport, Vec<Planned>
             Lookup::Ambiguous(ts) => {
                 let names: Vec<String> = ts
                     .iter()
-                    .map(|t| format!("{} {}", part_name(t.component), t.weight))
+                    .map(|t| format!("{} {}", component_label(t.component), t.weight))
                     .collect();
                 bail!(
                     "{path}: module {} could mean any of {}",
@@ -301,7 +301,7 @@ fn plan(table: &NameTable, spec: &LoraSpec) -> Result<(MergeReport, Vec<Planned>
                 "{path}: {} gives a {} update, but {} weight {} has shape {:?} (a LoRA for another model?)",
                 m.adapter.main_key(),
                 delta::describe_shape(&shape),
-                part_name(target.component),
+                component_label(target.component),
                 target.weight,
                 target.shape
             );
@@ -311,7 +311,7 @@ fn plan(table: &NameTable, spec: &LoraSpec) -> Result<(MergeReport, Vec<Planned>
             bail!(
                 "{path}: modules {other} and {} both change {} weight {}",
                 m.name,
-                part_name(target.component),
+                component_label(target.component),
                 target.weight
             );
         }

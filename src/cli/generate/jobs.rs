@@ -3,7 +3,7 @@
 //! run of billions of images costs nothing until an image is due.
 
 use super::settings::{Settings, Sink};
-use crate::naming::{self, NameFields};
+use crate::output::file_names::{self, NameFields};
 use crate::pipeline::Request;
 use crate::prompts::PromptItem;
 use crate::scheduler::SamplerSpec;
@@ -165,12 +165,12 @@ pub fn output_path(
             let name = match &item.settings.name {
                 // A fixed name for several images gets each image's number appended.
                 Some(t) if jobs.count > 1 && !t.contains('{') => {
-                    format!("{}-{}", naming::render(t, &fields)?, index - jobs.first)
+                    format!("{}-{}", file_names::render(t, &fields)?, index - jobs.first)
                 }
-                Some(t) => naming::render(t, &fields)?,
-                None => naming::render(template, &fields)?,
+                Some(t) => file_names::render(t, &fields)?,
+                None => file_names::render(template, &fields)?,
             };
-            Some(naming::safe_join(dir, &name)?)
+            Some(file_names::safe_join(dir, &name)?)
         }
     })
 }

@@ -9,7 +9,7 @@ use crate::device::DeviceChoice;
 use crate::loader::{MemoryPolicy, ModelSpec};
 use crate::lora::LoraSpec;
 use crate::metadata::{self, ImageSettings};
-use crate::naming;
+use crate::output::file_names;
 use crate::precision::DtypeChoice;
 use crate::presets::{self, Preset};
 use crate::prompts::{self, PromptSource};
@@ -140,7 +140,7 @@ impl Settings {
             bail!("--batch-size must be at least 1");
         }
         if let Some(t) = &a.name {
-            naming::check_template(t)?;
+            file_names::check_template(t)?;
         }
         let source = prompt_source(&a, png)?;
         let sink = sink(&a, &source)?;
@@ -283,7 +283,7 @@ fn sink(a: &GenArgs, source: &PromptSource) -> Result<Sink> {
                     template: a
                         .name
                         .clone()
-                        .unwrap_or_else(|| naming::DEFAULT_TEMPLATE.to_string()),
+                        .unwrap_or_else(|| file_names::DEFAULT_TEMPLATE.to_string()),
                 }
             }
         }

@@ -8,6 +8,10 @@
 //! created exclusively under an unpredictable name (a planted file or symlink there makes the
 //! create fail, never redirects it), synced, and renamed into place — so no partial image is
 //! ever left behind and nothing outside the target is ever touched.
+//!
+//! The names of the files, from templates, are [`file_names`].
+
+pub mod file_names;
 
 use anyhow::{Context, Result, bail};
 use std::io::Write;
