@@ -412,6 +412,7 @@ fn ops(model: &Path, lora: &Path, dtype: DType) -> Result<()> {
         "fused (weights::merge_patches)",
     ];
     let mut elems = 0usize;
+    let mut scratch = dmd2::weights::MergeScratch::default();
     for (name, patches) in &w.patches {
         let mut lap = Instant::now();
         let mut tick = |i: usize, t: &mut [f64; 7]| {
@@ -433,7 +434,7 @@ fn ops(model: &Path, lora: &Path, dtype: DType) -> Result<()> {
         }
         let out = x.to_dtype(dtype)?;
         tick(5, &mut t);
-        let fused = dmd2::weights::merge_patches(&raw, patches, dtype)?;
+        let fused = dmd2::weights::merge_patches(&raw, patches, dtype, &mut scratch)?;
         tick(6, &mut t);
         if fused.dims() != out.dims() {
             bail!("{name}: fused shape differs");

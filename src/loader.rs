@@ -126,7 +126,6 @@ impl Opened {
         ];
         let mut pipe = Pipeline::load(parts, device, precision)?;
         pipe.set_vae_tiling(vae_tile_px.map(|px| px / pipe.vae().scale_factor()));
-        crate::weights::release_merge_buffers();
         let non_finite = components.iter().flat_map(|c| c.non_finite()).collect();
         Ok((
             pipe,

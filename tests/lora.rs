@@ -718,10 +718,11 @@ fn inspect_describes_loras_and_checkpoints() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
-/// `weights::merge_patches` gives exactly the numbers of `ComponentWeights::load`'s step-by-step
-/// merge, in every output dtype.
+/// The fused merge (`weights::merge_patches`, which `ComponentWeights::load` uses: one f32
+/// buffer, `acc += m · ΔW` in place, one cast) gives exactly the numbers of the plain tensor
+/// arithmetic `(W.f32 + ΔW₁ · m₁ + …).to_dtype()`, in every output dtype.
 #[test]
-fn merge_patches_equals_load() {
+fn merge_patches_equals_tensor_arithmetic() {
     let (parts, _) = open_with(
         Source::SingleFile,
         &[
@@ -730,16 +731,24 @@ fn merge_patches_equals_load() {
             spec("lokr", 1.0),
         ],
     );
+    let mut scratch = dmd2::weights::MergeScratch::default();
     let mut n = 0;
     for w in [&parts.unet, &parts.text_encoder, &parts.text_encoder_2] {
         for (name, patches) in &w.patches {
             let raw = w.load_raw(name).unwrap();
+            let mut sum = raw.to_dtype(DType::F32).unwrap();
+            for p in patches {
+                let d = p.delta.delta(raw.dims()).unwrap();
+                sum = (sum + (d * p.multiplier as f64).unwrap()).unwrap();
+            }
             for dtype in [DType::F32, DType::F16, DType::BF16] {
-                let want = w.load(name, dtype, &Device::Cpu).unwrap();
-                let got = dmd2::weights::merge_patches(&raw, patches, dtype).unwrap();
+                let want = sum.to_dtype(dtype).unwrap();
+                let got = dmd2::weights::merge_patches(&raw, patches, dtype, &mut scratch).unwrap();
                 assert_eq!(got.dtype(), dtype);
                 assert_eq!(got.dims(), want.dims());
                 assert_eq!(max_abs(&got, &want), 0.0, "{name} {dtype:?}");
+                let loaded = w.load(name, dtype, &Device::Cpu).unwrap();
+                assert_eq!(max_abs(&loaded, &want), 0.0, "load {name} {dtype:?}");
             }
             n += 1;
         }

@@ -78,6 +78,7 @@ fn open_single_file(path: &Path) -> Result<ModelParts> {
             map: maps.remove(&c).unwrap_or_default(),
             patches: Default::default(),
             non_finite: Default::default(),
+            merge_scratch: Default::default(),
         })
     };
     Ok(ModelParts {

@@ -32,7 +32,7 @@ pub use names::{Lookup, NameTable, Naming, Target};
 
 use crate::checkpoint::ModelParts;
 use crate::keymap::Component;
-use crate::weights::{ComponentWeights, Patch};
+use crate::weights::{ComponentWeights, MergeScratch, Patch};
 use anyhow::{Result, anyhow, bail};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt;
@@ -189,6 +189,8 @@ pub fn apply_loras(parts: &mut ModelParts, specs: &[LoraSpec]) -> Result<Vec<Mer
         reports.push(report);
         planned.extend(patches);
     }
+    // One set of merge buffers for the whole load, dropped with the weights.
+    let scratch = Arc::new(std::sync::Mutex::new(MergeScratch::default()));
     for p in planned {
         let w = match p.component {
             Component::Unet => &mut parts.unet,
@@ -198,6 +200,7 @@ pub fn apply_loras(parts: &mut ModelParts, specs: &[LoraSpec]) -> Result<Vec<Mer
         };
         let w = Arc::get_mut(w)
             .ok_or_else(|| anyhow!("{}: the model weights are shared", parts.name))?;
+        w.merge_scratch = scratch.clone();
         w.patches.entry(p.weight).or_default().push(p.patch);
     }
     Ok(reports)

@@ -4,7 +4,7 @@
 
 use super::Patch;
 use candle_core::{CpuStorage, DType, Device, Error, Result, Storage, Tensor};
-use std::sync::{Mutex, OnceLock};
+use std::sync::OnceLock;
 
 /// Elements per thread below which splitting the work is not worth it.
 const MIN_CHUNK: usize = 1 << 18;
@@ -155,24 +155,14 @@ fn narrow16(
     Tensor::from_raw_buffer(out.as_flattened(), dtype, shape, &Device::Cpu)
 }
 
-/// Buffers kept between calls: freshly allocated memory costs a page fault per 4 KiB, more
-/// than the arithmetic. At most the largest merged weight in f32 plus in 16 bits
-/// (~180 MB for SDXL); [`release_merge_buffers`] frees them.
-struct Scratch {
+/// Buffers kept between merges: freshly allocated memory costs a page fault per 4 KiB, more
+/// than the arithmetic. At most the largest merged weight in f32 plus in 16 bits (~180 MB for
+/// SDXL). The components a LoRA patches share one (see `lora::apply_loras`), so it goes away
+/// with them once the model is loaded.
+#[derive(Default)]
+pub struct MergeScratch {
     acc: Vec<f32>,
     bytes: Vec<[u8; 2]>,
-}
-
-static SCRATCH: Mutex<Scratch> = Mutex::new(Scratch {
-    acc: Vec::new(),
-    bytes: Vec::new(),
-});
-
-/// Free the buffers [`merge_patches`] keeps between calls (call once the model is loaded).
-pub fn release_merge_buffers() {
-    let mut s = SCRATCH.lock().unwrap_or_else(|e| e.into_inner());
-    s.acc = Vec::new();
-    s.bytes = Vec::new();
 }
 
 /// `acc += m · d` on all cores.
@@ -203,11 +193,15 @@ fn axpy(acc: &mut [f32], d: &Tensor, m: f32) -> Result<()> {
 
 /// `W + Σ multiplier · ΔW` computed in f32 (the same numbers as `(W.f32 + ΔW · m)` step by
 /// step, then the cast), returned in `dtype` on the CPU.
-pub fn merge_patches(w: &Tensor, patches: &[Patch], dtype: DType) -> Result<Tensor> {
+pub fn merge_patches(
+    w: &Tensor,
+    patches: &[Patch],
+    dtype: DType,
+    scratch: &mut MergeScratch,
+) -> Result<Tensor> {
     let shape = w.dims().to_vec();
     let n = w.elem_count();
-    let mut guard = SCRATCH.lock().unwrap_or_else(|e| e.into_inner());
-    let Scratch { acc, bytes } = &mut *guard;
+    let MergeScratch { acc, bytes } = scratch;
     if acc.len() < n {
         acc.resize(n, 0.0);
     }

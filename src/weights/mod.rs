@@ -4,7 +4,7 @@
 
 mod merge;
 
-pub use merge::{merge_patches, release_merge_buffers};
+pub use merge::{MergeScratch, merge_patches};
 
 use crate::keymap::{Mapped, Transform};
 use crate::precision::Precision;
@@ -159,6 +159,8 @@ pub struct ComponentWeights {
     pub patches: HashMap<String, Vec<Patch>>,
     /// Tensors found holding NaN or Inf as they loaded, each with the file to blame.
     pub non_finite: std::sync::Mutex<Vec<String>>,
+    /// The merge buffers for `patches`, shared by the components one LoRA plan patched.
+    pub merge_scratch: Arc<std::sync::Mutex<MergeScratch>>,
 }
 
 /// A weight update computed on demand, in f32 on the CPU, so that merging never holds more
@@ -203,6 +205,7 @@ impl ComponentWeights {
             map,
             patches: HashMap::new(),
             non_finite: Default::default(),
+            merge_scratch: Default::default(),
         }
     }
 
@@ -232,7 +235,10 @@ impl ComponentWeights {
         let raw = self.load_raw(name)?;
         let t = match self.patches.get(name) {
             // ΔW merged in f32 into a reused buffer, then cast ([`merge_patches`]).
-            Some(patches) => merge_patches(&raw, patches, dtype)?,
+            Some(patches) => {
+                let mut scratch = self.merge_scratch.lock().unwrap_or_else(|e| e.into_inner());
+                merge_patches(&raw, patches, dtype, &mut scratch)?
+            }
             None => raw.to_dtype(dtype)?,
         };
         if t.dtype().is_float() && !finite(&t)? {
