@@ -1,7 +1,9 @@
 //! The key tables of the original layout, generated from configurations: for every model
 //! tensor (diffusers name) its original name, the [`Transform`] between them and both shapes.
-//! The UNet's level/block numbering, the OpenCLIP renames and fused attention, the VAE's
-//! reversed up blocks and 1x1-convolution attention are written once, here.
+//! Each repeated block (a resnet, a transformer block, a text encoder layer, the VAE's
+//! attention) is a table of layers — diffusers name, original name, shape in the block's
+//! widths — and the code around the tables holds only the numbering: the UNet's
+//! `input_blocks.{n}` arithmetic, the VAE's reversed up blocks, OpenCLIP's fused attention.
 
 use super::{
     Component, Result, TEXT_ENCODER_2_PREFIX, TEXT_ENCODER_PREFIX, Transform, UNET_PREFIX,
@@ -135,6 +137,213 @@ impl Plan {
     }
 }
 
+/// A width a layer's shape is made of, resolved per block by [`Widths`].
+#[derive(Clone, Copy)]
+enum W {
+    In,
+    Out,
+    /// The UNet's time embedding.
+    Temb,
+    /// The second input of a block's projections: cross-attention context (transformer
+    /// blocks), the text-time embedding (the UNet's stem), the MLP width (text encoders).
+    Other,
+    /// `n · Out` (the UNet's feed-forward widths).
+    OutTimes(usize),
+}
+
+/// One layer of a block table.
+#[derive(Clone, Copy)]
+enum Kind {
+    /// weight and bias `[a]`
+    Norm(W),
+    /// weight `[a, b]`, bias `[a]` if the flag says so
+    Dense(W, W, bool),
+    /// weight `[a, b, k, k]`, bias `[a]`
+    Conv(W, W, usize),
+    /// `[a, b]` in diffusers, a 1×1 convolution in the original; bias `[a]`
+    Squeezed(W, W),
+    /// the transformer's `proj_in` / `proj_out`: [`Kind::Dense`] with
+    /// `use_linear_projection`, a 1×1 [`Kind::Conv`] otherwise
+    Projection,
+}
+
+/// A layer: its diffusers name and original name (each relative to its block) and its kind.
+#[derive(Clone, Copy)]
+struct Layer(&'static str, &'static str, Kind);
+
+/// A layer named the same in both layouts.
+const fn same(name: &'static str, kind: Kind) -> Layer {
+    Layer(name, name, kind)
+}
+
+use Kind::{Conv, Dense, Norm, Projection, Squeezed};
+use W::{In, Other, Out, OutTimes, Temb};
+
+/// The widths of one block.
+#[derive(Clone, Copy, Default)]
+struct Widths {
+    input: usize,
+    out: usize,
+    temb: usize,
+    other: usize,
+    linear_projection: bool,
+}
+
+impl Widths {
+    fn out(out: usize) -> Self {
+        Widths {
+            out,
+            ..Widths::default()
+        }
+    }
+
+    fn get(&self, w: W) -> usize {
+        match w {
+            In => self.input,
+            Out => self.out,
+            Temb => self.temb,
+            Other => self.other,
+            OutTimes(n) => mul(self.out, n),
+        }
+    }
+}
+
+/// A UNet resnet (`ResnetBlock2D` ← LDM's `ResBlock`); [`UNET_SHORTCUT`] when widths change.
+const UNET_RESNET: &[Layer] = &[
+    Layer("norm1", "in_layers.0", Norm(In)),
+    Layer("conv1", "in_layers.2", Conv(Out, In, 3)),
+    Layer("time_emb_proj", "emb_layers.1", Dense(Out, Temb, true)),
+    Layer("norm2", "out_layers.0", Norm(Out)),
+    Layer("conv2", "out_layers.3", Conv(Out, Out, 3)),
+];
+const UNET_SHORTCUT: &[Layer] = &[Layer("conv_shortcut", "skip_connection", Conv(Out, In, 1))];
+
+/// A UNet transformer's ends (`Transformer2DModel` ← `SpatialTransformer`) ...
+const TRANSFORMER_IN: &[Layer] = &[same("norm", Norm(Out)), same("proj_in", Projection)];
+const TRANSFORMER_OUT: &[Layer] = &[same("proj_out", Projection)];
+/// ... and each of its `transformer_blocks` (GEGLU: one projection to twice the 4× width).
+const TRANSFORMER_BLOCK: &[Layer] = &[
+    same("norm1", Norm(Out)),
+    same("norm2", Norm(Out)),
+    same("norm3", Norm(Out)),
+    same("attn1.to_q", Dense(Out, Out, false)),
+    same("attn1.to_k", Dense(Out, Out, false)),
+    same("attn1.to_v", Dense(Out, Out, false)),
+    same("attn1.to_out.0", Dense(Out, Out, true)),
+    same("attn2.to_q", Dense(Out, Out, false)),
+    same("attn2.to_k", Dense(Out, Other, false)),
+    same("attn2.to_v", Dense(Out, Other, false)),
+    same("attn2.to_out.0", Dense(Out, Out, true)),
+    same("ff.net.0.proj", Dense(OutTimes(8), Out, true)),
+    same("ff.net.2", Dense(Out, OutTimes(4), true)),
+];
+
+/// The UNet's stem (In: latent channels, Out: the first level's width, Other: the text-time
+/// embedding's input width) and head (In: the first level's width, Out: output channels).
+const UNET_STEM: &[Layer] = &[
+    Layer("conv_in", "input_blocks.0.0", Conv(Out, In, 3)),
+    Layer(
+        "time_embedding.linear_1",
+        "time_embed.0",
+        Dense(Temb, Out, true),
+    ),
+    Layer(
+        "time_embedding.linear_2",
+        "time_embed.2",
+        Dense(Temb, Temb, true),
+    ),
+    Layer(
+        "add_embedding.linear_1",
+        "label_emb.0.0",
+        Dense(Temb, Other, true),
+    ),
+    Layer(
+        "add_embedding.linear_2",
+        "label_emb.0.2",
+        Dense(Temb, Temb, true),
+    ),
+];
+const UNET_HEAD: &[Layer] = &[
+    Layer("conv_norm_out", "out.0", Norm(In)),
+    Layer("conv_out", "out.2", Conv(Out, In, 3)),
+];
+
+/// A down- or upsampler's convolution.
+const SAMPLER: &[Layer] = &[same("", Conv(Out, Out, 3))];
+
+/// A CLIP-L encoder layer (transformers' names in both layouts; Other: the MLP width).
+const CLIP_L_LAYER: &[Layer] = &[
+    same("self_attn.q_proj", Dense(Out, Out, true)),
+    same("self_attn.k_proj", Dense(Out, Out, true)),
+    same("self_attn.v_proj", Dense(Out, Out, true)),
+    same("self_attn.out_proj", Dense(Out, Out, true)),
+    same("layer_norm1", Norm(Out)),
+    same("layer_norm2", Norm(Out)),
+    same("mlp.fc1", Dense(Other, Out, true)),
+    same("mlp.fc2", Dense(Out, Other, true)),
+];
+
+/// An OpenCLIP `resblock` after its fused `in_proj` (written in [`plan_open_clip`]).
+const OPEN_CLIP_LAYER: &[Layer] = &[
+    Layer("self_attn.out_proj", "attn.out_proj", Dense(Out, Out, true)),
+    Layer("layer_norm1", "ln_1", Norm(Out)),
+    Layer("layer_norm2", "ln_2", Norm(Out)),
+    Layer("mlp.fc1", "mlp.c_fc", Dense(Other, Out, true)),
+    Layer("mlp.fc2", "mlp.c_proj", Dense(Out, Other, true)),
+];
+
+/// A VAE resnet; [`VAE_SHORTCUT`] when widths change.
+const VAE_RESNET: &[Layer] = &[
+    same("norm1", Norm(In)),
+    same("conv1", Conv(Out, In, 3)),
+    same("norm2", Norm(Out)),
+    same("conv2", Conv(Out, Out, 3)),
+];
+const VAE_SHORTCUT: &[Layer] = &[Layer("conv_shortcut", "nin_shortcut", Conv(Out, In, 1))];
+
+/// The VAE's mid-block attention (1×1 convolutions in the original).
+const VAE_ATTENTION: &[Layer] = &[
+    Layer("group_norm", "norm", Norm(Out)),
+    Layer("to_q", "q", Squeezed(Out, Out)),
+    Layer("to_k", "k", Squeezed(Out, Out)),
+    Layer("to_v", "v", Squeezed(Out, Out)),
+    Layer("to_out.0", "proj_out", Squeezed(Out, Out)),
+];
+
+/// `prefix.name`, or `prefix` alone for an empty name.
+fn join(prefix: &str, name: &str) -> String {
+    match (prefix.is_empty(), name.is_empty()) {
+        (_, true) => prefix.to_string(),
+        (true, false) => name.to_string(),
+        _ => format!("{prefix}.{name}"),
+    }
+}
+
+impl Plan {
+    /// The entries of a block table, the block's names prefixed.
+    fn block(&mut self, c: Component, target: &str, source: &str, table: &[Layer], w: Widths) {
+        for &Layer(t, s, kind) in table {
+            let (t, s) = (join(target, t), join(source, s));
+            let g = |x| w.get(x);
+            match kind {
+                Norm(a) => self.norm(c, &t, &s, g(a)),
+                Dense(a, b, bias) => self.linear(c, &t, &s, vec![g(a), g(b)], bias),
+                Conv(a, b, k) => self.linear(c, &t, &s, vec![g(a), g(b), k, k], true),
+                Projection if w.linear_projection => {
+                    self.linear(c, &t, &s, vec![w.out, w.out], true)
+                }
+                Projection => self.linear(c, &t, &s, vec![w.out, w.out, 1, 1], true),
+                Squeezed(a, b) => {
+                    let (tw, sw) = (format!("{t}.weight"), format!("{s}.weight"));
+                    self.push(c, tw, sw, Transform::Squeeze1x1, vec![g(a), g(b)]);
+                    let (tb, sb) = (format!("{t}.bias"), format!("{s}.bias"));
+                    self.push(c, tb, sb, Transform::Identity, vec![g(a)]);
+                }
+            }
+        }
+    }
+}
+
 fn mul(a: usize, b: usize) -> usize {
     a.saturating_mul(b)
 }
@@ -152,49 +361,16 @@ fn flag(c: Component, what: &str, v: &[bool], i: usize) -> Result<bool> {
         .ok_or_else(|| inconsistent(c, format!("configuration list {what} has no entry {i}")))
 }
 
-fn unet_resnet(plan: &mut Plan, target: &str, source: &str, cin: usize, cout: usize, temb: usize) {
-    let u = Component::Unet;
-    plan.norm(
-        u,
-        &format!("{target}.norm1"),
-        &format!("{source}.in_layers.0"),
-        cin,
-    );
-    plan.linear(
-        u,
-        &format!("{target}.conv1"),
-        &format!("{source}.in_layers.2"),
-        vec![cout, cin, 3, 3],
-        true,
-    );
-    plan.linear(
-        u,
-        &format!("{target}.time_emb_proj"),
-        &format!("{source}.emb_layers.1"),
-        vec![cout, temb],
-        true,
-    );
-    plan.norm(
-        u,
-        &format!("{target}.norm2"),
-        &format!("{source}.out_layers.0"),
-        cout,
-    );
-    plan.linear(
-        u,
-        &format!("{target}.conv2"),
-        &format!("{source}.out_layers.3"),
-        vec![cout, cout, 3, 3],
-        true,
-    );
-    if cin != cout {
-        plan.linear(
-            u,
-            &format!("{target}.conv_shortcut"),
-            &format!("{source}.skip_connection"),
-            vec![cout, cin, 1, 1],
-            true,
-        );
+fn unet_resnet(plan: &mut Plan, target: &str, source: &str, input: usize, out: usize, temb: usize) {
+    let w = Widths {
+        input,
+        out,
+        temb,
+        ..Widths::default()
+    };
+    plan.block(Component::Unet, target, source, UNET_RESNET, w);
+    if input != out {
+        plan.block(Component::Unet, target, source, UNET_SHORTCUT, w);
     }
 }
 
@@ -207,78 +383,21 @@ fn unet_transformer(
     cfg: &UNetConfig,
 ) {
     let u = Component::Unet;
-    let proj = if cfg.use_linear_projection {
-        vec![ch, ch]
-    } else {
-        vec![ch, ch, 1, 1]
+    let w = Widths {
+        out: ch,
+        other: cfg.cross_attention_dim,
+        linear_projection: cfg.use_linear_projection,
+        ..Widths::default()
     };
-    plan.norm(u, &format!("{target}.norm"), &format!("{source}.norm"), ch);
-    plan.linear(
-        u,
-        &format!("{target}.proj_in"),
-        &format!("{source}.proj_in"),
-        proj.clone(),
-        true,
-    );
+    plan.block(u, target, source, TRANSFORMER_IN, w);
     for k in 0..depth {
-        let t = format!("{target}.transformer_blocks.{k}");
-        let s = format!("{source}.transformer_blocks.{k}");
-        for n in ["norm1", "norm2", "norm3"] {
-            plan.norm(u, &format!("{t}.{n}"), &format!("{s}.{n}"), ch);
-        }
-        for (attn, kv) in [("attn1", ch), ("attn2", cfg.cross_attention_dim)] {
-            plan.linear(
-                u,
-                &format!("{t}.{attn}.to_q"),
-                &format!("{s}.{attn}.to_q"),
-                vec![ch, ch],
-                false,
-            );
-            plan.linear(
-                u,
-                &format!("{t}.{attn}.to_k"),
-                &format!("{s}.{attn}.to_k"),
-                vec![ch, kv],
-                false,
-            );
-            plan.linear(
-                u,
-                &format!("{t}.{attn}.to_v"),
-                &format!("{s}.{attn}.to_v"),
-                vec![ch, kv],
-                false,
-            );
-            plan.linear(
-                u,
-                &format!("{t}.{attn}.to_out.0"),
-                &format!("{s}.{attn}.to_out.0"),
-                vec![ch, ch],
-                true,
-            );
-        }
-        // GEGLU: one projection to twice the 4x inner width.
-        plan.linear(
-            u,
-            &format!("{t}.ff.net.0.proj"),
-            &format!("{s}.ff.net.0.proj"),
-            vec![mul(ch, 8), ch],
-            true,
+        let (t, s) = (
+            format!("{target}.transformer_blocks.{k}"),
+            format!("{source}.transformer_blocks.{k}"),
         );
-        plan.linear(
-            u,
-            &format!("{t}.ff.net.2"),
-            &format!("{s}.ff.net.2"),
-            vec![ch, mul(ch, 4)],
-            true,
-        );
+        plan.block(u, &t, &s, TRANSFORMER_BLOCK, w);
     }
-    plan.linear(
-        u,
-        &format!("{target}.proj_out"),
-        &format!("{source}.proj_out"),
-        proj,
-        true,
-    );
+    plan.block(u, target, source, TRANSFORMER_OUT, w);
 }
 
 fn plan_unet(plan: &mut Plan, cfg: &UNetConfig) -> Result<()> {
@@ -312,42 +431,14 @@ fn plan_unet(plan: &mut Plan, cfg: &UNetConfig) -> Result<()> {
     let c0 = at(u, "block_out_channels", ch, 0)?;
     let last = at(u, "block_out_channels", ch, n - 1)?;
     let temb = mul(c0, 4);
-    plan.linear(
-        u,
-        "conv_in",
-        &p("input_blocks.0.0"),
-        vec![c0, cfg.in_channels, 3, 3],
-        true,
-    );
-    plan.linear(
-        u,
-        "time_embedding.linear_1",
-        &p("time_embed.0"),
-        vec![temb, c0],
-        true,
-    );
-    plan.linear(
-        u,
-        "time_embedding.linear_2",
-        &p("time_embed.2"),
-        vec![temb, temb],
-        true,
-    );
-    plan.linear(
-        u,
-        "add_embedding.linear_1",
-        &p("label_emb.0.0"),
-        vec![temb, cfg.projection_class_embeddings_input_dim],
-        true,
-    );
-    plan.linear(
-        u,
-        "add_embedding.linear_2",
-        &p("label_emb.0.2"),
-        vec![temb, temb],
-        true,
-    );
-
+    let stem = Widths {
+        input: cfg.in_channels,
+        out: c0,
+        temb,
+        other: cfg.projection_class_embeddings_input_dim,
+        ..Widths::default()
+    };
+    plan.block(u, "", UNET_PREFIX.trim_end_matches('.'), UNET_STEM, stem);
     for i in 0..n {
         let out = at(u, "block_out_channels", ch, i)?;
         let mut cin = if i == 0 {
@@ -378,13 +469,8 @@ fn plan_unet(plan: &mut Plan, cfg: &UNetConfig) -> Result<()> {
         }
         if i + 1 < n {
             let s = p(&format!("input_blocks.{}.0.op", (layers + 1) * (i + 1)));
-            plan.linear(
-                u,
-                &format!("down_blocks.{i}.downsamplers.0.conv"),
-                &s,
-                vec![out, out, 3, 3],
-                true,
-            );
+            let t = format!("down_blocks.{i}.downsamplers.0.conv");
+            plan.block(u, &t, &s, SAMPLER, Widths::out(out));
         }
     }
 
@@ -455,23 +541,16 @@ fn plan_unet(plan: &mut Plan, cfg: &UNetConfig) -> Result<()> {
                 "output_blocks.{}.{slot}.conv",
                 (layers + 1) * b + layers
             ));
-            plan.linear(
-                u,
-                &format!("up_blocks.{b}.upsamplers.0.conv"),
-                &s,
-                vec![out, out, 3, 3],
-                true,
-            );
+            let t = format!("up_blocks.{b}.upsamplers.0.conv");
+            plan.block(u, &t, &s, SAMPLER, Widths::out(out));
         }
     }
-    plan.norm(u, "conv_norm_out", &p("out.0"), c0);
-    plan.linear(
-        u,
-        "conv_out",
-        &p("out.2"),
-        vec![cfg.out_channels, c0, 3, 3],
-        true,
-    );
+    let head = Widths {
+        input: c0,
+        out: cfg.out_channels,
+        ..Widths::default()
+    };
+    plan.block(u, "", UNET_PREFIX.trim_end_matches('.'), UNET_HEAD, head);
     Ok(())
 }
 
@@ -499,21 +578,14 @@ fn plan_clip_l(plan: &mut Plan, cfg: &ClipConfig) -> Result<()> {
     ] {
         plan.linear(c, t, &p(t), vec![rows, h], false);
     }
+    let w = Widths {
+        out: h,
+        other: m,
+        ..Widths::default()
+    };
     for l in 0..cfg.num_hidden_layers {
         let t = format!("encoder.layers.{l}");
-        for proj in ["q_proj", "k_proj", "v_proj", "out_proj"] {
-            let name = format!("{t}.self_attn.{proj}");
-            plan.linear(c, &name, &p(&name), vec![h, h], true);
-        }
-        for (name, shape) in [
-            ("layer_norm1", vec![h]),
-            ("layer_norm2", vec![h]),
-            ("mlp.fc1", vec![m, h]),
-            ("mlp.fc2", vec![h, m]),
-        ] {
-            let name = format!("{t}.{name}");
-            plan.linear(c, &name, &p(&name), shape, true);
-        }
+        plan.block(c, &t, &p(&t), CLIP_L_LAYER, w);
     }
     plan.norm(c, "final_layer_norm", &p("final_layer_norm"), h);
     Ok(())
@@ -530,6 +602,11 @@ fn plan_open_clip(plan: &mut Plan, cfg: &ClipConfig) -> Result<()> {
     };
     let (h, m) = (cfg.hidden_size, cfg.intermediate_size);
     let p = |k: &str| format!("{TEXT_ENCODER_2_PREFIX}{k}");
+    let w = Widths {
+        out: h,
+        other: m,
+        ..Widths::default()
+    };
     plan.linear(
         c,
         "embeddings.token_embedding",
@@ -569,29 +646,7 @@ fn plan_open_clip(plan: &mut Plan, cfg: &ClipConfig) -> Result<()> {
                 });
             }
         }
-        plan.linear(
-            c,
-            &format!("{t}.self_attn.out_proj"),
-            &format!("{s}.attn.out_proj"),
-            vec![h, h],
-            true,
-        );
-        plan.norm(c, &format!("{t}.layer_norm1"), &format!("{s}.ln_1"), h);
-        plan.norm(c, &format!("{t}.layer_norm2"), &format!("{s}.ln_2"), h);
-        plan.linear(
-            c,
-            &format!("{t}.mlp.fc1"),
-            &format!("{s}.mlp.c_fc"),
-            vec![m, h],
-            true,
-        );
-        plan.linear(
-            c,
-            &format!("{t}.mlp.fc2"),
-            &format!("{s}.mlp.c_proj"),
-            vec![h, m],
-            true,
-        );
+        plan.block(c, &t, &s, OPEN_CLIP_LAYER, w);
     }
     plan.norm(c, "final_layer_norm", &p("ln_final"), h);
     plan.push(
@@ -604,90 +659,29 @@ fn plan_open_clip(plan: &mut Plan, cfg: &ClipConfig) -> Result<()> {
     Ok(())
 }
 
-fn vae_resnet(plan: &mut Plan, target: &str, source: &str, cin: usize, cout: usize) {
-    let v = Component::Vae;
-    plan.norm(
-        v,
-        &format!("{target}.norm1"),
-        &format!("{source}.norm1"),
-        cin,
-    );
-    plan.linear(
-        v,
-        &format!("{target}.conv1"),
-        &format!("{source}.conv1"),
-        vec![cout, cin, 3, 3],
-        true,
-    );
-    plan.norm(
-        v,
-        &format!("{target}.norm2"),
-        &format!("{source}.norm2"),
-        cout,
-    );
-    plan.linear(
-        v,
-        &format!("{target}.conv2"),
-        &format!("{source}.conv2"),
-        vec![cout, cout, 3, 3],
-        true,
-    );
-    if cin != cout {
-        plan.linear(
-            v,
-            &format!("{target}.conv_shortcut"),
-            &format!("{source}.nin_shortcut"),
-            vec![cout, cin, 1, 1],
-            true,
-        );
+fn vae_resnet(plan: &mut Plan, target: &str, source: &str, input: usize, out: usize) {
+    let w = Widths {
+        input,
+        out,
+        ..Widths::default()
+    };
+    plan.block(Component::Vae, target, source, VAE_RESNET, w);
+    if input != out {
+        plan.block(Component::Vae, target, source, VAE_SHORTCUT, w);
         // diffusers' loader also takes the diffusers name; some converters keep it.
         plan.alias_last(2, ".nin_shortcut.", ".conv_shortcut.");
     }
 }
 
 fn vae_mid(plan: &mut Plan, part: &str, ch: usize, attention: bool) {
-    let v = Component::Vae;
     let s = |k: &str| format!("{VAE_PREFIX}{part}.mid.{k}");
-    vae_resnet(
-        plan,
-        &format!("{part}.mid_block.resnets.0"),
-        &s("block_1"),
-        ch,
-        ch,
-    );
+    let t = |k: &str| format!("{part}.mid_block.{k}");
+    vae_resnet(plan, &t("resnets.0"), &s("block_1"), ch, ch);
     if attention {
-        let t = format!("{part}.mid_block.attentions.0");
-        plan.norm(v, &format!("{t}.group_norm"), &s("attn_1.norm"), ch);
-        for (target, source) in [
-            ("to_q", "q"),
-            ("to_k", "k"),
-            ("to_v", "v"),
-            ("to_out.0", "proj_out"),
-        ] {
-            let (t, src) = (format!("{t}.{target}"), s(&format!("attn_1.{source}")));
-            plan.push(
-                v,
-                format!("{t}.weight"),
-                format!("{src}.weight"),
-                Transform::Squeeze1x1,
-                vec![ch, ch],
-            );
-            plan.push(
-                v,
-                format!("{t}.bias"),
-                format!("{src}.bias"),
-                Transform::Identity,
-                vec![ch],
-            );
-        }
+        let (t, s) = (t("attentions.0"), s("attn_1"));
+        plan.block(Component::Vae, &t, &s, VAE_ATTENTION, Widths::out(ch));
     }
-    vae_resnet(
-        plan,
-        &format!("{part}.mid_block.resnets.1"),
-        &s("block_2"),
-        ch,
-        ch,
-    );
+    vae_resnet(plan, &t("resnets.1"), &s("block_2"), ch, ch);
 }
 
 fn plan_vae(plan: &mut Plan, cfg: &VaeConfig, in_channels: Option<usize>) -> Result<()> {
@@ -740,7 +734,7 @@ fn plan_vae(plan: &mut Plan, cfg: &VaeConfig, in_channels: Option<usize>) -> Res
                 format!("encoder.down_blocks.{i}.downsamplers.0.conv"),
                 p(&format!("encoder.down.{i}.downsample.conv")),
             );
-            plan.linear(v, &t, &s, vec![out, out, 3, 3], true);
+            plan.block(v, &t, &s, SAMPLER, Widths::out(out));
         }
     }
     vae_mid(plan, "encoder", last, cfg.mid_block_add_attention);
@@ -796,7 +790,7 @@ fn plan_vae(plan: &mut Plan, cfg: &VaeConfig, in_channels: Option<usize>) -> Res
                 format!("decoder.up_blocks.{b}.upsamplers.0.conv"),
                 p(&format!("decoder.up.{level}.upsample.conv")),
             );
-            plan.linear(v, &t, &s, vec![out, out, 3, 3], true);
+            plan.block(v, &t, &s, SAMPLER, Widths::out(out));
         }
     }
     plan.norm(v, "decoder.conv_norm_out", &p("decoder.norm_out"), c0);
