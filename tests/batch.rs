@@ -4,7 +4,6 @@ mod common;
 
 use common::*;
 use std::collections::BTreeMap;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 
@@ -35,7 +34,7 @@ fn base_args(model: &Path) -> Vec<String> {
 }
 
 fn run(args: &[String]) -> Output {
-    bin().args(args).output().expect("run dmd2")
+    run_dmd2(args, None)
 }
 
 fn with(mut v: Vec<String>, extra: &[&str]) -> Vec<String> {
@@ -230,32 +229,20 @@ fn jsonl_overrides_and_stdin() {
 
     // The same text through stdin.
     let out2 = d.join("stdin");
-    let mut child = bin()
-        .args(with(
-            base_args(&model()),
-            &[
-                "--prompt-file",
-                "-",
-                "--prompt-format",
-                "jsonl",
-                "--out-dir",
-                out2.to_str().unwrap(),
-                "--seed",
-                "1",
-            ],
-        ))
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(&std::fs::read(&jf).unwrap())
-        .unwrap();
-    let o = child.wait_with_output().unwrap();
+    let args = with(
+        base_args(&model()),
+        &[
+            "--prompt-file",
+            "-",
+            "--prompt-format",
+            "jsonl",
+            "--out-dir",
+            out2.to_str().unwrap(),
+            "--seed",
+            "1",
+        ],
+    );
+    let o = run_dmd2(&args, Some(&std::fs::read(&jf).unwrap()));
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     assert_eq!(pngs(&out), pngs(&out2));
 }

@@ -8,10 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 fn dmd2(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_dmd2"))
-        .args(args)
-        .output()
-        .expect("run dmd2")
+    run_dmd2(args, None)
 }
 
 fn tmpdir(name: &str) -> PathBuf {

@@ -499,23 +499,7 @@ fn special_files_as_inputs() {
     let fifo = d.join("fifo.safetensors");
     let ok = Command::new("mkfifo").arg(&fifo).status().unwrap();
     assert!(ok.success());
-    let timed = |args: &[&str]| {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_dmd2"))
-            .args(args)
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .unwrap();
-        let t0 = std::time::Instant::now();
-        while child.try_wait().unwrap().is_none() {
-            if t0.elapsed().as_secs() > 30 {
-                let _ = child.kill();
-                panic!("{args:?} hangs on a FIFO");
-            }
-            std::thread::sleep(std::time::Duration::from_millis(20));
-        }
-        child.wait_with_output().unwrap()
-    };
+    let timed = |args: &[&str]| common::run_dmd2_within(args, None, 30);
     let o = run_gen(&fifo, &out_dir.join("new.png"), &[]);
     assert_refused(&o, &fifo, "not a regular file", &out_dir, &before);
     let o = timed(&[
@@ -626,23 +610,8 @@ fn run_gen_rss(extra: &[&str]) -> (Output, u64) {
 // Outputs: only regular files created or replaced, never an input, never through a link.
 // ---------------------------------------------------------------------------------------
 
-/// `dmd2 ARGS`, killed (and failed) after 120 s.
 fn dmd2(args: &[&str]) -> Output {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_dmd2"))
-        .args(args)
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let t0 = std::time::Instant::now();
-    while child.try_wait().unwrap().is_none() {
-        if t0.elapsed().as_secs() > 120 {
-            let _ = child.kill();
-            panic!("{args:?} did not finish");
-        }
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
-    child.wait_with_output().unwrap()
+    common::run_dmd2(args, None)
 }
 
 fn gen_args<'a>(model: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
@@ -829,8 +798,8 @@ fn colliding_names_are_refused() {
     assert_eq!(o.status.code(), Some(2), "{}", err_of(&o));
     assert_eq!(listing(&out), before, "nothing written");
     // stdin: streamed, so the second image is refused when it comes.
-    let mut child = Command::new(env!("CARGO_BIN_EXE_dmd2"))
-        .args(gen_args(
+    let o = common::run_dmd2(
+        &gen_args(
             model,
             &[
                 "--prompt-file",
@@ -841,20 +810,9 @@ fn colliding_names_are_refused() {
                 "--out-dir",
                 out.to_str().unwrap(),
             ],
-        ))
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    use std::io::Write;
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(b"a red car\nA red car!\n")
-        .unwrap();
-    let o = child.wait_with_output().unwrap();
+        ),
+        Some(b"a red car\nA red car!\n"),
+    );
     let err = err_of(&o);
     assert_eq!(o.status.code(), Some(2), "{err}");
     assert!(

@@ -58,14 +58,6 @@ impl Sampler for DdimSampler {
         &self.timesteps_f
     }
 
-    fn init_noise_sigma(&self) -> f64 {
-        1.0
-    }
-
-    fn scale_model_input(&self, x: &Tensor, _: usize) -> candle_core::Result<Tensor> {
-        Ok(x.clone())
-    }
-
     fn step(
         &mut self,
         eps: &Tensor,

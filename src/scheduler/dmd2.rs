@@ -118,14 +118,6 @@ impl Sampler for Dmd2Sampler {
         &self.timesteps_f
     }
 
-    fn init_noise_sigma(&self) -> f64 {
-        1.0
-    }
-
-    fn scale_model_input(&self, x: &Tensor, _: usize) -> candle_core::Result<Tensor> {
-        Ok(x.clone())
-    }
-
     fn step(
         &mut self,
         eps: &Tensor,

@@ -24,10 +24,15 @@ pub const TRAIN_TIMESTEPS: usize = 1000;
 pub trait Sampler: Send {
     /// The timesteps passed to the UNet, in order.
     fn timesteps(&self) -> &[f64];
-    /// Scale of the initial Gaussian noise.
-    fn init_noise_sigma(&self) -> f64;
-    /// `scheduler.scale_model_input(x, t)` for step `i`.
-    fn scale_model_input(&self, x: &Tensor, i: usize) -> Result<Tensor>;
+    /// Scale of the initial Gaussian noise (1 unless the sampler works in σ, like Euler).
+    fn init_noise_sigma(&self) -> f64 {
+        1.0
+    }
+    /// `scheduler.scale_model_input(x, t)` for step `i` (the identity, as diffusers'
+    /// `SchedulerMixin` has it, unless the sampler works in σ).
+    fn scale_model_input(&self, x: &Tensor, _i: usize) -> Result<Tensor> {
+        Ok(x.clone())
+    }
     /// `scheduler.step(eps, t, x, generator).prev_sample` for step `i`. `x` holds one image
     /// per generator in `rngs` (batch dimension first); noise comes from [`noise_like`].
     fn step(&mut self, eps: &Tensor, i: usize, x: &Tensor, rngs: &mut [TorchRng])

@@ -252,3 +252,56 @@ pub fn fresh_dir(kind: &str, name: &str) -> PathBuf {
     std::fs::create_dir_all(&d).unwrap();
     d
 }
+
+/// `dmd2 ARGS`, stdout and stderr captured, `stdin` written to its standard input (closed
+/// after; none: no input at all), killed and failed after `secs` seconds.
+pub fn run_dmd2_within<S: AsRef<std::ffi::OsStr> + std::fmt::Debug>(
+    args: &[S],
+    stdin: Option<&[u8]>,
+    secs: u64,
+) -> std::process::Output {
+    use std::io::Write;
+    use std::process::{Command, Stdio};
+    let mut child = Command::new(env!("CARGO_BIN_EXE_dmd2"))
+        .args(args)
+        .stdin(if stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start dmd2");
+    let pid = child.id() as libc::pid_t;
+    let (input, data) = (child.stdin.take(), stdin.map(<[u8]>::to_vec));
+    // Written on its own thread so that a child filling its stdout pipe cannot deadlock us.
+    let writer = std::thread::spawn(move || {
+        if let (Some(mut input), Some(data)) = (input, data) {
+            let _ = input.write_all(&data);
+        }
+    });
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(child.wait_with_output());
+    });
+    match rx.recv_timeout(std::time::Duration::from_secs(secs)) {
+        Ok(output) => {
+            let _ = writer.join();
+            output.expect("wait for dmd2")
+        }
+        Err(_) => {
+            // SAFETY: kill(2) on the child's pid; it has not been reaped (its waiter is blocked).
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+            panic!("dmd2 {args:?} did not finish within {secs} s");
+        }
+    }
+}
+
+/// [`run_dmd2_within`] 120 s.
+pub fn run_dmd2<S: AsRef<std::ffi::OsStr> + std::fmt::Debug>(
+    args: &[S],
+    stdin: Option<&[u8]>,
+) -> std::process::Output {
+    run_dmd2_within(args, stdin, 120)
+}
