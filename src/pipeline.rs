@@ -40,11 +40,13 @@ impl Request {
     }
 }
 
-#[derive(Debug, Default, Clone, Copy)]
+#[derive(Debug, Clone, Default)]
 pub struct Timings {
     pub encode: f64,
     pub denoise: f64,
     pub decode: f64,
+    /// Each UNet step (with its sampler step), in order: `denoise` split by step.
+    pub steps: Vec<f64>,
 }
 
 pub struct Generated {
@@ -365,16 +367,26 @@ impl Pipeline {
             None
         };
         let t1 = Instant::now();
-        let latents = self.denoise(reqs, &cond, uncond.as_ref(), progress)?;
+        let mut step_ends = Vec::new();
+        let latents = self.denoise(reqs, &cond, uncond.as_ref(), &mut |i, n| {
+            step_ends.push(Instant::now());
+            progress(i, n)
+        })?;
         let t2 = Instant::now();
         crate::cancel::check()?;
         let images = self.decode(&latents)?;
         let t3 = Instant::now();
         let b = reqs.len() as f64;
+        let steps = std::iter::once(t1)
+            .chain(step_ends.iter().copied())
+            .zip(&step_ends)
+            .map(|(start, end)| (*end - start).as_secs_f64() / b)
+            .collect();
         let timings = Timings {
             encode: (t1 - t0).as_secs_f64() / b,
             denoise: (t2 - t1).as_secs_f64() / b,
             decode: (t3 - t2).as_secs_f64() / b,
+            steps,
         };
         images
             .into_iter()
@@ -385,7 +397,7 @@ impl Pipeline {
                     rgb,
                     width: first.width,
                     height: first.height,
-                    timings,
+                    timings: timings.clone(),
                 })
             })
             .collect()

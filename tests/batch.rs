@@ -137,6 +137,18 @@ fn prompt_file_with_comments_json_lines_and_names() {
         ] {
             assert!(l.get(k).is_some(), "missing {k} in {l}");
         }
+        // One time per UNet step, and they add up to the denoise time.
+        let s = &l["seconds"];
+        let steps: Vec<f64> = s["steps"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_f64().unwrap())
+            .collect();
+        assert_eq!(steps.len() as u64, l["steps"].as_u64().unwrap(), "{l}");
+        let denoise = s["denoise"].as_f64().unwrap();
+        assert!(steps.iter().sum::<f64>() <= denoise + 1e-9, "{l}");
+        assert!(s["load"].as_f64().unwrap() > 0.0, "{l}");
     }
     assert_eq!(lines[2]["prompt"], "A blue house!");
     assert_eq!(lines[3]["seed"], 13);

@@ -132,7 +132,8 @@ pub fn run(a: GenArgs) -> Result<()> {
     }
 
     // 4. The images, prompt by prompt, in batches of compatible jobs.
-    let writer = Writer::new(&s, inputs, report.precision.unet.short_name());
+    let mut writer = Writer::new(&s, inputs, report.precision.unet.short_name());
+    writer.load_seconds = started.elapsed().as_secs_f64();
     let mut run = Run {
         s: &s,
         pipe: &pipe,
@@ -375,9 +376,15 @@ impl Run<'_> {
                     self.progress
                         .image_done(&write::shown(target.as_ref()), self.counts.written);
                     if self.s.verbose {
+                        let t = &img.timings;
+                        let steps: Vec<String> =
+                            t.steps.iter().map(|s| format!("{s:.2}")).collect();
                         eprintln!(
-                            "timings: encode {:.2}s, denoise {:.2}s, decode {:.2}s, write {write_s:.2}s",
-                            img.timings.encode, img.timings.denoise, img.timings.decode
+                            "timings: encode {:.2}s, denoise {:.2}s (steps {}), decode {:.2}s, write {write_s:.2}s",
+                            t.encode,
+                            t.denoise,
+                            steps.join(" "),
+                            t.decode
                         );
                     }
                 }

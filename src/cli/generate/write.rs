@@ -38,6 +38,8 @@ pub struct Writer<'a> {
     /// The model as the user named it, for the settings stored in each PNG.
     pub model: String,
     pub precision: &'static str,
+    /// Seconds from the start of the process until the model was loaded (in `--json` lines).
+    pub load_seconds: f64,
 }
 
 impl<'a> Writer<'a> {
@@ -47,6 +49,7 @@ impl<'a> Writer<'a> {
             inputs,
             model: settings.model.model.clone(),
             precision,
+            load_seconds: 0.0,
         }
     }
 
@@ -145,8 +148,10 @@ impl<'a> Writer<'a> {
             "loras": settings.loras,
             "preset": self.settings.preset,
             "seconds": {
+                "load": self.load_seconds,
                 "encode": img.timings.encode,
                 "denoise": img.timings.denoise,
+                "steps": img.timings.steps,
                 "decode": img.timings.decode,
                 "write": write_s,
             },
