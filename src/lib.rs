@@ -19,6 +19,7 @@ pub mod kernels;
 pub mod keymap;
 pub mod loader;
 pub mod lora;
+pub mod memory;
 pub mod metadata;
 pub mod nn;
 pub mod output;

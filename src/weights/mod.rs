@@ -3,6 +3,7 @@
 //! layouts), converted to the compute dtype one tensor at a time as the model is built.
 
 mod merge;
+mod read;
 
 pub use merge::{MergeScratch, merge_patches};
 
@@ -20,7 +21,7 @@ use std::sync::Arc;
 /// whole file (7 GB for SDXL in f16) to the peak on top of the converted weights.
 pub struct WeightFiles {
     pub paths: Vec<PathBuf>,
-    files: Vec<std::sync::Mutex<std::fs::File>>,
+    files: Vec<std::fs::File>,
     entries: BTreeMap<String, Entry>,
     metadata: Vec<BTreeMap<String, String>>,
 }
@@ -49,7 +50,7 @@ impl WeightFiles {
                 entries.insert(name, Entry { file: i, tensor });
             }
             metadata.push(header.metadata);
-            files.push(std::sync::Mutex::new(f));
+            files.push(f);
         }
         Ok(Self {
             paths: paths.to_vec(),
@@ -78,7 +79,6 @@ impl WeightFiles {
 
     /// Load one stored tensor to the CPU in its stored dtype.
     pub fn load(&self, name: &str) -> Result<Tensor> {
-        use std::io::{Read, Seek, SeekFrom};
         let e = self
             .entries
             .get(name)
@@ -92,8 +92,7 @@ impl WeightFiles {
                 t.dtype
             ))
         })?;
-        let mut f = self.files[e.file].lock().unwrap_or_else(|p| p.into_inner());
-        f.seek(SeekFrom::Start(t.start))?;
+        let f = &self.files[e.file];
         let read_err = |err: std::io::Error| {
             Error::Msg(format!(
                 "{}: cannot read tensor {name}: {err}",
@@ -102,15 +101,49 @@ impl WeightFiles {
         };
         // Read straight into the tensor's own storage: one allocation, no extra copy.
         match dtype {
-            DType::F32 => read_typed::<f32>(&mut f, t, read_err),
-            DType::F16 => read_typed::<half::f16>(&mut f, t, read_err),
-            DType::BF16 => read_typed::<half::bf16>(&mut f, t, read_err),
+            DType::F32 => read_typed::<f32>(f, t, read_err),
+            DType::F16 => read_typed::<half::f16>(f, t, read_err),
+            DType::BF16 => read_typed::<half::bf16>(f, t, read_err),
             _ => {
                 let mut buf = vec![0u8; t.len as usize];
-                f.read_exact(&mut buf).map_err(read_err)?;
+                crate::safetensors_file::read_exact_at(f, &mut buf, t.start).map_err(read_err)?;
                 Tensor::from_raw_buffer(&buf, dtype, &t.shape, &Device::Cpu)
             }
         }
+    }
+
+    /// A stored tensor (or rows `rows` of it) converted to `dtype` in one pass on all cores
+    /// (see [`read`]), with whether all its values are finite.
+    pub fn load_as(
+        &self,
+        name: &str,
+        rows: Option<(usize, usize)>,
+        dtype: DType,
+    ) -> Result<(Tensor, bool)> {
+        let e = self
+            .entries
+            .get(name)
+            .ok_or_else(|| Error::CannotFindTensor {
+                path: name.to_string(),
+            })?;
+        let describe = || format!("{}: tensor {name}", self.paths[e.file].display());
+        if let Some(r) = read::read_as_dtype(&self.files[e.file], &e.tensor, rows, dtype, describe)
+        {
+            return r;
+        }
+        let t = self.load(name)?;
+        let t = match rows {
+            Some((start, len)) => t.narrow(0, start, len)?,
+            None => t,
+        };
+        let t = t.to_dtype(dtype)?;
+        let finite = !t.dtype().is_float() || read::all_finite(&t)?;
+        Ok((t, finite))
+    }
+
+    /// The stored shape of a tensor.
+    pub fn shape_of(&self, name: &str) -> Option<&[usize]> {
+        self.entries.get(name).map(|e| e.tensor.shape.as_slice())
     }
 
     pub fn describe(&self) -> String {
@@ -119,12 +152,11 @@ impl WeightFiles {
 }
 
 /// Read a tensor's bytes into a `Vec<T>` and wrap it as a tensor without copying.
-fn read_typed<T: candle_core::WithDType + Default + Copy>(
-    f: &mut std::fs::File,
+fn read_typed<T: candle_core::WithDType + crate::memory::Plain>(
+    f: &std::fs::File,
     e: &crate::safetensors_file::TensorEntry,
     read_err: impl Fn(std::io::Error) -> Error,
 ) -> Result<Tensor> {
-    use std::io::Read;
     let size = std::mem::size_of::<T>();
     // The header reader checked shape × size against the byte length with overflow checks.
     let numel = e.numel() as usize;
@@ -134,11 +166,11 @@ fn read_typed<T: candle_core::WithDType + Default + Copy>(
             e.shape, e.len
         )));
     }
-    let mut v: Vec<T> = vec![T::default(); numel];
-    // SAFETY: T is f32, f16 or bf16: plain data for which every bit pattern is a valid value,
-    // with no padding; the byte view covers exactly the vector's initialised elements.
+    let mut v: Vec<T> = crate::memory::zeroed_vec(numel);
+    // SAFETY: T is plain data (every bit pattern valid, no padding); the byte view covers
+    // exactly the vector's initialised elements.
     let bytes = unsafe { std::slice::from_raw_parts_mut(v.as_mut_ptr() as *mut u8, numel * size) };
-    f.read_exact(bytes).map_err(read_err)?;
+    crate::safetensors_file::read_exact_at(f, bytes, e.start).map_err(read_err)?;
     // safetensors stores little-endian data, as every platform dmd2 runs on.
     Tensor::from_vec(v, e.shape.as_slice(), &Device::Cpu)
 }
@@ -232,32 +264,60 @@ impl ComponentWeights {
 
     /// Load a tensor as the model uses it: patches merged in f32, then cast.
     pub fn load(&self, name: &str, dtype: DType, dev: &Device) -> Result<Tensor> {
-        let raw = self.load_raw(name)?;
-        let t = match self.patches.get(name) {
+        let (t, finite) = match self.patches.get(name) {
             // ΔW merged in f32 into a reused buffer, then cast ([`merge_patches`]).
             Some(patches) => {
+                let raw = self.load_raw(name)?;
                 let mut scratch = self.merge_scratch.lock().unwrap_or_else(|e| e.into_inner());
-                merge_patches(&raw, patches, dtype, &mut scratch)?
+                let t = merge_patches(&raw, patches, dtype, &mut scratch)?;
+                drop(scratch);
+                let finite = !t.dtype().is_float() || read::all_finite(&t)?;
+                if !finite && read::all_finite(&raw)? {
+                    // Finite weights made non-finite by the merge: blame the LoRAs.
+                    let files: Vec<String> = patches
+                        .iter()
+                        .map(|p| p.file.display().to_string())
+                        .collect();
+                    self.report_non_finite(&files.join(", "), name);
+                    return t.to_device(dev);
+                }
+                (t, finite)
             }
-            None => raw.to_dtype(dtype)?,
+            None => self.load_converted(name, dtype)?,
         };
-        if t.dtype().is_float() && !finite(&t)? {
-            // Blame the file the bad values come from: the weights' own file, or the LoRAs
-            // merged into finite weights.
-            let culprit = match self.patches.get(name) {
-                Some(patches) if finite(&raw)? => patches
-                    .iter()
-                    .map(|p| p.file.display().to_string())
-                    .collect::<Vec<_>>()
-                    .join(", "),
-                _ => self.files.describe(),
-            };
-            self.non_finite
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .push(format!("{culprit}: {name}"));
+        if !finite {
+            self.report_non_finite(&self.files.describe(), name);
         }
         t.to_device(dev)
+    }
+
+    /// A tensor by model name in `dtype`, read and converted in one pass
+    /// ([`WeightFiles::load_as`]), transformed, with whether all its values are finite.
+    fn load_converted(&self, name: &str, dtype: DType) -> Result<(Tensor, bool)> {
+        let m = self.map.get(name).ok_or_else(|| Error::CannotFindTensor {
+            path: name.to_string(),
+        })?;
+        let rows = match m.transform {
+            Transform::Rows { start, len } => Some((start, len)),
+            _ => None,
+        };
+        let (t, finite) = self.files.load_as(&m.source, rows, dtype)?;
+        let t = match &m.transform {
+            Transform::Identity | Transform::Rows { .. } => t,
+            Transform::Transpose => t.t()?.contiguous()?,
+            Transform::Squeeze1x1 => {
+                let (o, i, _, _) = t.dims4()?;
+                t.reshape((o, i))?
+            }
+        };
+        Ok((t, finite))
+    }
+
+    fn report_non_finite(&self, culprit: &str, name: &str) {
+        self.non_finite
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(format!("{culprit}: {name}"));
     }
 
     /// The tensors found holding NaN or Inf while loading so far, as `FILE: tensor`.
@@ -282,7 +342,7 @@ impl ComponentWeights {
     /// Rank of a tensor as the model sees it (after its transform).
     pub fn rank_of(&self, name: &str) -> Option<usize> {
         let m = self.map.get(name)?;
-        let rank = self.files.shapes().get(&m.source)?.len();
+        let rank = self.files.shape_of(&m.source)?.len();
         Some(match m.transform {
             Transform::Squeeze1x1 => 2,
             _ => rank,
@@ -304,14 +364,6 @@ impl ComponentWeights {
     pub fn describe(&self) -> String {
         self.files.describe()
     }
-}
-
-/// Whether every value of a float tensor is finite.
-fn finite(t: &Tensor) -> Result<bool> {
-    Ok(t.to_dtype(DType::F32)?
-        .sum_all()?
-        .to_scalar::<f32>()?
-        .is_finite())
 }
 
 struct Backend(Arc<ComponentWeights>, Precision);
@@ -352,5 +404,108 @@ impl candle_nn::var_builder::SimpleBackend for Backend {
 
     fn contains_tensor(&self, name: &str) -> bool {
         self.0.contains(name)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Bit patterns that exercise every conversion: zeros, subnormals, values that overflow
+    /// f16, NaN/Inf only where asked.
+    fn values(n: usize, seed: u32, special: bool) -> Vec<f32> {
+        let mut x = seed;
+        (0..n)
+            .map(|i| {
+                x = x.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+                let v = (x >> 8) as f32 / (1 << 24) as f32 - 0.5;
+                match i % 97 {
+                    0 => 0.0,
+                    1 => 1e-7,         // an f16 subnormal
+                    2 => 70_000.0 * v, // beyond f16 for |v| > 0.94
+                    3 => v * 3.0e38,   // beyond f16, within bf16
+                    4 if special => f32::NAN,
+                    _ => v * 4.0,
+                }
+            })
+            .collect()
+    }
+
+    #[test]
+    fn fused_read_equals_load_then_to_dtype() {
+        let n = (1 << 20) * 2 + 12_345; // three chunks, the last ragged
+        let (rows, cols) = (n / 5, 5);
+        let dir = std::env::temp_dir().join(format!("dmd2-read-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("t.safetensors");
+        let mut tensors = Vec::new();
+        for (name, dtype, special) in [
+            ("f16", DType::F16, false),
+            ("bf16", DType::BF16, false),
+            ("f32", DType::F32, false),
+            ("f32_nan", DType::F32, true),
+        ] {
+            let v = values(rows * cols, name.len() as u32, special);
+            let t = Tensor::from_vec(v, (rows, cols), &Device::Cpu)
+                .unwrap()
+                .to_dtype(dtype)
+                .unwrap();
+            tensors.push((name.to_string(), t));
+        }
+        candle_core::safetensors::save(&tensors.iter().cloned().collect(), &path).unwrap();
+        let files = WeightFiles::open(std::slice::from_ref(&path)).unwrap();
+        for (name, _) in &tensors {
+            for dtype in [DType::F32, DType::BF16, DType::F16] {
+                for rows in [None, Some((0, 1)), Some((rows / 3, rows / 3 + 7))] {
+                    let (got, finite) = files.load_as(name, rows, dtype).unwrap();
+                    let want = files.load(name).unwrap();
+                    let want = match rows {
+                        Some((a, l)) => want.narrow(0, a, l).unwrap(),
+                        None => want,
+                    };
+                    let want = want.to_dtype(dtype).unwrap();
+                    assert_eq!(got.dims(), want.dims(), "{name} {dtype:?} {rows:?}");
+                    let bits = |t: &Tensor| -> Vec<u32> {
+                        match dtype {
+                            DType::F32 => t
+                                .flatten_all()
+                                .unwrap()
+                                .to_vec1::<f32>()
+                                .unwrap()
+                                .iter()
+                                .map(|x| x.to_bits())
+                                .collect(),
+                            _ => t
+                                .to_dtype(DType::F32)
+                                .unwrap()
+                                .flatten_all()
+                                .unwrap()
+                                .to_vec1::<f32>()
+                                .unwrap()
+                                .iter()
+                                .map(|x| x.to_bits())
+                                .collect(),
+                        }
+                    };
+                    assert!(bits(&got) == bits(&want), "{name} {dtype:?} {rows:?}");
+                    let want_finite = want
+                        .to_dtype(DType::F32)
+                        .unwrap()
+                        .flatten_all()
+                        .unwrap()
+                        .to_vec1::<f32>()
+                        .unwrap()
+                        .iter()
+                        .all(|x| x.is_finite());
+                    assert_eq!(finite, want_finite, "{name} {dtype:?} {rows:?}");
+                }
+            }
+        }
+        // Some cases must be non-finite, or the check proves nothing.
+        assert!(!files.load_as("f32_nan", None, DType::F32).unwrap().1);
+        assert!(!files.load_as("f32", None, DType::F16).unwrap().1);
+        assert!(files.load_as("bf16", None, DType::F32).unwrap().1);
+        assert!(files.load_as("f32", Some((rows, 1)), DType::F32).is_err());
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }
