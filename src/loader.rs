@@ -102,13 +102,16 @@ pub fn open(spec: &ModelSpec) -> Result<Opened> {
 impl Opened {
     /// Chooses the precision and the VAE tiling, then loads every tensor into a [`Pipeline`]
     /// on `device`. A run that would not fit in memory is refused before any tensor is read
-    /// (unless `memory.force`).
+    /// (unless `memory.force`). With `prompts` (all the run's prompts, known up front) the
+    /// text encoders encode them and are freed before the UNet loads
+    /// ([`Pipeline::load_for_prompts`]).
     pub fn build(
         self,
         device: &Device,
         dtype: DtypeChoice,
         run: RunShape,
         memory: MemoryPolicy,
+        prompts: Option<&[&str]>,
     ) -> Result<(Pipeline, LoadReport)> {
         let parts = self.parts;
         let precision = RunPrecision::resolve(dtype, device, parts.unet.numel())?;
@@ -124,7 +127,10 @@ impl Opened {
             parts.text_encoder.clone(),
             parts.text_encoder_2.clone(),
         ];
-        let mut pipe = Pipeline::load(parts, device, precision)?;
+        let mut pipe = match prompts {
+            Some(p) => Pipeline::load_for_prompts(parts, device, precision, p)?,
+            None => Pipeline::load(parts, device, precision)?,
+        };
         pipe.set_vae_tiling(vae_tile_px.map(|px| px / pipe.vae().scale_factor()));
         let non_finite = components.iter().flat_map(|c| c.non_finite()).collect();
         Ok((

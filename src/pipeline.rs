@@ -63,10 +63,7 @@ pub struct Pipeline {
     pub model_name: String,
     tokenizer: ClipTokenizer,
     tokenizer_2: ClipTokenizer,
-    /// `None` once released (see [`Pipeline::release_text_encoders`]).
-    text_encoders: Option<(ClipTextModel, ClipTextModel)>,
-    /// Prompt encodings kept when the encoders are released, one batch row each.
-    cache: std::collections::HashMap<String, Conditioning>,
+    text: Text,
     unet: UNet,
     vae: VaeDecoder,
     device: Device,
@@ -76,10 +73,54 @@ pub struct Pipeline {
     force_zeros_for_empty_prompt: bool,
 }
 
+/// How prompts become conditioning: the two text encoders, or — for runs whose prompts are
+/// all known when the model loads — the encodings of those prompts, made before the UNet
+/// was loaded (the encoders, 3.3 GB in f32 for SDXL, are never in memory beside it).
+enum Text {
+    Encoders(ClipTextModel, ClipTextModel),
+    Encoded(std::collections::HashMap<String, Conditioning>),
+}
+
 impl Pipeline {
+    /// Loads every part; prompts are encoded as they come.
     pub fn load(parts: ModelParts, device: &Device, precision: RunPrecision) -> Result<Self> {
+        Self::load_inner(parts, device, precision, None)
+    }
+
+    /// Loads the text encoders, encodes `prompts` and frees the encoders, then loads the
+    /// UNet and the VAE: the pipeline can make images for these prompts only, and never
+    /// holds the encoders and the UNet at once.
+    pub fn load_for_prompts(
+        parts: ModelParts,
+        device: &Device,
+        precision: RunPrecision,
+        prompts: &[&str],
+    ) -> Result<Self> {
+        Self::load_inner(parts, device, precision, Some(prompts))
+    }
+
+    fn load_inner(
+        parts: ModelParts,
+        device: &Device,
+        precision: RunPrecision,
+        up_front: Option<&[&str]>,
+    ) -> Result<Self> {
         let ModelParts { name, .. } = &parts;
         let name = name.clone();
+        let cross = parts.text_encoder_config.hidden_size + parts.text_encoder_2_config.hidden_size;
+        if cross != parts.unet_config.cross_attention_dim {
+            bail!(
+                "{name}: the text encoders give {cross}-wide context, the UNet expects {}",
+                parts.unet_config.cross_attention_dim
+            );
+        }
+        if parts.text_encoder_2_config.projection_dim != Some(parts.unet_config.pooled_dim()) {
+            bail!(
+                "{name}: text encoder 2 projects to {:?}, the UNet's added conditioning expects {}",
+                parts.text_encoder_2_config.projection_dim,
+                parts.unet_config.pooled_dim()
+            );
+        }
         let te = ClipTextModel::new(
             &parts.text_encoder_config,
             parts.text_encoder.var_builder(precision.text, device),
@@ -100,6 +141,26 @@ impl Pipeline {
                 parts.text_encoder_2.describe()
             )
         })?;
+        let text = match up_front {
+            None => Text::Encoders(te, te2),
+            Some(prompts) => {
+                let mut encoded = std::collections::HashMap::new();
+                for p in prompts {
+                    if !encoded.contains_key(*p) {
+                        let c = encode(
+                            &parts.tokenizer,
+                            &parts.tokenizer_2,
+                            &te,
+                            &te2,
+                            device,
+                            &[p],
+                        )?;
+                        encoded.insert(p.to_string(), c);
+                    }
+                }
+                Text::Encoded(encoded)
+            }
+        };
         let unet = UNet::new(
             &parts.unet_config,
             parts.unet.var_builder(precision.unet, device),
@@ -110,26 +171,11 @@ impl Pipeline {
             parts.vae.var_builder(precision.vae, device),
         )
         .with_context(|| format!("{}: cannot build the VAE", parts.vae.describe()))?;
-        let cross = parts.text_encoder_config.hidden_size + parts.text_encoder_2_config.hidden_size;
-        if cross != parts.unet_config.cross_attention_dim {
-            bail!(
-                "{name}: the text encoders give {cross}-wide context, the UNet expects {}",
-                parts.unet_config.cross_attention_dim
-            );
-        }
-        if parts.text_encoder_2_config.projection_dim != Some(parts.unet_config.pooled_dim()) {
-            bail!(
-                "{name}: text encoder 2 projects to {:?}, the UNet's added conditioning expects {}",
-                parts.text_encoder_2_config.projection_dim,
-                parts.unet_config.pooled_dim()
-            );
-        }
         Ok(Self {
             model_name: name,
             tokenizer: parts.tokenizer,
             tokenizer_2: parts.tokenizer_2,
-            text_encoders: Some((te, te2)),
-            cache: Default::default(),
+            text,
             unet,
             vae,
             device: device.clone(),
@@ -169,57 +215,35 @@ impl Pipeline {
     }
 
     /// SDXL's prompt encoding: both encoders' penultimate hidden states side by side, and
-    /// encoder 2's projected pooled output. One batch row per prompt.
+    /// encoder 2's projected pooled output. One batch row per prompt. A pipeline loaded
+    /// [`for_prompts`](Pipeline::load_for_prompts) knows those prompts only.
     pub fn encode_prompts(&self, prompts: &[&str]) -> Result<Conditioning> {
-        let Some((te1, te2)) = &self.text_encoders else {
-            let rows = prompts
-                .iter()
-                .map(|p| {
-                    self.cache.get(*p).cloned().with_context(|| {
-                        format!("internal error: prompt {p:?} was not encoded before the text encoders were released")
+        match &self.text {
+            Text::Encoders(te1, te2) => encode(
+                &self.tokenizer,
+                &self.tokenizer_2,
+                te1,
+                te2,
+                &self.device,
+                prompts,
+            ),
+            Text::Encoded(encoded) => {
+                let rows = prompts
+                    .iter()
+                    .map(|p| {
+                        encoded.get(*p).cloned().with_context(|| {
+                            format!("prompt {p:?} is not one this pipeline was loaded for")
+                        })
                     })
+                    .collect::<Result<Vec<_>>>()?;
+                let ctx: Vec<&Tensor> = rows.iter().map(|c| &c.context).collect();
+                let pooled: Vec<&Tensor> = rows.iter().map(|c| &c.pooled).collect();
+                Ok(Conditioning {
+                    context: Tensor::cat(&ctx, 0)?,
+                    pooled: Tensor::cat(&pooled, 0)?,
                 })
-                .collect::<Result<Vec<_>>>()?;
-            let ctx: Vec<&Tensor> = rows.iter().map(|c| &c.context).collect();
-            let pooled: Vec<&Tensor> = rows.iter().map(|c| &c.pooled).collect();
-            return Ok(Conditioning {
-                context: Tensor::cat(&ctx, 0)?,
-                pooled: Tensor::cat(&pooled, 0)?,
-            });
-        };
-        let (mut ids1, mut ids2) = (Vec::new(), Vec::new());
-        for p in prompts {
-            let (a, b) = self.token_ids(p)?;
-            ids1.extend(a);
-            ids2.extend(b);
-        }
-        let n = prompts.len();
-        let ids1 = Tensor::from_vec(ids1, (n, crate::tokenizer::MAX_LENGTH), &self.device)?;
-        let ids2 = Tensor::from_vec(ids2, (n, crate::tokenizer::MAX_LENGTH), &self.device)?;
-        let o1 = te1.encode(&ids1)?;
-        let o2 = te2.encode(&ids2)?;
-        let context = Tensor::cat(&[o1.penultimate, o2.penultimate], 2)?.to_dtype(DType::F32)?;
-        let pooled = o2
-            .pooled
-            .context("text encoder 2 has no projection")?
-            .to_dtype(DType::F32)?;
-        Ok(Conditioning { context, pooled })
-    }
-
-    /// Encode these prompts now, keep the results, and free both text encoders (3.3 GB in
-    /// f32 for SDXL): for runs whose prompts are all known up front.
-    pub fn release_text_encoders(&mut self, prompts: &[&str]) -> Result<()> {
-        if self.text_encoders.is_none() {
-            return Ok(());
-        }
-        for p in prompts {
-            if !self.cache.contains_key(*p) {
-                let c = self.encode_prompts(&[p])?;
-                self.cache.insert(p.to_string(), c);
             }
         }
-        self.text_encoders = None;
-        Ok(())
     }
 
     pub fn encode_prompt(&self, prompt: &str) -> Result<Conditioning> {
@@ -426,6 +450,33 @@ fn check_batch(reqs: &[Request]) -> Result<()> {
         bail!("internal error: a batch mixes sizes, samplers or CFG scales");
     }
     Ok(())
+}
+
+/// Both encoders on a batch of prompts (see [`Pipeline::encode_prompts`]).
+fn encode(
+    tokenizer: &ClipTokenizer,
+    tokenizer_2: &ClipTokenizer,
+    te1: &ClipTextModel,
+    te2: &ClipTextModel,
+    device: &Device,
+    prompts: &[&str],
+) -> Result<Conditioning> {
+    let (mut ids1, mut ids2) = (Vec::new(), Vec::new());
+    for p in prompts {
+        ids1.extend(tokenizer.encode(p)?);
+        ids2.extend(tokenizer_2.encode(p)?);
+    }
+    let n = prompts.len();
+    let ids1 = Tensor::from_vec(ids1, (n, crate::tokenizer::MAX_LENGTH), device)?;
+    let ids2 = Tensor::from_vec(ids2, (n, crate::tokenizer::MAX_LENGTH), device)?;
+    let o1 = te1.encode(&ids1)?;
+    let o2 = te2.encode(&ids2)?;
+    let context = Tensor::cat(&[o1.penultimate, o2.penultimate], 2)?.to_dtype(DType::F32)?;
+    let pooled = o2
+        .pooled
+        .context("text encoder 2 has no projection")?
+        .to_dtype(DType::F32)?;
+    Ok(Conditioning { context, pooled })
 }
 
 /// NaN or Inf in the latents (an f16 overflow, a broken LoRA) stops the image with the step.

@@ -75,8 +75,19 @@ pub fn run(a: GenArgs) -> Result<()> {
         batch: s.batch_size,
         cfg: s.cfg > 1.0,
     };
-    let (mut pipe, report) = opened
-        .build(&device, s.dtype, run_shape, s.memory)
+    // When every prompt is known up front, they are encoded as the model loads and the text
+    // encoders are freed before the UNet is read.
+    let up_front: Option<Vec<&str>> = match &s.source {
+        PromptSource::Flags(ps) => Some(
+            ps.iter()
+                .map(String::as_str)
+                .chain([s.negative_prompt.as_deref().unwrap_or("")])
+                .collect(),
+        ),
+        _ => None,
+    };
+    let (pipe, report) = opened
+        .build(&device, s.dtype, run_shape, s.memory, up_front.as_deref())
         .map_err(bad_input)?;
     if s.verbose {
         let kernels = if !device.is_cpu() {
@@ -112,13 +123,6 @@ pub fn run(a: GenArgs) -> Result<()> {
         eprintln!(
             "warning: {msg}; images will likely be black or noise (--strict refuses such files)"
         );
-    }
-    // When every prompt is known up front, encode them now and free the text encoders'
-    // memory before the UNet runs.
-    if let PromptSource::Flags(ps) = &s.source {
-        let mut all: Vec<&str> = ps.iter().map(String::as_str).collect();
-        all.push(s.negative_prompt.as_deref().unwrap_or(""));
-        pipe.release_text_encoders(&all)?;
     }
     if s.verbose {
         log(&format!("load: {:.2}s", t0.elapsed().as_secs_f64()));
