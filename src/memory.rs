@@ -18,9 +18,6 @@ unsafe impl Plain for u32 {}
 unsafe impl Plain for half::f16 {}
 unsafe impl Plain for half::bf16 {}
 
-/// Buffers below this are left to the allocator as they are.
-const HUGE: usize = 4 << 20;
-
 /// `n` zeroes, allocated so that no page is touched (fresh memory from the system is zero
 /// already) and advised for huge pages before anything writes to it.
 pub fn zeroed_vec<T: Plain>(n: usize) -> Vec<T> {
@@ -47,17 +44,16 @@ pub fn zeroed_vec<T: Plain>(n: usize) -> Vec<T> {
 
 /// Ask for huge pages on the 2 MiB-aligned part of `buf` (Linux; elsewhere nothing).
 pub fn advise_huge_pages<T>(buf: &mut [T]) {
-    let bytes = std::mem::size_of_val(buf);
-    if bytes < HUGE {
-        return;
-    }
     #[cfg(target_os = "linux")]
     {
         const PAGE: usize = 2 << 20;
+        // Buffers below this are left to the allocator as they are.
+        const HUGE: usize = 4 << 20;
+        let bytes = std::mem::size_of_val(buf);
         let start = buf.as_mut_ptr() as usize;
         let aligned = start.next_multiple_of(PAGE);
         let end = (start + bytes) / PAGE * PAGE;
-        if end > aligned {
+        if bytes >= HUGE && end > aligned {
             // SAFETY: the range lies inside `buf`, which this call borrows mutably; the
             // advice changes how pages are backed, never their contents. A refusal (e.g. no
             // THP support) leaves ordinary pages: nothing to handle.
@@ -70,6 +66,8 @@ pub fn advise_huge_pages<T>(buf: &mut [T]) {
             }
         }
     }
+    #[cfg(not(target_os = "linux"))]
+    let _ = buf;
 }
 
 #[cfg(test)]
