@@ -5,7 +5,8 @@
 //! because these are the hot paths the CPU kernels optimise.
 
 use crate::kernels::gemm::{
-    Epilogue, Exec, Lhs, Operand, PackedA, PackedB, Product, Rhs, Src, gemm_add, gemm_uninit,
+    Epilogue, Exec, Lhs, Operand, PackedA, PackedB, PackedF32, Product, Rhs, Src, gemm_add,
+    gemm_uninit,
 };
 use candle_core::{CpuStorage, DType, Device, Module, Result, Storage, Tensor};
 use candle_nn::{Conv2dConfig, LayerNorm, VarBuilder};
@@ -58,7 +59,29 @@ fn pack_bf16<T>(
     Ok(Some(pack(&flat, rows, cols)))
 }
 
-/// A layer's weight: a tensor, or (CPU bf16 path) packed once for the bf16 GEMM, in which case
+/// Packs a CPU f32 linear weight (`[n, k]`) for the own GEMM's f32 kernels; `None` for other
+/// weights or under `DMD2_KERNELS=candle` (the layer then keeps its tensor).
+fn pack_f32(w: &Tensor) -> Result<Option<PackedF32>> {
+    if w.dtype() != DType::F32
+        || !matches!(w.device(), Device::Cpu)
+        || !crate::kernels::own()
+        || w.rank() != 2
+    {
+        return Ok(None);
+    }
+    let (n, k) = w.dims2()?;
+    let w = w.contiguous()?;
+    let (storage, layout) = w.storage_and_layout();
+    let packed = match (&*storage, layout.contiguous_offsets()) {
+        (Storage::Cpu(CpuStorage::F32(data)), Some((a, b))) => {
+            PackedF32::from_transposed(&data[a..b], n, k)
+        }
+        _ => return Ok(None),
+    };
+    Ok(Some(packed))
+}
+
+/// A layer's weight: a tensor, or (own CPU kernels) packed once for the GEMM, in which case
 /// the tensor is dropped so the weight is held only once.
 #[derive(Clone)]
 enum Weight<P> {
@@ -70,7 +93,7 @@ impl<P> std::fmt::Debug for Weight<P> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Weight::Tensor(t) => write!(f, "Weight({:?}, {:?})", t.dims(), t.dtype()),
-            Weight::Packed { dims, .. } => write!(f, "Weight(packed bf16 {dims:?})"),
+            Weight::Packed { dims, .. } => write!(f, "Weight(packed {dims:?})"),
         }
     }
 }
@@ -280,19 +303,40 @@ impl Conv2d {
 }
 
 /// A linear layer `y = x·Wᵀ + b`. On the CPU the product runs through the own GEMM
-/// ([`crate::kernels::gemm`]), bias and residual added in its accumulator: an f32 weight as an
-/// f32 product, a bf16 weight (the CPU bf16 path) packed once and multiplied as a bf16
-/// product. Everything else is candle's matmul (as `candle_nn::Linear`).
+/// ([`crate::kernels::gemm`]), bias and residual added in its accumulator, the weight packed
+/// once at load: an f32 weight transposed into the f32 kernels' panels (no product transposes
+/// it again), a bf16 weight (the CPU bf16 path) into bf16 pairs for the bf16 product.
+/// Everything else is candle's matmul (as `candle_nn::Linear`).
 #[derive(Clone, Debug)]
 pub struct Linear {
-    weight: Weight<PackedB>,
+    weight: Weight<LinearPack>,
     bias: Option<Tensor>,
+}
+
+/// A linear layer's weight packed for the own GEMM.
+#[derive(Clone)]
+enum LinearPack {
+    Bf16(PackedB),
+    F32(PackedF32),
+}
+
+impl LinearPack {
+    fn widths(&self) -> (usize, usize) {
+        match self {
+            LinearPack::Bf16(p) => (p.rows(), p.cols()),
+            LinearPack::F32(p) => (p.rows(), p.cols()),
+        }
+    }
 }
 
 impl Linear {
     pub fn new(weight: Tensor, bias: Option<Tensor>) -> Result<Self> {
         let dims = weight.dims().to_vec();
-        let weight = match pack_bf16(&weight, PackedB::from_transposed)? {
+        let packed = match pack_bf16(&weight, PackedB::from_transposed)? {
+            Some(p) => Some(LinearPack::Bf16(p)),
+            None => pack_f32(&weight)?.map(LinearPack::F32),
+        };
+        let weight = match packed {
             Some(p) => Weight::Packed {
                 packed: Arc::new(p),
                 dims,
@@ -304,13 +348,16 @@ impl Linear {
 
     /// Whether this layer runs on the CPU bf16 path (its weight is packed for the bf16 GEMM).
     pub fn is_packed_bf16(&self) -> bool {
-        matches!(self.weight, Weight::Packed { .. })
+        matches!(
+            &self.weight,
+            Weight::Packed { packed, .. } if matches!(**packed, LinearPack::Bf16(_))
+        )
     }
 
     /// (input width, output width).
     fn widths(&self) -> Option<(usize, usize)> {
         match &self.weight {
-            Weight::Packed { packed, .. } => Some((packed.rows(), packed.cols())),
+            Weight::Packed { packed, .. } => Some(packed.widths()),
             Weight::Tensor(w) => match w.dims() {
                 &[out, inp] => Some((inp, out)),
                 _ => None,
@@ -352,9 +399,10 @@ impl Linear {
         f: impl FnOnce(&[&[f32]], Rhs, Product) -> R,
     ) -> Result<Option<R>> {
         match &self.weight {
-            Weight::Packed { packed, .. } => {
-                with_cpu_f32(inputs, |d| f(d, Rhs::Packed(packed), Product::Bf16))
-            }
+            Weight::Packed { packed, .. } => with_cpu_f32(inputs, |d| match &**packed {
+                LinearPack::Bf16(p) => f(d, Rhs::Packed(p), Product::Bf16),
+                LinearPack::F32(p) => f(d, Rhs::PackedF32(p), Product::F32),
+            }),
             Weight::Tensor(w) => {
                 let in_dim = w.dim(1)?;
                 let mut all = inputs.to_vec();
@@ -493,7 +541,7 @@ impl Module for Linear {
             return Ok(y);
         }
         let Weight::Tensor(w) = &self.weight else {
-            candle_core::bail!("packed bf16 linear layer needs f32 input on the CPU")
+            candle_core::bail!("a packed linear layer needs f32 input on the CPU")
         };
         let (w, b) = if w.dtype() != x.dtype() {
             (

@@ -14,7 +14,7 @@
 #![allow(unsafe_op_in_unsafe_fn)]
 
 use super::engine::{Kernel, TileEpilogue};
-use super::{Lhs, MR, NR, Operand, Rhs, Src, bits_of, pair};
+use super::{Lhs, MR, NR, Operand, Rhs, Src, bf16_bits, bits_of, pair};
 use std::arch::x86_64::*;
 
 /// The `vdpbf16ps` kernel.
@@ -82,6 +82,24 @@ unsafe impl Kernel for Dot {
                     out[p * NR..(p + 1) * NR].copy_from_slice(pb.pair_row(j0, p0 + p));
                 }
             }
+            Rhs::PackedF32(pb) => {
+                // Rows 2p and 2p + 1 of the panel, rounded and paired (zero past k).
+                for p in 0..kc {
+                    let e = 2 * (p0 + p);
+                    let lo = pb.panel_row(j0, e);
+                    let dst = &mut out[p * NR..(p + 1) * NR];
+                    if e + 1 < k {
+                        let hi = pb.panel_row(j0, e + 1);
+                        for ((d, &l), &h) in dst.iter_mut().zip(lo).zip(hi) {
+                            *d = bf16_bits(l) as u32 | (bf16_bits(h) as u32) << 16;
+                        }
+                    } else {
+                        for (d, &l) in dst.iter_mut().zip(lo) {
+                            *d = bf16_bits(l) as u32;
+                        }
+                    }
+                }
+            }
         }
     }
 
@@ -98,7 +116,7 @@ unsafe impl Kernel for Dot {
     fn b_in_place(&self, b: Rhs, j0: usize) -> Option<*const u32> {
         match b {
             Rhs::Packed(pb) => Some(pb.data[(j0 / NR) * pb.k.div_ceil(2) * NR..].as_ptr()),
-            Rhs::Strided(_) => None,
+            Rhs::Strided(_) | Rhs::PackedF32(_) => None,
         }
     }
 

@@ -160,6 +160,9 @@ unsafe fn micro8(
     }
 }
 
+// A packed f32 weight is read in place only by a kernel whose panels are as wide.
+const _: () = assert!(<Fma16 as Kernel>::NR == super::NR);
+
 // SAFETY: run only on the `avx512` tier or above (gemm_raw's dispatch).
 unsafe impl Kernel for Fma16 {
     type E = f32;
@@ -193,6 +196,14 @@ unsafe impl Kernel for Fma16 {
 
     fn a_in_place(&self, a: Lhs, m: usize, r0: usize) -> Option<(*const f32, usize)> {
         f32_a_in_place(a, self.round, Self::MR, m, r0)
+    }
+
+    fn b_in_place(&self, b: Rhs, j0: usize) -> Option<*const f32> {
+        // A packed f32 weight's panels are this kernel's (NR = gemm::NR = 64 columns).
+        match b {
+            Rhs::PackedF32(pb) if !self.round => Some(pb.panel_row(j0, 0).as_ptr()),
+            _ => None,
+        }
     }
 
     unsafe fn micro(

@@ -169,6 +169,21 @@ pub(super) fn pack_b_f32(
                 }
             }
         }
+        Rhs::PackedF32(pb) => {
+            // As above: a contiguous run of each packed row.
+            let panel = j0 / super::NR * super::NR;
+            let off = j0 - panel;
+            for (p, dst) in out.chunks_exact_mut(nr).enumerate() {
+                let src = &pb.panel_row(panel, p0 + p)[off..off + cols];
+                if round {
+                    for (d, &v) in dst.iter_mut().zip(src) {
+                        *d = super::round_bf16(v);
+                    }
+                } else {
+                    dst[..cols].copy_from_slice(src);
+                }
+            }
+        }
         Rhs::Strided(_) => {
             for (p, dst) in out.chunks_exact_mut(nr).enumerate() {
                 for (j, d) in dst[..cols].iter_mut().enumerate() {
