@@ -33,6 +33,7 @@ pub mod rng;
 pub mod safetensors_file;
 pub mod scheduler;
 pub mod sources;
+pub mod stdio;
 pub mod tokenizer;
 pub mod unet;
 pub mod vae;

@@ -63,7 +63,7 @@ impl Progress {
                 // At most one line every 10 s, so logs stay readable on slow CPUs.
                 let mut last = last.lock().unwrap_or_else(|e| e.into_inner());
                 if last.elapsed().as_secs_f64() >= 10.0 {
-                    eprintln!("{label}: step {i}/{n}");
+                    crate::stderr!("{label}: step {i}/{n}");
                     *last = Instant::now();
                 }
             }
@@ -78,7 +78,7 @@ impl Progress {
                 images.set_message(format!("wrote {path}"));
             }
             Mode::Plain(_) => {
-                eprintln!(
+                crate::stderr!(
                     "wrote {path} ({done} done, {:.1}s)",
                     self.started.elapsed().as_secs_f64()
                 );
@@ -147,7 +147,7 @@ impl Transfer {
     pub fn finish(&mut self) {
         self.show(true);
         if self.terminal && !self.quiet {
-            eprintln!();
+            crate::stderr!();
         }
     }
 
@@ -184,7 +184,7 @@ impl Transfer {
             );
             let _ = err.flush();
         } else {
-            eprintln!(
+            crate::stderr!(
                 "{}: {:.1}/{:.1} MB ({pct}%), {rate:.1} MB/s",
                 self.label,
                 mb(self.done),

@@ -15,6 +15,5 @@ pub struct InspectArgs {
 
 pub fn run(a: InspectArgs) -> Result<()> {
     let text = crate::lora::describe_file(&a.file).map_err(bad_input)?;
-    println!("{text}");
-    Ok(())
+    crate::stdio::write_stdout(format!("{text}\n").as_bytes())
 }

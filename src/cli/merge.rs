@@ -63,16 +63,16 @@ pub fn run(a: MergeArgs) -> Result<()> {
     let reports = lora::apply_loras(&mut parts, &a.lora).map_err(bad_input)?;
     for r in &reports {
         if !a.quiet {
-            eprintln!("{r}");
+            crate::stderr!("{r}");
         }
         if a.verbose {
             for line in r.details() {
-                eprintln!("{line}");
+                crate::stderr!("{line}");
             }
         }
     }
     if a.lora.is_empty() && !a.quiet {
-        eprintln!("no --lora given: converting {} as it is", a.model.display());
+        crate::stderr!("no --lora given: converting {} as it is", a.model.display());
     }
     writer::write_single_file(&parts, &a.output, a.dtype.map(DType::from))?;
     let size = std::fs::metadata(&a.output).map(|m| m.len()).unwrap_or(0);
@@ -80,7 +80,7 @@ pub fn run(a: MergeArgs) -> Result<()> {
         bail!("{}: nothing written", a.output.display());
     }
     if !a.quiet {
-        eprintln!(
+        crate::stderr!(
             "wrote {} ({:.2} GB) in {:.1} s",
             a.output.display(),
             size as f64 / 1e9,

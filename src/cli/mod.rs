@@ -49,7 +49,7 @@ pub fn main_with_args(args: impl IntoIterator<Item = std::ffi::OsString>) -> i32
     };
     // DMD2_CPU / DMD2_KERNELS: a bad value is bad input, reported before any work.
     if let Err(e) = crate::kernels::check_env() {
-        eprintln!("error: {e}");
+        crate::stderr!("error: {e}");
         return 2;
     }
     let result = match cli.command {
@@ -59,18 +59,21 @@ pub fn main_with_args(args: impl IntoIterator<Item = std::ffi::OsString>) -> i32
         Command::Presets => list_presets(),
         Command::Completions { shell } => {
             let mut cmd = <Cli as clap::CommandFactory>::command();
-            clap_complete::generate(shell, &mut cmd, "dmd2", &mut std::io::stdout());
-            Ok(())
+            let mut script = Vec::new();
+            clap_complete::generate(shell, &mut cmd, "dmd2", &mut script);
+            crate::stdio::write_stdout(&script)
         }
     };
     match result {
         Ok(()) => 0,
+        // The reader of stdout is gone (`| head`): nothing more to do, and not a failure.
+        Err(e) if crate::stdio::stdout_closed(&e) => 0,
         // Stopped by SIGINT or SIGTERM: the summary said so; 128 + the signal, as shells do.
         Err(e) if crate::cancel::interrupted(&e).is_some() => {
             128 + crate::cancel::interrupted(&e).unwrap_or(2)
         }
         Err(e) => {
-            eprintln!("error: {}", one_line(&e));
+            crate::stderr!("error: {}", one_line(&e));
             crate::error::exit_code(&e)
         }
     }
@@ -78,11 +81,12 @@ pub fn main_with_args(args: impl IntoIterator<Item = std::ffi::OsString>) -> i32
 
 fn list_presets() -> anyhow::Result<()> {
     let all = crate::presets::all().map_err(crate::error::bad_input)?;
+    let mut text = String::new();
     for p in all {
-        println!("{}\n", p.describe());
+        text += &format!("{}\n\n", p.describe());
     }
     if let Some(d) = crate::presets::user_dir() {
-        println!("user presets: {}/*.toml", d.display());
+        text += &format!("user presets: {}/*.toml\n", d.display());
     }
-    Ok(())
+    crate::stdio::write_stdout(text.as_bytes())
 }

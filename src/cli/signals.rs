@@ -17,12 +17,12 @@ pub fn install() {
             for sig in signals.forever() {
                 if crate::cancel::requested().is_none() {
                     crate::cancel::request(sig);
-                    eprintln!(
+                    crate::stderr!(
                         "\ninterrupted: stopping now; finished images are kept (again to exit at once)"
                     );
                 } else {
                     crate::output::remove_current_temp();
-                    eprintln!("\ninterrupted twice: exiting now");
+                    crate::stderr!("\ninterrupted twice: exiting now");
                     std::process::exit(128 + sig);
                 }
             }

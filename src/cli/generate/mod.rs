@@ -25,7 +25,7 @@ pub fn run(a: GenArgs) -> Result<()> {
     let s = Settings::resolve(a).map_err(bad_input)?;
     let log = |msg: &str| {
         if !s.quiet {
-            eprintln!("{msg}");
+            crate::stderr!("{msg}");
         }
     };
 
@@ -50,7 +50,7 @@ pub fn run(a: GenArgs) -> Result<()> {
         log(&r.to_string());
         if s.verbose {
             for name in r.unmatched.iter().chain(&r.ignored_keys) {
-                eprintln!("  not merged: {name}");
+                crate::stderr!("  not merged: {name}");
             }
         }
     }
@@ -67,6 +67,11 @@ pub fn run(a: GenArgs) -> Result<()> {
         Sink::File(p) => Some(crate::output::check_target(p, &inputs).map_err(bad_input)?),
         _ => None,
     };
+
+    // Output only to stdout and nobody reads it (`| head` already gone): nothing to do.
+    if s.uses_stdout() && crate::stdio::stdout_reader_gone() {
+        return Err(crate::stdio::StdoutClosed.into());
+    }
 
     // 3. Loaded: precision, memory plan, every tensor.
     let run_shape = RunShape {
@@ -100,7 +105,7 @@ pub fn run(a: GenArgs) -> Result<()> {
         } else {
             "; CPU kernels: candle's".to_string()
         };
-        eprintln!(
+        crate::stderr!(
             "precision: UNet {}, VAE {}{kernels}",
             report.precision.unet.name(),
             report.precision.vae.name()
@@ -120,7 +125,7 @@ pub fn run(a: GenArgs) -> Result<()> {
         if s.strict {
             return Err(bad_input(anyhow::anyhow!("{msg}; refusing with --strict")));
         }
-        eprintln!(
+        crate::stderr!(
             "warning: {msg}; images will likely be black or noise (--strict refuses such files)"
         );
     }
@@ -154,7 +159,7 @@ pub fn run(a: GenArgs) -> Result<()> {
     // 5. The summary and the exit status.
     let interrupted = crate::cancel::requested().is_some();
     if !s.quiet || run.counts.failed() > 0 || interrupted {
-        eprintln!(
+        crate::stderr!(
             "{}",
             write::summary(&run.counts, interrupted, started.elapsed().as_secs_f64())
         );
@@ -216,7 +221,7 @@ fn check_before_work(s: &Settings) -> Result<()> {
         return Ok(());
     }
     for e in &bad {
-        eprintln!("error: {e}");
+        crate::stderr!("error: {e}");
     }
     Err(anyhow::Error::new(Dmd2Error::BadInput(format!(
         "{}: {} problem(s); nothing was generated (--on-error skip to go on without those lines)",
@@ -335,7 +340,7 @@ impl Run<'_> {
     }
 
     fn bad_input(&mut self, message: String) -> Result<()> {
-        eprintln!("error: {message}");
+        crate::stderr!("error: {message}");
         self.counts.failed_input += 1;
         if self.s.on_error == OnError::Fail {
             return Err(anyhow::Error::new(Dmd2Error::BadInput(message)));
@@ -347,6 +352,10 @@ impl Run<'_> {
     fn run_batch(&mut self, batch: Vec<(Job, Option<Target>)>) -> Result<()> {
         if batch.is_empty() || crate::cancel::requested().is_some() {
             return Ok(());
+        }
+        // The reader of stdout left after the last image: stop before making another.
+        if self.s.uses_stdout() && crate::stdio::stdout_reader_gone() {
+            return Err(crate::stdio::StdoutClosed.into());
         }
         let reqs: Vec<_> = batch.iter().map(|(j, _)| j.req.clone()).collect();
         let label = format!("image {}", batch[0].0.index);
@@ -360,7 +369,7 @@ impl Run<'_> {
             Err(e) if crate::cancel::interrupted(&e).is_some() => return Ok(()),
             Err(e) => {
                 let first = &batch[0].0;
-                eprintln!(
+                crate::stderr!(
                     "error: image {} (line {}): {}",
                     first.index,
                     first.line,
@@ -383,7 +392,7 @@ impl Run<'_> {
                         let t = &img.timings;
                         let steps: Vec<String> =
                             t.steps.iter().map(|s| format!("{s:.2}")).collect();
-                        eprintln!(
+                        crate::stderr!(
                             "timings: encode {:.2}s, denoise {:.2}s (steps {}), decode {:.2}s, write {write_s:.2}s",
                             t.encode,
                             t.denoise,
@@ -392,8 +401,10 @@ impl Run<'_> {
                         );
                     }
                 }
+                // `| head` has read what it wanted: the run ends there, quietly (exit 0).
+                Err(e) if crate::stdio::stdout_closed(&e) => return Err(e),
                 Err(e) => {
-                    eprintln!("error: image {}: {}", job.index, one_line(&e));
+                    crate::stderr!("error: image {}: {}", job.index, one_line(&e));
                     self.counts.failed_write += 1;
                     if self.s.on_error == OnError::Fail {
                         return Err(e);

@@ -62,6 +62,11 @@ pub struct Settings {
 }
 
 impl Settings {
+    /// Whether anything of the run goes to stdout (PNG bytes or JSON lines).
+    pub fn uses_stdout(&self) -> bool {
+        self.json || matches!(self.sink, Sink::Stdout)
+    }
+
     /// Resolves the flags into settings; every error is the user's (bad input).
     pub fn resolve(a: GenArgs) -> Result<Settings> {
         let png = match &a.from_png {

@@ -6,8 +6,7 @@ use super::settings::{Settings, Sink};
 use crate::metadata::{ImageSettings, LoraRef};
 use crate::output::{self, FileId, PngText, Target};
 use crate::pipeline::{Generated, Request};
-use anyhow::{Context, Result, bail};
-use std::io::Write;
+use anyhow::{Result, bail};
 use std::path::Path;
 use std::time::Instant;
 
@@ -103,12 +102,7 @@ impl<'a> Writer<'a> {
         let bytes = output::encode_png(&img.rgb, img.width, img.height, Some(&text))?;
         let t = Instant::now();
         match target {
-            None => {
-                let mut out = std::io::stdout().lock();
-                out.write_all(&bytes)
-                    .and_then(|_| out.flush())
-                    .context("cannot write the PNG to stdout")?;
-            }
+            None => crate::stdio::write_stdout(&bytes)?,
             Some(t) => output::write(t, &bytes)?,
         }
         let write_s = t.elapsed().as_secs_f64();
@@ -156,10 +150,7 @@ impl<'a> Writer<'a> {
                 "write": write_s,
             },
         });
-        let mut out = std::io::stdout().lock();
-        writeln!(out, "{line}")
-            .and_then(|_| out.flush())
-            .context("cannot write to stdout")
+        crate::stdio::write_stdout(format!("{line}\n").as_bytes())
     }
 }
 
