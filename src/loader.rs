@@ -132,6 +132,9 @@ impl Opened {
             None => Pipeline::load(parts, device, precision)?,
         };
         pipe.set_vae_tiling(vae_tile_px.map(|px| px / pipe.vae().scale_factor()));
+        // Blocks freed while loading (tensors a weight was packed from) have shapes the
+        // denoising loop does not share: back to the system.
+        crate::memory::release_cached();
         let non_finite = components.iter().flat_map(|c| c.non_finite()).collect();
         Ok((
             pipe,
