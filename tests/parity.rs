@@ -76,6 +76,7 @@ fn check_unet(name: &str) {
             .unwrap()[0];
         let out = p
             .unet()
+            .expect("the UNet is loaded")
             .forward(
                 &r["unet_sample"],
                 t as f64,

@@ -232,6 +232,7 @@ fn check_steps(name: &str) {
         };
         let eps = p
             .unet()
+            .expect("the UNet is loaded")
             .forward(&input, t, &context, &pooled, &time_ids)
             .unwrap();
         let eps = if b == 2 {

@@ -91,7 +91,7 @@ pub fn run(a: GenArgs) -> Result<()> {
         ),
         _ => None,
     };
-    let (pipe, report) = opened
+    let (mut pipe, report) = opened
         .build(&device, s.dtype, run_shape, s.memory, up_front.as_deref())
         .map_err(bad_input)?;
     if s.verbose {
@@ -145,7 +145,7 @@ pub fn run(a: GenArgs) -> Result<()> {
     writer.load_seconds = started.elapsed().as_secs_f64();
     let mut run = Run {
         s: &s,
-        pipe: &pipe,
+        pipe: &mut pipe,
         writer: &writer,
         counts: Counts::default(),
         progress: crate::progress::Progress::new(s.quiet),
@@ -233,7 +233,7 @@ fn check_before_work(s: &Settings) -> Result<()> {
 /// The state of the image loop.
 struct Run<'a> {
     s: &'a Settings,
-    pipe: &'a Pipeline,
+    pipe: &'a mut Pipeline,
     writer: &'a Writer<'a>,
     counts: Counts,
     progress: crate::progress::Progress,
@@ -286,8 +286,9 @@ impl Run<'_> {
                 }
             }
         }
+        // The last batch: its decode runs without the UNet in memory.
         let batch = std::mem::take(&mut self.batch);
-        self.run_batch(batch)
+        self.run_batch(batch, true)
     }
 
     /// Queues a job (running the batch before it when the job cannot join it); `false` when
@@ -323,7 +324,7 @@ impl Run<'_> {
             && (!pipeline::batchable(&last.req, &job.req) || self.batch.len() >= self.s.batch_size)
         {
             let batch = std::mem::take(&mut self.batch);
-            self.run_batch(batch)?;
+            self.run_batch(batch, false)?;
         }
         self.batch.push((job, target));
         Ok(true)
@@ -348,8 +349,9 @@ impl Run<'_> {
         Ok(())
     }
 
-    /// Makes and writes one batch of images.
-    fn run_batch(&mut self, batch: Vec<(Job, Option<Target>)>) -> Result<()> {
+    /// Makes and writes one batch of images; after the `last` one the UNet is freed before
+    /// the decode.
+    fn run_batch(&mut self, batch: Vec<(Job, Option<Target>)>, last: bool) -> Result<()> {
         if batch.is_empty() || crate::cancel::requested().is_some() {
             return Ok(());
         }
@@ -362,7 +364,11 @@ impl Run<'_> {
         let generated = {
             let progress = &self.progress;
             let mut step = |i: usize, n: usize| progress.step(&label, i, n);
-            self.pipe.generate_batch(&reqs, &mut step)
+            if last {
+                self.pipe.generate_last_batch(&reqs, &mut step)
+            } else {
+                self.pipe.generate_batch(&reqs, &mut step)
+            }
         };
         let images = match generated {
             Ok(g) => g,
