@@ -111,6 +111,10 @@ def diffusers_child(a):
 
         setattr(obj, attr, wrapper)
 
+    # The pipeline hands bf16 latents to the f32 VAE as they are (it casts only for its f16
+    # upcast), so they are cast here, as dmd2 casts them.
+    vae_decode = pipe.vae.decode
+    pipe.vae.decode = lambda z, *args, **kwargs: vae_decode(z.float(), *args, **kwargs)
     timed(pipe, "encode_prompt", "encode")
     timed(pipe.unet, "forward", "steps")
     timed(pipe.vae, "decode", "decode")

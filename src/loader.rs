@@ -67,6 +67,8 @@ pub struct LoadReport {
     pub vae_tile_px: Option<usize>,
     /// Tiling was turned on because a whole decode would not fit.
     pub tiling_forced_by_memory: bool,
+    /// `--dtype auto` chose bf16 weights because f32 ones would not fit.
+    pub bf16_for_memory: bool,
     /// Weight tensors holding NaN or Inf, as `FILE: tensor`.
     pub non_finite: Vec<String>,
 }
@@ -114,7 +116,10 @@ impl Opened {
         prompts: Option<&[&str]>,
     ) -> Result<(Pipeline, LoadReport)> {
         let parts = self.parts;
-        let precision = RunPrecision::resolve(dtype, device, parts.unet.numel())?;
+        let (precision, bf16_for_memory) =
+            choose_precision(dtype, device, parts.unet.numel(), |p| {
+                !device.is_cpu() || memory.force || plan_memory(&parts, p, run, memory).is_ok()
+            })?;
         let (vae_tile_px, tiling_forced_by_memory) = if device.is_cpu() && !memory.force {
             plan_memory(&parts, precision, run, memory)?
         } else {
@@ -142,10 +147,34 @@ impl Opened {
                 precision,
                 vae_tile_px,
                 tiling_forced_by_memory,
+                bf16_for_memory,
                 non_finite,
             },
         ))
     }
+}
+
+/// The run's precision: as `dtype` resolves, except that `auto` takes bf16 weights (half the
+/// memory; every CPU tier runs them) for a full-size UNet whose f32 weights would not `fit`.
+/// Returns whether that happened.
+fn choose_precision(
+    dtype: DtypeChoice,
+    device: &Device,
+    unet_params: u64,
+    fits: impl Fn(RunPrecision) -> bool,
+) -> Result<(RunPrecision, bool)> {
+    let p = RunPrecision::resolve(dtype, device, unet_params)?;
+    if dtype == DtypeChoice::Auto
+        && p == RunPrecision::F32
+        && unet_params >= crate::precision::AUTO_BF16_MIN_PARAMS
+        && !fits(p)
+    {
+        let bf16 = RunPrecision::resolve(DtypeChoice::Bf16, device, unet_params)?;
+        if bf16 != p {
+            return Ok((bf16, true));
+        }
+    }
+    Ok((p, false))
 }
 
 /// The VAE tiling a run needs on the CPU: as asked, or tiles when a whole decode would not
@@ -187,4 +216,29 @@ fn plan_memory(
         );
     }
     Ok((tile, forced))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `auto` falls back to bf16 only for a full-size UNet whose f32 weights do not fit; an
+    /// explicit `--dtype f32` is never changed.
+    #[test]
+    fn auto_takes_bf16_when_f32_does_not_fit() {
+        let cpu = Device::Cpu;
+        let big = 2_600_000_000;
+        let f32_never_fits = |p: RunPrecision| p != RunPrecision::F32;
+        let (p, changed) = choose_precision(DtypeChoice::Auto, &cpu, big, f32_never_fits).unwrap();
+        assert_eq!(p.unet, crate::precision::Precision::CPU_BF16);
+        let native_bf16 = crate::kernels::Tier::current().has(crate::kernels::Level::Avx512Bf16);
+        assert_eq!(changed, !native_bf16);
+        let (p, changed) = choose_precision(DtypeChoice::F32, &cpu, big, f32_never_fits).unwrap();
+        assert_eq!((p, changed), (RunPrecision::F32, false));
+        let (p, changed) = choose_precision(DtypeChoice::Auto, &cpu, 1000, f32_never_fits).unwrap();
+        assert_eq!((p, changed), (RunPrecision::F32, false));
+        let (p, changed) = choose_precision(DtypeChoice::Auto, &cpu, big, |_| true).unwrap();
+        assert!(!changed);
+        assert_eq!(p.unet == crate::precision::Precision::CPU_BF16, native_bf16);
+    }
 }

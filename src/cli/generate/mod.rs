@@ -111,6 +111,11 @@ pub fn run(a: GenArgs) -> Result<()> {
             report.precision.vae.name()
         );
     }
+    if report.bf16_for_memory {
+        log(
+            "note: f32 weights would not fit in memory; --dtype auto runs the UNet with bf16 weights (--dtype f32 to insist)",
+        );
+    }
     if report.tiling_forced_by_memory {
         log(&format!(
             "note: a whole {}x{} VAE decode would not fit in memory; decoding in {}px tiles (--vae-tiling)",
