@@ -49,6 +49,7 @@ impl Case {
         Request {
             prompt: self.prompt.clone(),
             negative_prompt: self.negative_prompt.clone(),
+            prompt_syntax: Default::default(),
             sampler: dmd2::scheduler::SamplerSpec::dmd2(self.timesteps.clone()),
             cfg: self.guidance_scale,
             seed: self.seed,

@@ -123,9 +123,31 @@ impl ClipTextModel {
 
     /// Encode token ids `[b, s]` (u32). The last layer only runs when a pooled output is wanted.
     pub fn encode(&self, ids: &Tensor) -> Result<TextEncoderOutput> {
+        self.encode_with(ids, &[])
+    }
+
+    /// [`encode`](Self::encode) with input vectors put in place of token embeddings:
+    /// `(row, position, vectors [n, hidden])` (textual inversion, as A1111's
+    /// `EmbeddingsWithFixes`).
+    pub fn encode_with(
+        &self,
+        ids: &Tensor,
+        vectors: &[(usize, usize, Tensor)],
+    ) -> Result<TextEncoderOutput> {
         let (_, s) = ids.dims2()?;
         let pos = self.position_embedding.i(..s)?;
-        let mut x = self.token_embedding.forward(ids)?.broadcast_add(&pos)?;
+        let mut x = self.token_embedding.forward(ids)?;
+        for (row, at, v) in vectors {
+            let (n, h) = v.dims2()?;
+            let n = n.min(s.saturating_sub(*at));
+            let v = v
+                .narrow(0, 0, n)?
+                .to_device(x.device())?
+                .to_dtype(x.dtype())?
+                .unsqueeze(0)?;
+            x = x.slice_assign(&[*row..*row + 1, *at..*at + n, 0..h], &v)?;
+        }
+        let mut x = x.broadcast_add(&pos)?;
         let n = self.layers.len();
         for layer in &self.layers[..n - 1] {
             x = layer.forward(&x)?;

@@ -23,6 +23,9 @@ pub struct ModelSpec {
     pub unet: Option<String>,
     /// LoRAs merged at load, in order.
     pub loras: Vec<LoraSpec>,
+    /// Textual-inversion embeddings: files, and directories of them.
+    pub embeddings: Vec<PathBuf>,
+    pub embedding_dirs: Vec<PathBuf>,
 }
 
 /// How the model will run: what the memory plan needs to know.
@@ -83,6 +86,13 @@ pub fn open(spec: &ModelSpec) -> Result<Opened> {
     }
     let (loras, lora_files) = crate::sources::apply_loras(&mut parts, &spec.loras)?;
     input_files.extend(lora_files);
+    let embeddings = crate::embeddings::Embeddings::load(&spec.embeddings, &spec.embedding_dirs)?;
+    embeddings.check_widths(
+        parts.text_encoder_config.hidden_size,
+        parts.text_encoder_2_config.hidden_size,
+    )?;
+    input_files.extend(embeddings.iter().map(|e| e.path.clone()));
+    parts.embeddings = embeddings;
     for c in [
         &parts.unet,
         &parts.vae,
@@ -113,7 +123,7 @@ impl Opened {
         dtype: DtypeChoice,
         run: RunShape,
         memory: MemoryPolicy,
-        prompts: Option<&[&str]>,
+        prompts: Option<&[(crate::prompt_syntax::PromptSyntax, &str)]>,
     ) -> Result<(Pipeline, LoadReport)> {
         let parts = self.parts;
         let (precision, bf16_for_memory) =

@@ -1,6 +1,7 @@
 //! How an image was made: the exact settings (JSON, in a `dmd2` PNG chunk and in `--json`
 //! output) and the AUTOMATIC1111 `parameters` text that image browsers and model sites read.
 
+use crate::prompt_syntax::PromptSyntax;
 use crate::scheduler::{SamplerKind, SamplerSpec, Spacing};
 use anyhow::{Context, Result, bail};
 use serde::{Deserialize, Serialize};
@@ -17,6 +18,9 @@ pub struct LoraRef {
 pub struct ImageSettings {
     pub prompt: String,
     pub negative_prompt: Option<String>,
+    /// How the prompts were read; PNGs of versions before it had plain prompts.
+    #[serde(default = "plain")]
+    pub prompt_syntax: PromptSyntax,
     pub seed: u64,
     pub sampler: SamplerSpec,
     pub cfg: f64,
@@ -33,6 +37,10 @@ pub struct ImageSettings {
     /// same one (`--dtype`). Informational; absent in PNGs from older versions.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub precision: Option<String>,
+}
+
+fn plain() -> PromptSyntax {
+    PromptSyntax::Plain
 }
 
 fn display_name(path: &str) -> String {
@@ -98,6 +106,10 @@ impl ImageSettings {
         }
         if let Some(p) = &self.preset {
             kv.push(("Preset", quote(p)));
+        }
+        // A1111's own reading is the norm for these texts: only the other one is named.
+        if self.prompt_syntax == PromptSyntax::Plain {
+            kv.push(("Prompt syntax", "plain".to_string()));
         }
         kv.push(("Version", format!("dmd2 {}", env!("CARGO_PKG_VERSION"))));
         s.push('\n');
@@ -283,6 +295,10 @@ pub fn settings_from_png(path: &Path) -> Result<ImageSettings> {
     Ok(ImageSettings {
         prompt: p.prompt.clone(),
         negative_prompt: p.negative_prompt.clone(),
+        prompt_syntax: match p.get("Prompt syntax") {
+            Some("plain") => PromptSyntax::Plain,
+            _ => PromptSyntax::A1111,
+        },
         seed: num("Seed")?
             .map(|s| s as u64)
             .context("no Seed in the parameters")?,
@@ -311,6 +327,7 @@ mod tests {
         ImageSettings {
             prompt: "a cat, sitting".into(),
             negative_prompt: Some("blurry".into()),
+            prompt_syntax: PromptSyntax::Plain,
             seed: 42,
             sampler: SamplerSpec::dmd2(vec![999, 749, 499, 249]),
             cfg: 1.5,

@@ -4,7 +4,10 @@
 
 use crate::checkpoint::ModelParts;
 use crate::clip::ClipTextModel;
+pub use crate::conditioning::Conditioning;
+use crate::conditioning::TextEncoders;
 use crate::precision::{Precision, RunPrecision};
+use crate::prompt_syntax::PromptSyntax;
 use crate::rng::TorchRng;
 use crate::scheduler::SamplerSpec;
 use crate::tokenizer::ClipTokenizer;
@@ -14,18 +17,13 @@ use anyhow::{Context, Result, bail};
 use candle_core::{DType, Device, Tensor};
 use std::time::Instant;
 
-/// Prompt conditioning for one image: `context` `[1, 77, cross]`, `pooled` `[1, P]`.
-#[derive(Clone)]
-pub struct Conditioning {
-    pub context: Tensor,
-    pub pooled: Tensor,
-}
-
 /// One image to make.
 #[derive(Debug, Clone)]
 pub struct Request {
     pub prompt: String,
     pub negative_prompt: Option<String>,
+    /// How both prompts are read (A1111 weights and chunks, or plain text).
+    pub prompt_syntax: PromptSyntax,
     pub sampler: SamplerSpec,
     pub cfg: f64,
     pub seed: u64,
@@ -81,6 +79,7 @@ pub struct Pipeline {
     /// Tile size in latents when the VAE decodes in tiles.
     vae_tile: Option<usize>,
     force_zeros_for_empty_prompt: bool,
+    embeddings: crate::conditioning::TextEmbeddings,
 }
 
 /// How prompts become conditioning: the two text encoders, or — for runs whose prompts are
@@ -88,7 +87,11 @@ pub struct Pipeline {
 /// was loaded (the encoders, 3.3 GB in f32 for SDXL, are never in memory beside it).
 enum Text {
     Encoders(ClipTextModel, ClipTextModel),
-    Encoded(std::collections::HashMap<String, Conditioning>),
+    Encoded {
+        prompts: std::collections::HashMap<(PromptSyntax, String), Conditioning>,
+        /// The empty prompt's, which pads prompts of fewer chunks than their neighbours.
+        empty: Conditioning,
+    },
 }
 
 impl Pipeline {
@@ -104,7 +107,7 @@ impl Pipeline {
         parts: ModelParts,
         device: &Device,
         precision: RunPrecision,
-        prompts: &[&str],
+        prompts: &[(PromptSyntax, &str)],
     ) -> Result<Self> {
         Self::load_inner(parts, device, precision, Some(prompts))
     }
@@ -113,7 +116,7 @@ impl Pipeline {
         parts: ModelParts,
         device: &Device,
         precision: RunPrecision,
-        up_front: Option<&[&str]>,
+        up_front: Option<&[(PromptSyntax, &str)]>,
     ) -> Result<Self> {
         let ModelParts { name, .. } = &parts;
         let name = name.clone();
@@ -151,27 +154,38 @@ impl Pipeline {
                 parts.text_encoder_2.describe()
             )
         })?;
+        let embeddings = crate::conditioning::TextEmbeddings::new(
+            parts.embeddings.clone(),
+            &parts.tokenizer,
+            &parts.tokenizer_2,
+        )?;
         let text = match up_front {
             None => Text::Encoders(te, te2),
             Some(prompts) => {
+                let encoders = TextEncoders {
+                    tokenizer: &parts.tokenizer,
+                    tokenizer_2: &parts.tokenizer_2,
+                    encoder: &te,
+                    encoder_2: &te2,
+                    device,
+                    embeddings: &embeddings,
+                };
                 let mut encoded = std::collections::HashMap::new();
-                for p in prompts {
-                    if !encoded.contains_key(*p) {
-                        let c = encode(
-                            &parts.tokenizer,
-                            &parts.tokenizer_2,
-                            &te,
-                            &te2,
-                            device,
-                            &[p],
-                        )?;
-                        encoded.insert(p.to_string(), c);
+                for &(syntax, p) in prompts {
+                    if let std::collections::hash_map::Entry::Vacant(slot) =
+                        encoded.entry((syntax, p.to_string()))
+                    {
+                        slot.insert(encoders.encode(syntax, p)?);
                     }
                 }
+                let empty = encoders.encode_empty()?;
                 // Done with the encoders: freed here, before the UNet is read (SDXL's are
                 // 3.3 GB in f32), not at the end of this function.
                 drop((te, te2));
-                Text::Encoded(encoded)
+                Text::Encoded {
+                    prompts: encoded,
+                    empty,
+                }
             }
         };
         let unet = UNet::new(
@@ -195,6 +209,7 @@ impl Pipeline {
             precision,
             vae_tile: None,
             force_zeros_for_empty_prompt: parts.force_zeros_for_empty_prompt,
+            embeddings,
         })
     }
 
@@ -226,7 +241,7 @@ impl Pipeline {
         self.vae.config().scale_factor()
     }
 
-    /// Token ids of both tokenizers, 77 each.
+    /// Token ids of both tokenizers for a plain prompt, 77 each.
     pub fn token_ids(&self, prompt: &str) -> Result<(Vec<u32>, Vec<u32>)> {
         Ok((
             self.tokenizer.encode(prompt)?,
@@ -234,46 +249,50 @@ impl Pipeline {
         ))
     }
 
-    /// SDXL's prompt encoding: both encoders' penultimate hidden states side by side, and
-    /// encoder 2's projected pooled output. One batch row per prompt. A pipeline loaded
-    /// [`for_prompts`](Pipeline::load_for_prompts) knows those prompts only.
-    pub fn encode_prompts(&self, prompts: &[&str]) -> Result<Conditioning> {
+    /// The first tokenizer (A1111's chunks and `dmd2 tokens` use its ids).
+    pub fn tokenizer(&self) -> &ClipTokenizer {
+        &self.tokenizer
+    }
+
+    /// SDXL's prompt encoding (see [`crate::conditioning`]): `[1, 77·k, cross]` and
+    /// `[1, P]`. A pipeline loaded [`for_prompts`](Pipeline::load_for_prompts) knows those
+    /// prompts only.
+    pub fn encode_prompt(&self, syntax: PromptSyntax, prompt: &str) -> Result<Conditioning> {
         match &self.text {
-            Text::Encoders(te1, te2) => encode(
-                &self.tokenizer,
-                &self.tokenizer_2,
-                te1,
-                te2,
-                &self.device,
-                prompts,
-            ),
-            Text::Encoded(encoded) => {
-                let rows = prompts
-                    .iter()
-                    .map(|p| {
-                        encoded.get(*p).cloned().with_context(|| {
-                            format!("prompt {p:?} is not one this pipeline was loaded for")
-                        })
-                    })
-                    .collect::<Result<Vec<_>>>()?;
-                let ctx: Vec<&Tensor> = rows.iter().map(|c| &c.context).collect();
-                let pooled: Vec<&Tensor> = rows.iter().map(|c| &c.pooled).collect();
-                Ok(Conditioning {
-                    context: Tensor::cat(&ctx, 0)?,
-                    pooled: Tensor::cat(&pooled, 0)?,
-                })
-            }
+            Text::Encoders(te1, te2) => self.encoders(te1, te2).encode(syntax, prompt),
+            Text::Encoded { prompts, .. } => prompts
+                .get(&(syntax, prompt.to_string()))
+                .cloned()
+                .with_context(|| {
+                    format!("prompt {prompt:?} is not one this pipeline was loaded for")
+                }),
         }
     }
 
-    pub fn encode_prompt(&self, prompt: &str) -> Result<Conditioning> {
-        self.encode_prompts(&[prompt])
+    /// The empty prompt's conditioning: what pads prompts of fewer chunks.
+    pub fn encode_empty(&self) -> Result<Conditioning> {
+        match &self.text {
+            Text::Encoders(te1, te2) => self.encoders(te1, te2).encode_empty(),
+            Text::Encoded { empty, .. } => Ok(empty.clone()),
+        }
     }
 
-    /// The negative branch for one image: the encoded negative prompt, or zeros when none
-    /// was given (diffusers' `force_zeros_for_empty_prompt`).
+    fn encoders<'a>(&'a self, te1: &'a ClipTextModel, te2: &'a ClipTextModel) -> TextEncoders<'a> {
+        TextEncoders {
+            tokenizer: &self.tokenizer,
+            tokenizer_2: &self.tokenizer_2,
+            encoder: te1,
+            encoder_2: te2,
+            device: &self.device,
+            embeddings: &self.embeddings,
+        }
+    }
+
+    /// The negative branch for one image: the encoded negative prompt, or zeros shaped as
+    /// `like` when none was given (diffusers' `force_zeros_for_empty_prompt`).
     pub fn encode_negative(
         &self,
+        syntax: PromptSyntax,
         negative: Option<&str>,
         like: &Conditioning,
     ) -> Result<Conditioning> {
@@ -282,7 +301,7 @@ impl Pipeline {
                 context: like.context.zeros_like()?,
                 pooled: like.pooled.zeros_like()?,
             }),
-            n => self.encode_prompt(n.unwrap_or("")),
+            n => self.encode_prompt(syntax, n.unwrap_or("")),
         }
     }
 
@@ -411,35 +430,71 @@ impl Pipeline {
         check_batch(reqs)?;
         check_size(first.width, first.height, self.vae_scale_factor())?;
         let t0 = Instant::now();
-        let prompts: Vec<&str> = reqs.iter().map(|r| r.prompt.as_str()).collect();
-        let cond = self.encode_prompts(&prompts)?;
-        let uncond = if first.cfg_active() {
-            let rows = reqs
-                .iter()
-                .enumerate()
-                .map(|(b, r)| {
-                    let like = Conditioning {
-                        context: cond.context.narrow(0, b, 1)?,
-                        pooled: cond.pooled.narrow(0, b, 1)?,
-                    };
-                    self.encode_negative(r.negative_prompt.as_deref(), &like)
-                })
-                .collect::<Result<Vec<_>>>()?;
-            let ctx: Vec<&Tensor> = rows.iter().map(|c| &c.context).collect();
-            let pooled: Vec<&Tensor> = rows.iter().map(|c| &c.pooled).collect();
-            Some(Conditioning {
-                context: Tensor::cat(&ctx, 0)?,
-                pooled: Tensor::cat(&pooled, 0)?,
-            })
-        } else {
-            None
-        };
+        // Each image's prompt and negative, padded to the same number of chunks (A1111's
+        // `pad_cond_uncond`).
+        let mut conds = Vec::with_capacity(reqs.len());
+        let mut unconds = Vec::with_capacity(reqs.len());
+        let mut empty = None;
+        for r in reqs {
+            let c = self.encode_prompt(r.prompt_syntax, &r.prompt)?;
+            if !first.cfg_active() {
+                conds.push(c);
+                continue;
+            }
+            let u = self.encode_negative(r.prompt_syntax, r.negative_prompt.as_deref(), &c)?;
+            let k = c.chunks()?.max(u.chunks()?);
+            if c.chunks()? != k || u.chunks()? != k {
+                let e = match &empty {
+                    Some(e) => e,
+                    None => empty.insert(self.encode_empty()?),
+                };
+                conds.push(c.padded(k, e)?);
+                unconds.push(u.padded(k, e)?);
+            } else {
+                conds.push(c);
+                unconds.push(u);
+            }
+        }
         let t1 = Instant::now();
         let mut step_ends = Vec::new();
-        let latents = self.denoise(reqs, &cond, uncond.as_ref(), &mut |i, n| {
+        let mut progress = |i, n| {
             step_ends.push(Instant::now());
             progress(i, n)
-        })?;
+        };
+        // Images whose prompts have as many chunks share UNet calls; padding a prompt to a
+        // longer neighbour's length would change its image.
+        let lengths = conds
+            .iter()
+            .map(|c| c.chunks())
+            .collect::<Result<Vec<_>>>()?;
+        let mut groups: Vec<(usize, Vec<usize>)> = Vec::new();
+        for (b, &k) in lengths.iter().enumerate() {
+            match groups.iter_mut().find(|(len, _)| *len == k) {
+                Some((_, members)) => members.push(b),
+                None => groups.push((k, vec![b])),
+            }
+        }
+        let mut parts: Vec<Option<Tensor>> = vec![None; reqs.len()];
+        for (_, members) in &groups {
+            let sub: Vec<Request> = members.iter().map(|&b| reqs[b].clone()).collect();
+            let stack = |rows: &[Conditioning]| -> Result<Conditioning> {
+                let picked: Vec<Conditioning> = members.iter().map(|&b| rows[b].clone()).collect();
+                // Same lengths within a group: the stack pads nothing.
+                Conditioning::stack(&picked, &picked[0])
+            };
+            let cond = stack(&conds)?;
+            let uncond = if first.cfg_active() {
+                Some(stack(&unconds)?)
+            } else {
+                None
+            };
+            let latents = self.denoise(&sub, &cond, uncond.as_ref(), &mut progress)?;
+            for (i, &b) in members.iter().enumerate() {
+                parts[b] = Some(latents.narrow(0, i, 1)?);
+            }
+        }
+        let parts: Vec<Tensor> = parts.into_iter().flatten().collect();
+        let latents = Tensor::cat(&parts, 0)?;
         Ok(Denoised {
             latents,
             t0,
@@ -511,33 +566,6 @@ fn check_batch(reqs: &[Request]) -> Result<()> {
         bail!("internal error: a batch mixes sizes, samplers or CFG scales");
     }
     Ok(())
-}
-
-/// Both encoders on a batch of prompts (see [`Pipeline::encode_prompts`]).
-fn encode(
-    tokenizer: &ClipTokenizer,
-    tokenizer_2: &ClipTokenizer,
-    te1: &ClipTextModel,
-    te2: &ClipTextModel,
-    device: &Device,
-    prompts: &[&str],
-) -> Result<Conditioning> {
-    let (mut ids1, mut ids2) = (Vec::new(), Vec::new());
-    for p in prompts {
-        ids1.extend(tokenizer.encode(p)?);
-        ids2.extend(tokenizer_2.encode(p)?);
-    }
-    let n = prompts.len();
-    let ids1 = Tensor::from_vec(ids1, (n, crate::tokenizer::MAX_LENGTH), device)?;
-    let ids2 = Tensor::from_vec(ids2, (n, crate::tokenizer::MAX_LENGTH), device)?;
-    let o1 = te1.encode(&ids1)?;
-    let o2 = te2.encode(&ids2)?;
-    let context = Tensor::cat(&[o1.penultimate, o2.penultimate], 2)?.to_dtype(DType::F32)?;
-    let pooled = o2
-        .pooled
-        .context("text encoder 2 has no projection")?
-        .to_dtype(DType::F32)?;
-    Ok(Conditioning { context, pooled })
 }
 
 /// NaN or Inf in the latents (an f16 overflow, a broken LoRA) stops the image with the step.

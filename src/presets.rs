@@ -45,6 +45,8 @@ pub struct Preset {
     pub width: Option<usize>,
     pub height: Option<usize>,
     pub negative_prompt: Option<String>,
+    /// `a1111` or `plain` (see `dmd2 gen --prompt-syntax`).
+    pub prompt_syntax: Option<crate::prompt_syntax::PromptSyntax>,
 }
 
 impl Preset {
@@ -96,6 +98,10 @@ impl Preset {
             self.width.zip(self.height).map(|(w, h)| format!("{w}x{h}")),
         );
         kv("negative_prompt", self.negative_prompt.clone());
+        kv(
+            "prompt_syntax",
+            self.prompt_syntax.map(|s| s.name().to_string()),
+        );
         lines.join("\n")
     }
 }
@@ -213,5 +219,16 @@ mod tests {
     fn unknown_keys_and_names_are_errors() {
         assert!(Preset::parse("x", "t", "stpes = 4").is_err());
         assert!(find("no-such-preset").is_err());
+        assert!(Preset::parse("x", "t", "prompt_syntax = \"a1112\"").is_err());
+    }
+
+    #[test]
+    fn prompt_syntax_is_a_setting() {
+        let p = Preset::parse("x", "t", "prompt_syntax = \"plain\"").unwrap();
+        assert_eq!(
+            p.prompt_syntax,
+            Some(crate::prompt_syntax::PromptSyntax::Plain)
+        );
+        assert!(p.describe().contains("prompt_syntax = plain"));
     }
 }

@@ -2,6 +2,7 @@
 //! FIFOs or stdin) read as a stream, so a million-line file is never held in memory, and
 //! line by line with a bound, so a line of gigabytes is never held either.
 
+use crate::prompt_syntax::{PromptSyntax, parse_attention};
 use anyhow::{Context, Result, bail};
 use serde::Deserialize;
 use std::io::BufRead;
@@ -29,6 +30,8 @@ pub struct LineSettings {
     pub height: Option<usize>,
     pub num_images: Option<u64>,
     pub name: Option<String>,
+    /// `"a1111"` or `"plain"`; the run's `--prompt-syntax` when absent.
+    pub prompt_syntax: Option<PromptSyntax>,
 }
 
 /// One prompt to render, with where it came from.
@@ -77,6 +80,16 @@ pub fn check_prompt(what: &str, p: &str) -> Result<(), String> {
 }
 
 /// `--num-images` or a line's `num_images`: 1..=2^32.
+/// A prompt A1111's syntax can read (a weight that is not a number cannot be).
+pub fn check_syntax(what: &str, p: &str, syntax: PromptSyntax) -> Result<(), String> {
+    match syntax {
+        PromptSyntax::Plain => Ok(()),
+        PromptSyntax::A1111 => parse_attention(p)
+            .map(|_| ())
+            .map_err(|e| format!("{what}: {e}")),
+    }
+}
+
 pub fn check_num_images(n: u64) -> Result<(), String> {
     if n == 0 {
         return Err("num_images must be at least 1".into());

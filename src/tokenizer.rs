@@ -98,20 +98,43 @@ impl ClipTokenizer {
 
     /// `[BOS] + first 75 tokens + [EOS]`, padded to 77 with the pad token.
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
-        let enc = self
-            .inner
-            .encode(text, false)
-            .map_err(|e| anyhow::anyhow!("tokenizer: {e}"))?;
+        let tokens = self.tokenize(text)?;
         let mut ids = Vec::with_capacity(MAX_LENGTH);
         ids.push(self.bos);
-        ids.extend(enc.get_ids().iter().take(MAX_LENGTH - 2));
+        ids.extend(tokens.iter().take(MAX_LENGTH - 2));
         ids.push(self.eos);
         ids.resize(MAX_LENGTH, self.pad);
         Ok(ids)
     }
 
+    /// The text's tokens without BOS, EOS, padding or truncation.
+    pub fn tokenize(&self, text: &str) -> Result<Vec<u32>> {
+        let enc = self
+            .inner
+            .encode(text, false)
+            .map_err(|e| anyhow::anyhow!("tokenizer: {e}"))?;
+        Ok(enc.get_ids().to_vec())
+    }
+
     pub fn pad_id(&self) -> u32 {
         self.pad
+    }
+
+    pub fn bos_id(&self) -> u32 {
+        self.bos
+    }
+
+    pub fn eos_id(&self) -> u32 {
+        self.eos
+    }
+
+    pub fn token_to_id(&self, token: &str) -> Option<u32> {
+        self.inner.token_to_id(token)
+    }
+
+    /// The vocabulary entry of `id` (`cat</w>` for a word-final piece).
+    pub fn id_to_token(&self, id: u32) -> Option<String> {
+        self.inner.id_to_token(id)
     }
 }
 

@@ -138,6 +138,7 @@ fn request() -> Request {
     Request {
         prompt: "a photo of a cat".into(),
         negative_prompt: None,
+        prompt_syntax: Default::default(),
         sampler: SamplerSpec::dmd2(vec![999, 749, 499, 249]),
         cfg: 1.0,
         seed: 42,

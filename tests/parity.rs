@@ -6,6 +6,7 @@ mod common;
 
 use candle_core::{DType, Device, Tensor};
 use common::*;
+use dmd2::prompt_syntax::PromptSyntax;
 
 fn cases_for(name: &str) -> Vec<(Case, Source)> {
     let c = case(name);
@@ -22,7 +23,36 @@ fn check_text(name: &str) {
         let (ids1, ids2) = p.token_ids(&c.prompt).unwrap();
         assert_eq!(ids1, ids_of(&r["ids_1"]), "{name} {src:?}: tokenizer 1 ids");
         assert_eq!(ids2, ids_of(&r["ids_2"]), "{name} {src:?}: tokenizer 2 ids");
-        let cond = p.encode_prompt(&c.prompt).unwrap();
+        // The default syntax (A1111's) reads a prompt without brackets, BREAK or more than
+        // 75 tokens exactly as diffusers does: the same tensors, bit for bit.
+        let syntax = c.syntax();
+        let cond = p.encode_prompt(syntax, &c.prompt).unwrap();
+        if syntax == PromptSyntax::A1111 {
+            let plain = p.encode_prompt(PromptSyntax::Plain, &c.prompt).unwrap();
+            assert_eq!(
+                cond.context
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1::<f32>()
+                    .unwrap(),
+                plain
+                    .context
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1::<f32>()
+                    .unwrap(),
+                "{name}: a1111 and plain differ"
+            );
+            assert_eq!(
+                cond.pooled.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+                plain
+                    .pooled
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1::<f32>()
+                    .unwrap(),
+            );
+        }
         assert_close(
             &format!("{name} {src:?} prompt_embeds"),
             &cond.context,
@@ -45,7 +75,7 @@ fn check_text(name: &str) {
         }
         if c.guidance_scale > 1.0 {
             let u = p
-                .encode_negative(c.negative_prompt.as_deref(), &cond)
+                .encode_negative(syntax, c.negative_prompt.as_deref(), &cond)
                 .unwrap();
             assert_close(
                 &format!("{name} {src:?} negative embeds"),

@@ -41,6 +41,7 @@ impl SamplerCase {
         Request {
             prompt: self.prompt.clone(),
             negative_prompt: self.negative_prompt.clone(),
+            prompt_syntax: Default::default(),
             sampler: self.spec(),
             cfg: self.guidance_scale,
             seed: self.seed,
@@ -196,9 +197,9 @@ fn check_steps(name: &str) {
     let r = c.refs();
     let p = pipeline(Source::Folder);
     let req = c.request();
-    let cond = p.encode_prompt(&req.prompt).unwrap();
+    let cond = p.encode_prompt(req.prompt_syntax, &req.prompt).unwrap();
     let uncond = req.cfg_active().then(|| {
-        p.encode_negative(req.negative_prompt.as_deref(), &cond)
+        p.encode_negative(req.prompt_syntax, req.negative_prompt.as_deref(), &cond)
             .unwrap()
     });
     // Each step from diffusers' latents must give diffusers' next latents; the generator

@@ -85,6 +85,7 @@ pub fn open(dir: &Path) -> Result<ModelParts> {
         tokenizer_2,
         force_zeros_for_empty_prompt: force_zeros(dir),
         scheduler,
+        embeddings: Default::default(),
     })
 }
 

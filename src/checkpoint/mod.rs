@@ -37,6 +37,8 @@ pub struct ModelParts {
     pub force_zeros_for_empty_prompt: bool,
     /// The folder's scheduler config (SDXL's for a single file).
     pub scheduler: SchedulerConfig,
+    /// Textual-inversion embeddings the prompts may name (none unless the user adds some).
+    pub embeddings: crate::embeddings::Embeddings,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -96,5 +98,6 @@ fn open_single_file(path: &Path) -> Result<ModelParts> {
         tokenizer_2: ClipTokenizer::builtin("!")?,
         force_zeros_for_empty_prompt: true,
         scheduler: SchedulerConfig::default(),
+        embeddings: Default::default(),
     })
 }

@@ -5,6 +5,7 @@ pub mod generate;
 pub mod inspect;
 pub mod merge;
 pub mod signals;
+pub mod tokens;
 
 use crate::error::one_line;
 use clap::{Parser, Subcommand};
@@ -31,6 +32,8 @@ pub enum Command {
     Merge(merge::MergeArgs),
     /// List the presets with their values.
     Presets,
+    /// Count a prompt's CLIP tokens as A1111 does: chunks of 75, token texts and weights.
+    Tokens(tokens::TokensArgs),
     /// Print a shell completion script.
     Completions {
         #[arg(value_enum)]
@@ -57,6 +60,7 @@ pub fn main_with_args(args: impl IntoIterator<Item = std::ffi::OsString>) -> i32
         Command::Inspect(a) => inspect::run(a),
         Command::Merge(a) => merge::run(a),
         Command::Presets => list_presets(),
+        Command::Tokens(a) => tokens::run(a),
         Command::Completions { shell } => {
             let mut cmd = <Cli as clap::CommandFactory>::command();
             let mut script = Vec::new();

@@ -4,6 +4,7 @@
 use candle_core::{DType, Device, Tensor};
 use dmd2::checkpoint;
 use dmd2::pipeline::{Pipeline, Request};
+use dmd2::prompt_syntax::PromptSyntax;
 use serde::Deserialize;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -30,10 +31,24 @@ pub struct Case {
 }
 
 impl Case {
+    /// diffusers is the reference of `plain` prompts; the default syntax (A1111's) reads
+    /// every case's prompts the same way except those past 75 tokens, which diffusers cuts
+    /// off and A1111 continues in a second chunk.
+    pub fn syntax(&self) -> PromptSyntax {
+        let tok = dmd2::tokenizer::ClipTokenizer::builtin("<|endoftext|>").unwrap();
+        let long = |p: &str| tok.tokenize(p).unwrap().len() > 75;
+        if long(&self.prompt) || self.negative_prompt.as_deref().is_some_and(long) {
+            PromptSyntax::Plain
+        } else {
+            PromptSyntax::default()
+        }
+    }
+
     pub fn request(&self) -> Request {
         Request {
             prompt: self.prompt.clone(),
             negative_prompt: self.negative_prompt.clone(),
+            prompt_syntax: self.syntax(),
             sampler: dmd2::scheduler::SamplerSpec::dmd2(self.timesteps.clone()),
             cfg: self.guidance_scale,
             seed: self.seed,

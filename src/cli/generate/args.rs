@@ -3,6 +3,7 @@
 
 use crate::device::DeviceChoice;
 use crate::precision::DtypeChoice;
+use crate::prompt_syntax::PromptSyntax;
 use crate::prompts::PromptFormat;
 use crate::scheduler::{SamplerKind, Spacing};
 use clap::{Args, ValueEnum};
@@ -18,6 +19,13 @@ pub struct GenArgs {
     /// preset's LoRAs.
     #[arg(long = "lora", value_name = "PATH[:WEIGHT]")]
     pub loras: Vec<String>,
+    /// A textual-inversion embedding for SDXL (safetensors with clip_l and clip_g), used where
+    /// a prompt names it by its file stem (A1111 syntax; weights apply); repeatable.
+    #[arg(long = "embedding", value_name = "FILE")]
+    pub embeddings: Vec<PathBuf>,
+    /// A directory of embeddings (every .safetensors in it, each named by its file stem).
+    #[arg(long, value_name = "DIR")]
+    pub embedding_dir: Option<PathBuf>,
     /// Use no LoRA, even if the preset names some.
     #[arg(long, conflicts_with = "loras")]
     pub no_lora: bool,
@@ -39,6 +47,11 @@ pub struct GenArgs {
     /// What to steer away from; acts only with --cfg above 1.
     #[arg(long)]
     pub negative_prompt: Option<String>,
+    /// How prompts are read. a1111 (default): `(word)` ×1.1, `[word]` ÷1.1, `(word:1.3)`,
+    /// `BREAK`, any length in chunks of 75 tokens, as AUTOMATIC1111/Forge. plain: the text
+    /// as is, cut after 75 tokens, as diffusers.
+    #[arg(long, value_enum, value_name = "SYNTAX")]
+    pub prompt_syntax: Option<PromptSyntax>,
     /// Sampling steps (DMD2: 4 → timesteps 999,749,499,249; 1 → 399). Default 4.
     #[arg(long)]
     pub steps: Option<usize>,

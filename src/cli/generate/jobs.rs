@@ -5,7 +5,7 @@
 use super::settings::{Settings, Sink};
 use crate::output::file_names::{self, NameFields};
 use crate::pipeline::Request;
-use crate::prompts::PromptItem;
+use crate::prompts::{self, PromptItem};
 use crate::scheduler::SamplerSpec;
 use anyhow::{Result, bail};
 use std::collections::HashSet;
@@ -67,6 +67,12 @@ impl ItemJobs {
         if first.checked_add(count).is_none() {
             bail!("the run numbers more than 2^64 images");
         }
+        let syntax = item.settings.prompt_syntax.unwrap_or(s.prompt_syntax);
+        prompts::check_syntax("prompt", &item.settings.prompt, syntax)
+            .map_err(anyhow::Error::msg)?;
+        if let Some(n) = &item.settings.negative_prompt {
+            prompts::check_syntax("negative prompt", n, syntax).map_err(anyhow::Error::msg)?;
+        }
         let mut sampler = sampler.clone();
         if let Some(steps) = item.settings.steps {
             sampler.steps = steps;
@@ -120,6 +126,7 @@ impl Base<'_> {
                 .negative_prompt
                 .clone()
                 .or_else(|| self.settings.negative_prompt.clone()),
+            prompt_syntax: s.prompt_syntax.unwrap_or(self.settings.prompt_syntax),
             sampler: jobs.sampler.clone(),
             cfg: s.cfg.unwrap_or(self.settings.cfg),
             seed,

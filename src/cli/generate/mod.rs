@@ -13,6 +13,7 @@ use crate::error::{Dmd2Error, bad_input, one_line};
 use crate::loader::{self, RunShape};
 use crate::output::{FileId, Target};
 use crate::pipeline::{self, Pipeline};
+use crate::prompt_syntax::PromptSyntax;
 use crate::prompts::{LineError, PromptItem, PromptSource};
 use anyhow::Result;
 use jobs::{Base, ItemJobs, Job, Names};
@@ -54,6 +55,24 @@ pub fn run(a: GenArgs) -> Result<()> {
             }
         }
     }
+    let embeddings = &opened.parts.embeddings;
+    if !embeddings.is_empty() {
+        let names: Vec<String> = embeddings
+            .iter()
+            .map(|e| format!("{} ({} vectors)", e.name, e.vectors()))
+            .collect();
+        log(&format!("embeddings: {}", names.join(", ")));
+        for name in embeddings.word_clashes(&opened.parts.tokenizer) {
+            crate::stderr!(
+                "warning: embedding {name:?} has the name of a word: every {name:?} in a prompt becomes the embedding"
+            );
+        }
+        if s.prompt_syntax == PromptSyntax::Plain {
+            crate::stderr!(
+                "warning: --prompt-syntax plain reads embedding names as text; use a1111 for embeddings"
+            );
+        }
+    }
     let default_size =
         crate::checkpoint::diffusers::default_image_size(&opened.model_path).unwrap_or(1024);
     let base = Base::new(&s, default_size, opened.parts.scheduler.timestep_spacing);
@@ -82,11 +101,12 @@ pub fn run(a: GenArgs) -> Result<()> {
     };
     // When every prompt is known up front, they are encoded as the model loads and the text
     // encoders are freed before the UNet is read.
-    let up_front: Option<Vec<&str>> = match &s.source {
+    let up_front: Option<Vec<(PromptSyntax, &str)>> = match &s.source {
         PromptSource::Flags(ps) => Some(
             ps.iter()
                 .map(String::as_str)
                 .chain([s.negative_prompt.as_deref().unwrap_or("")])
+                .map(|p| (s.prompt_syntax, p))
                 .collect(),
         ),
         _ => None,
@@ -274,6 +294,7 @@ impl Run<'_> {
                 }
             };
             index = jobs.end();
+            self.warn_truncated(&item);
             let mut jobs = jobs;
             while let Some(i) = jobs.next() {
                 let job = match base.job(&item, &jobs, i) {
@@ -294,6 +315,41 @@ impl Run<'_> {
         // The last batch: its decode runs without the UNet in memory.
         let batch = std::mem::take(&mut self.batch);
         self.run_batch(batch, true)
+    }
+
+    /// A `plain` prompt past 75 tokens loses the rest, as in diffusers: said on stderr.
+    fn warn_truncated(&self, item: &PromptItem) {
+        let st = &item.settings;
+        if st.prompt_syntax.unwrap_or(self.s.prompt_syntax) != PromptSyntax::Plain {
+            return;
+        }
+        let negative = st
+            .negative_prompt
+            .as_ref()
+            .or(self.s.negative_prompt.as_ref());
+        for (what, text) in [("prompt", Some(&st.prompt)), ("negative prompt", negative)] {
+            let Some(text) = text else { continue };
+            let read = crate::prompt_chunks::tokenize_prompt(
+                self.pipe.tokenizer(),
+                PromptSyntax::Plain,
+                text,
+                None,
+            );
+            if let Ok(t) = read
+                && t.dropped > 0
+            {
+                let at = if item.line > 0 {
+                    format!("{}:{}: ", self.s.source.name(), item.line)
+                } else {
+                    String::new()
+                };
+                crate::stderr!(
+                    "warning: {at}{what} is {} tokens; the last {} are cut off (CLIP reads 75; --prompt-syntax a1111 reads them all)",
+                    t.dropped + crate::prompt_chunks::CHUNK_TOKENS,
+                    t.dropped
+                );
+            }
+        }
     }
 
     /// Queues a job (running the batch before it when the job cannot join it); `false` when

@@ -12,6 +12,7 @@ use crate::metadata::{self, ImageSettings};
 use crate::output::file_names;
 use crate::precision::DtypeChoice;
 use crate::presets::{self, Preset};
+use crate::prompt_syntax::PromptSyntax;
 use crate::prompts::{self, PromptSource};
 use crate::scheduler::{self, SamplerKind, SamplerSpec, Spacing};
 use anyhow::{Context, Result, bail};
@@ -38,6 +39,8 @@ pub struct Settings {
     pub width: Option<usize>,
     pub height: Option<usize>,
     pub negative_prompt: Option<String>,
+    /// How prompts are read unless a prompt-file line says otherwise.
+    pub prompt_syntax: PromptSyntax,
     pub seed: u64,
     /// The seed was drawn at random (and should be printed).
     pub random_seed: bool,
@@ -136,8 +139,15 @@ impl Settings {
             .clone()
             .or_else(|| png.and_then(|s| s.negative_prompt.clone()))
             .or(p.negative_prompt.clone());
+        let prompt_syntax = a
+            .prompt_syntax
+            .or(png.map(|s| s.prompt_syntax))
+            .or(p.prompt_syntax)
+            .unwrap_or_default();
         if let Some(n) = &negative_prompt {
             prompts::check_prompt("negative prompt", n).map_err(anyhow::Error::msg)?;
+            prompts::check_syntax("negative prompt", n, prompt_syntax)
+                .map_err(anyhow::Error::msg)?;
         }
         prompts::check_num_images(a.num_images)
             .map_err(|e| anyhow::anyhow!("--num-images: {e}"))?;
@@ -147,7 +157,7 @@ impl Settings {
         if let Some(t) = &a.name {
             file_names::check_template(t)?;
         }
-        let source = prompt_source(&a, png)?;
+        let source = prompt_source(&a, png, prompt_syntax)?;
         let sink = sink(&a, &source)?;
         // Check the whole prompt file before any work when it can be read twice.
         let on_error = a.on_error.unwrap_or(if source.checkable() {
@@ -169,7 +179,13 @@ impl Settings {
             None => (random_seed(), true),
         };
         Ok(Settings {
-            model: ModelSpec { model, unet, loras },
+            model: ModelSpec {
+                model,
+                unet,
+                loras,
+                embeddings: a.embeddings.clone(),
+                embedding_dirs: a.embedding_dir.iter().cloned().collect(),
+            },
             preset: preset.map(|p| p.name),
             sampler,
             spacing_explicit,
@@ -177,6 +193,7 @@ impl Settings {
             width,
             height,
             negative_prompt,
+            prompt_syntax,
             seed,
             random_seed,
             num_images: a.num_images,
@@ -239,7 +256,11 @@ fn resolve_sampler(a: &GenArgs, png: Option<&ImageSettings>, p: &Preset) -> Resu
     Ok(sampler)
 }
 
-fn prompt_source(a: &GenArgs, png: Option<&ImageSettings>) -> Result<PromptSource> {
+fn prompt_source(
+    a: &GenArgs,
+    png: Option<&ImageSettings>,
+    syntax: PromptSyntax,
+) -> Result<PromptSource> {
     let source = match (&a.prompt_file, a.prompt.is_empty(), png) {
         (Some(f), _, _) => PromptSource::file(f, a.prompt_format)?,
         (None, false, _) => PromptSource::Flags(a.prompt.clone()),
@@ -249,6 +270,7 @@ fn prompt_source(a: &GenArgs, png: Option<&ImageSettings>) -> Result<PromptSourc
     if let PromptSource::Flags(ps) = &source {
         for p in ps {
             prompts::check_prompt("prompt", p).map_err(anyhow::Error::msg)?;
+            prompts::check_syntax("prompt", p, syntax).map_err(anyhow::Error::msg)?;
         }
     }
     Ok(source)

@@ -71,6 +71,7 @@ impl<'a> Writer<'a> {
         ImageSettings {
             prompt: req.prompt.clone(),
             negative_prompt: req.negative_prompt.clone(),
+            prompt_syntax: req.prompt_syntax,
             seed: req.seed,
             sampler: req.sampler.clone(),
             cfg: req.cfg,
