@@ -55,6 +55,7 @@ impl Case {
             seed: self.seed,
             width: self.width,
             height: self.height,
+            init: None,
         }
     }
 }

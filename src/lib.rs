@@ -17,6 +17,8 @@ pub mod embeddings;
 pub mod error;
 pub mod files;
 pub mod hub;
+pub mod img2img;
+pub mod init_image;
 pub mod kernels;
 pub mod keymap;
 pub mod loader;

@@ -7,6 +7,13 @@ use anyhow::{Context, Result, bail};
 use serde::{Deserialize, Serialize};
 use std::path::Path;
 
+/// An image a generation started from: the path as given and the sha256 of its pixels.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ImageRef {
+    pub path: String,
+    pub sha256: String,
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct LoraRef {
     pub path: String,
@@ -37,6 +44,13 @@ pub struct ImageSettings {
     /// same one (`--dtype`). Informational; absent in PNGs from older versions.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub precision: Option<String>,
+    /// img2img and inpainting: the image, the mask, the strength.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub init_image: Option<ImageRef>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mask: Option<ImageRef>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub strength: Option<f64>,
 }
 
 fn plain() -> PromptSyntax {
@@ -103,6 +117,9 @@ impl ImageSettings {
                 .map(|l| format!("{}: {}", display_name(&l.path), l.weight))
                 .collect::<Vec<_>>();
             kv.push(("LoRAs", format!("\"{}\"", l.join(", "))));
+        }
+        if let Some(st) = self.strength {
+            kv.push(("Denoising strength", st.to_string()));
         }
         if let Some(p) = &self.preset {
             kv.push(("Preset", quote(p)));
@@ -316,6 +333,9 @@ pub fn settings_from_png(path: &Path) -> Result<ImageSettings> {
         unet: None,
         preset: p.get("Preset").map(str::to_string),
         precision: None,
+        init_image: None,
+        mask: None,
+        strength: num("Denoising strength")?,
     })
 }
 
@@ -341,6 +361,9 @@ mod tests {
             unet: None,
             preset: None,
             precision: Some("bf16".into()),
+            init_image: None,
+            mask: None,
+            strength: None,
         }
     }
 

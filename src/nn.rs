@@ -132,6 +132,13 @@ impl Conv2d {
         })
     }
 
+    /// This convolution without padding (diffusers' `Downsample2D` with `padding=0`, which
+    /// pads only the right and bottom edges itself).
+    pub fn without_padding(mut self) -> Self {
+        self.padding = 0;
+        self
+    }
+
     /// Run this convolution through Winograd's F(2×2, 3×3) on the CPU from now on, when it is
     /// a 3×3, stride-1 convolution with an f32 weight (2.25× fewer multiplications; the
     /// transformed kernel takes 16/9 of the weight's memory). A no-op otherwise.

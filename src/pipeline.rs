@@ -12,7 +12,7 @@ use crate::rng::TorchRng;
 use crate::scheduler::SamplerSpec;
 use crate::tokenizer::ClipTokenizer;
 use crate::unet::UNet;
-use crate::vae::VaeDecoder;
+use crate::vae::{VaeDecoder, VaeEncoder};
 use anyhow::{Context, Result, bail};
 use candle_core::{DType, Device, Tensor};
 use std::time::Instant;
@@ -29,6 +29,8 @@ pub struct Request {
     pub seed: u64,
     pub width: usize,
     pub height: usize,
+    /// img2img or inpainting: the image (and mask) to start from.
+    pub init: Option<crate::img2img::InitImage>,
 }
 
 impl Request {
@@ -45,6 +47,16 @@ pub struct Timings {
     pub decode: f64,
     /// Each UNet step (with its sampler step), in order: `denoise` split by step.
     pub steps: Vec<f64>,
+}
+
+/// Inpainting's state through the loop.
+struct Inpaint {
+    /// `[1, 1, h, w]` latent-sized mask, 1 = repaint.
+    mask: Tensor,
+    image_latents: Tensor,
+    /// The noise the first latents were made with (reused to noise `image_latents`).
+    noise: Tensor,
+    timesteps: Vec<usize>,
 }
 
 /// A batch between its denoising loop and its decode.
@@ -74,6 +86,12 @@ pub struct Pipeline {
     /// `None` once released for the last decode ([`Pipeline::generate_last_batch`]).
     unet: Option<UNet>,
     vae: VaeDecoder,
+    /// The VAE's weights and config, for the encoder img2img builds on first use.
+    vae_weights: (
+        std::sync::Arc<crate::weights::ComponentWeights>,
+        crate::config::VaeConfig,
+    ),
+    vae_encoder: std::sync::OnceLock<VaeEncoder>,
     device: Device,
     precision: RunPrecision,
     /// Tile size in latents when the VAE decodes in tiles.
@@ -205,6 +223,8 @@ impl Pipeline {
             text,
             unet: Some(unet),
             vae,
+            vae_weights: (parts.vae.clone(), parts.vae_config.clone()),
+            vae_encoder: std::sync::OnceLock::new(),
             device: device.clone(),
             precision,
             vae_tile: None,
@@ -323,13 +343,19 @@ impl Pipeline {
         let c = unet.config().in_channels;
         let b = reqs.len();
         let mut rngs: Vec<TorchRng> = reqs.iter().map(|r| TorchRng::new(r.seed)).collect();
-        let mut sampler = first.sampler.build()?;
         let shape = (b, c, h, w);
-        let init = crate::scheduler::noise_like(
-            &Tensor::zeros(shape, DType::F32, &self.device)?,
-            &mut rngs,
-        )?;
-        let mut latents = (init * sampler.init_noise_sigma())?;
+        let (mut sampler, mut latents, inpaint) = match &first.init {
+            None => {
+                let sampler = first.sampler.build()?;
+                let init = crate::scheduler::noise_like(
+                    &Tensor::zeros(shape, DType::F32, &self.device)?,
+                    &mut rngs,
+                )?;
+                let latents = (init * sampler.init_noise_sigma())?;
+                (sampler, latents, None)
+            }
+            Some(init) => self.start_from_image(first, init, shape, &mut rngs)?,
+        };
         let (context, pooled) = match uncond {
             Some(u) => (
                 Tensor::cat(&[&u.context, &cond.context], 0)?,
@@ -366,10 +392,117 @@ impl Pipeline {
                 eps
             };
             latents = sampler.step(&eps, i, &latents, &mut rngs)?;
+            // Inpainting with a 4-channel UNet: outside the mask the latents are the init
+            // image's, noised to the next timestep (none after the last).
+            if let Some(Inpaint {
+                mask,
+                image_latents,
+                noise,
+                timesteps,
+            }) = &inpaint
+            {
+                let kept = match timesteps.get(i + 1) {
+                    Some(&next) => crate::img2img::add_noise(image_latents, noise, next)?,
+                    None => image_latents.clone(),
+                };
+                latents = (kept.broadcast_mul(&(1.0 - mask)?)? + latents.broadcast_mul(mask)?)?;
+            }
             check_finite(&latents, i, n, t)?;
             progress(i + 1, n);
         }
         Ok(latents)
+    }
+
+    /// img2img and inpainting (one image): the DMD2 sampler over the timesteps the strength
+    /// keeps, and the first latents: the init image VAE-encoded in f32 and sampled from its
+    /// latent distribution (the image's generator: draw 1), scaled, and noised to the first
+    /// kept timestep (draw 2) — pure noise for inpainting at strength 1 — as diffusers'
+    /// `prepare_latents`. Inpainting also encodes the masked image (draw 3; a 4-channel
+    /// UNet never reads it, so only its draw is made here).
+    fn start_from_image(
+        &self,
+        req: &Request,
+        init: &crate::img2img::InitImage,
+        shape: (usize, usize, usize, usize),
+        rngs: &mut [TorchRng],
+    ) -> Result<(Box<dyn crate::scheduler::Sampler>, Tensor, Option<Inpaint>)> {
+        if req.sampler.kind != crate::scheduler::SamplerKind::Dmd2 || rngs.len() != 1 {
+            bail!("an init image works with the dmd2 sampler, one image per UNet call");
+        }
+        let all: Vec<usize> = req
+            .sampler
+            .timesteps()?
+            .iter()
+            .map(|&t| t as usize)
+            .collect();
+        let timesteps = crate::img2img::strength_timesteps(&all, init.strength)?;
+        let sampler = crate::scheduler::SamplerSpec::dmd2(timesteps.clone()).build()?;
+        let (_, _, h, w) = init.image.dims4()?;
+        if (w, h) != (req.width, req.height) {
+            bail!(
+                "internal error: the init image is {w}x{h}, the image {}x{}",
+                req.width,
+                req.height
+            );
+        }
+        let encoder = self.vae_encoder()?;
+        let (mean, std) = encoder.encode(&init.image.to_device(&self.device)?)?;
+        let draw = crate::scheduler::noise_like(&mean, rngs)?;
+        let image_latents = encoder.scale(&(mean + (std * draw)?)?)?;
+        if image_latents.dims4()? != shape {
+            bail!(
+                "the VAE makes latents {:?}, the UNet takes {shape:?}",
+                image_latents.dims()
+            );
+        }
+        let noise = crate::scheduler::noise_like(&image_latents, rngs)?;
+        let Some(mask) = &init.mask else {
+            let latents = crate::img2img::add_noise(&image_latents, &noise, timesteps[0])?;
+            return Ok((sampler, latents, None));
+        };
+        let _masked_image_draw = crate::scheduler::noise_like(&image_latents, rngs)?;
+        let latents = if init.strength == 1.0 {
+            (&noise * sampler.init_noise_sigma())?
+        } else {
+            crate::img2img::add_noise(&image_latents, &noise, timesteps[0])?
+        };
+        // torch.nn.functional.interpolate(mask, size=latent size): nearest, source pixel
+        // floor(i · H / h).
+        let (_, _, lh, lw) = shape;
+        let m = mask
+            .to_device(&Device::Cpu)?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
+        let mut small = Vec::with_capacity(lh * lw);
+        for y in 0..lh {
+            let sy = (y * h) / lh;
+            for x in 0..lw {
+                small.push(m[sy * w + (x * w) / lw]);
+            }
+        }
+        let mask = Tensor::from_vec(small, (1, 1, lh, lw), &self.device)?;
+        Ok((
+            sampler,
+            latents,
+            Some(Inpaint {
+                mask,
+                image_latents,
+                noise,
+                timesteps,
+            }),
+        ))
+    }
+
+    /// The VAE encoder, built on first use (text-to-image never needs it).
+    fn vae_encoder(&self) -> Result<&VaeEncoder> {
+        if let Some(e) = self.vae_encoder.get() {
+            return Ok(e);
+        }
+        let (weights, config) = &self.vae_weights;
+        // diffusers upcasts the VAE to f32 to encode (`force_upcast`).
+        let e = VaeEncoder::new(config, weights.var_builder(Precision::F32, &self.device))
+            .with_context(|| format!("{}: cannot build the VAE encoder", weights.describe()))?;
+        Ok(self.vae_encoder.get_or_init(|| e))
     }
 
     /// VAE decode and diffusers' post-processing to 8-bit RGB, one buffer per image.
@@ -556,12 +689,17 @@ impl Pipeline {
 
 /// Requests can share a UNet call when they agree on everything but prompt and seed.
 pub fn batchable(a: &Request, b: &Request) -> bool {
-    a.width == b.width && a.height == b.height && a.sampler == b.sampler && a.cfg == b.cfg
+    a.width == b.width
+        && a.height == b.height
+        && a.sampler == b.sampler
+        && a.cfg == b.cfg
+        && a.init.is_none()
+        && b.init.is_none()
 }
 
 fn check_batch(reqs: &[Request]) -> Result<()> {
     if let Some(first) = reqs.first()
-        && reqs.iter().any(|r| !batchable(first, r))
+        && reqs.iter().skip(1).any(|r| !batchable(first, r))
     {
         bail!("internal error: a batch mixes sizes, samplers or CFG scales");
     }

@@ -32,6 +32,10 @@ pub struct LineSettings {
     pub name: Option<String>,
     /// `"a1111"` or `"plain"`; the run's `--prompt-syntax` when absent.
     pub prompt_syntax: Option<PromptSyntax>,
+    /// img2img / inpainting, paths relative to the prompt file's directory.
+    pub init_image: Option<String>,
+    pub mask: Option<String>,
+    pub strength: Option<f64>,
 }
 
 /// One prompt to render, with where it came from.

@@ -1,4 +1,5 @@
-//! The VAE decoder (diffusers' `AutoencoderKL.decode`), with SDXL's latent scale.
+//! The VAE (diffusers' `AutoencoderKL`): the decoder with SDXL's latent scale, and the
+//! encoder that img2img and inpainting start from.
 
 use crate::config::VaeConfig;
 use crate::nn;
@@ -283,6 +284,148 @@ impl VaeDecoder {
         }
         self.conv_out
             .forward(&nn::group_norm_silu(&self.conv_norm_out, &x)?)
+    }
+}
+
+struct DownLevel {
+    resnets: Vec<ResnetBlock>,
+    downsampler: Option<Conv2d>,
+}
+
+/// The VAE encoder (diffusers' `AutoencoderKL.encode` → `DiagonalGaussianDistribution`).
+pub struct VaeEncoder {
+    config: VaeConfig,
+    conv_in: Conv2d,
+    down: Vec<DownLevel>,
+    mid_resnets: Vec<ResnetBlock>,
+    mid_attention: Option<SpatialAttention>,
+    conv_norm_out: GroupNorm,
+    conv_out: Conv2d,
+    quant_conv: Option<Conv2d>,
+}
+
+impl VaeEncoder {
+    /// `vb` points at the VAE's root (names `encoder.*`, `quant_conv.*`).
+    pub fn new(c: &VaeConfig, vb: VarBuilder) -> Result<Self> {
+        let ch = &c.block_out_channels;
+        let n = ch.len();
+        let g = c.norm_num_groups;
+        let e = vb.pp("encoder");
+        let mut down = Vec::with_capacity(n);
+        let mut prev = ch[0];
+        for (i, &out) in ch.iter().enumerate() {
+            let vb = e.pp(format!("down_blocks.{i}"));
+            let resnets = (0..c.layers_per_block)
+                .map(|j| {
+                    ResnetBlock::new(
+                        if j == 0 { prev } else { out },
+                        out,
+                        None,
+                        g,
+                        VAE_EPS,
+                        vb.pp(format!("resnets.{j}")),
+                    )
+                })
+                .collect::<Result<Vec<_>>>()?;
+            let downsampler = if i + 1 < n {
+                Some(nn::conv2d(out, out, 3, 2, vb.pp("downsamplers.0.conv"))?.without_padding())
+            } else {
+                None
+            };
+            down.push(DownLevel {
+                resnets,
+                downsampler,
+            });
+            prev = out;
+        }
+        let top = ch[n - 1];
+        let mid_resnets = (0..2)
+            .map(|j| {
+                ResnetBlock::new(
+                    top,
+                    top,
+                    None,
+                    g,
+                    VAE_EPS,
+                    e.pp(format!("mid_block.resnets.{j}")),
+                )
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let mid_attention = if c.mid_block_add_attention {
+            Some(SpatialAttention::new(
+                top,
+                g,
+                e.pp("mid_block.attentions.0"),
+            )?)
+        } else {
+            None
+        };
+        let z = 2 * c.latent_channels;
+        // diffusers' `use_quant_conv` goes with the file: present or not.
+        let quant_conv = if vb.contains_tensor("quant_conv.weight") {
+            Some(nn::conv2d(z, z, 1, 1, vb.pp("quant_conv"))?)
+        } else {
+            None
+        };
+        Ok(Self {
+            conv_in: nn::conv2d(c.out_channels, ch[0], 3, 1, e.pp("conv_in"))?,
+            down,
+            mid_resnets,
+            mid_attention,
+            conv_norm_out: nn::group_norm(g, top, VAE_EPS, e.pp("conv_norm_out"))?,
+            conv_out: nn::conv2d(top, z, 3, 1, e.pp("conv_out"))?,
+            quant_conv,
+            config: c.clone(),
+        })
+    }
+
+    /// The latent distribution of images in [-1, 1] `[B, 3, H, W]`: its mean and standard
+    /// deviation, `[B, latent, H/8, W/8]` each (`logvar` clamped to [-30, 20], as diffusers).
+    pub fn encode(&self, image: &Tensor) -> Result<(Tensor, Tensor)> {
+        let mut x = self.conv_in.forward(image)?;
+        for level in &self.down {
+            cancelled()?;
+            for res in &level.resnets {
+                x = res.forward(&x, None)?;
+            }
+            if let Some(conv) = &level.downsampler {
+                // Downsample2D(padding=0): one zero row and column at the bottom and right.
+                x = conv.forward(&x.pad_with_zeros(3, 0, 1)?.pad_with_zeros(2, 0, 1)?)?;
+            }
+        }
+        x = self.mid_resnets[0].forward(&x, None)?;
+        if let Some(attn) = &self.mid_attention {
+            x = attn.forward(&x)?;
+        }
+        x = self.mid_resnets[1].forward(&x, None)?;
+        let mut moments = self
+            .conv_out
+            .forward(&nn::group_norm_silu(&self.conv_norm_out, &x)?)?;
+        if let Some(q) = &self.quant_conv {
+            moments = q.forward(&moments)?;
+        }
+        let l = self.config.latent_channels;
+        let mean = moments.narrow(1, 0, l)?;
+        let logvar = moments.narrow(1, l, l)?.clamp(-30f32, 20f32)?;
+        let std = (logvar * 0.5)?.exp()?;
+        Ok((mean, std))
+    }
+
+    /// VAE latents to sampler latents, as the SDXL img2img and inpaint pipelines scale
+    /// them: `(z − mean) · scaling_factor / std` with per-channel statistics, else
+    /// `z · scaling_factor`.
+    pub fn scale(&self, z: &Tensor) -> Result<Tensor> {
+        match &self.config.latents_mean_std {
+            None => z * self.config.scaling_factor,
+            Some((mean, std)) => {
+                let per_channel = |v: &[f64]| -> Result<Tensor> {
+                    let v: Vec<f32> = v.iter().map(|&x| x as f32).collect();
+                    Tensor::from_vec(v, (1, mean.len(), 1, 1), z.device())?.to_dtype(z.dtype())
+                };
+                (z.broadcast_sub(&per_channel(mean)?)? * self.config.scaling_factor)?
+                    .broadcast_div(&per_channel(std)?)
+            }
+        }
     }
 }
 

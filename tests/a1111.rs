@@ -163,6 +163,7 @@ fn request(c: &ImageCase) -> Request {
         seed: c.seed,
         width: c.width,
         height: c.height,
+        init: None,
     }
 }
 

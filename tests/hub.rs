@@ -144,6 +144,7 @@ fn request() -> Request {
         seed: 42,
         width: 64,
         height: 64,
+        init: None,
     }
 }
 

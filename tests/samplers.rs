@@ -47,6 +47,7 @@ impl SamplerCase {
             seed: self.seed,
             width: self.width,
             height: self.height,
+            init: None,
         }
     }
 

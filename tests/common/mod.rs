@@ -54,6 +54,7 @@ impl Case {
             seed: self.seed,
             width: self.width,
             height: self.height,
+            init: None,
         }
     }
 

@@ -52,6 +52,19 @@ pub struct GenArgs {
     /// as is, cut after 75 tokens, as diffusers.
     #[arg(long, value_enum, value_name = "SYNTAX")]
     pub prompt_syntax: Option<PromptSyntax>,
+    /// img2img: start from this image (PNG, JPEG, WebP; `-` reads stdin), resized with PIL's
+    /// Lanczos to --width/--height when given, else its own size rounded down to a multiple
+    /// of 8.
+    #[arg(long, value_name = "IMAGE|-")]
+    pub init_image: Option<PathBuf>,
+    /// Inpainting: repaint where this mask is white (grey levels from 50% up count as
+    /// white), keep the init image elsewhere. Same size as the init image.
+    #[arg(long, value_name = "IMAGE", requires = "init_image")]
+    pub mask: Option<PathBuf>,
+    /// How much of the timestep list runs from the init image, in (0, 1]: with 4 steps 0.5
+    /// runs 499, 249. Default 0.3 for img2img, 0.9999 for inpainting (diffusers').
+    #[arg(long, requires = "init_image")]
+    pub strength: Option<f64>,
     /// Sampling steps (DMD2: 4 → timesteps 999,749,499,249; 1 → 399). Default 4.
     #[arg(long)]
     pub steps: Option<usize>,

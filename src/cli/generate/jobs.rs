@@ -3,13 +3,16 @@
 //! run of billions of images costs nothing until an image is due.
 
 use super::settings::{Settings, Sink};
+use crate::init_image::Loaded;
+use crate::metadata::ImageRef;
 use crate::output::file_names::{self, NameFields};
 use crate::pipeline::Request;
 use crate::prompts::{self, PromptItem};
 use crate::scheduler::SamplerSpec;
 use anyhow::{Result, bail};
-use std::collections::HashSet;
-use std::path::PathBuf;
+use std::collections::{HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 
 /// One image of the run.
 pub struct Job {
@@ -17,6 +20,23 @@ pub struct Job {
     pub line: usize,
     pub req: Request,
     pub path: Option<PathBuf>,
+    /// img2img / inpainting: the files it starts from, for the PNG's settings.
+    pub start: Option<Start>,
+}
+
+/// The init image and mask files of a job, as the PNG records them.
+#[derive(Clone)]
+pub struct Start {
+    pub image: ImageRef,
+    pub mask: Option<ImageRef>,
+    pub strength: f64,
+}
+
+fn image_ref(l: &Loaded) -> ImageRef {
+    ImageRef {
+        path: l.path.display().to_string(),
+        sha256: l.sha256.clone(),
+    }
 }
 
 /// The settings every job starts from, with what the opened model decides settled: its
@@ -26,6 +46,8 @@ pub struct Base<'a> {
     pub width: usize,
     pub height: usize,
     pub sampler: SamplerSpec,
+    /// Init images and masks prompt-file lines name, read once each.
+    images: Mutex<HashMap<PathBuf, Arc<Loaded>>>,
 }
 
 impl<'a> Base<'a> {
@@ -43,6 +65,7 @@ impl<'a> Base<'a> {
             width: settings.width.unwrap_or(default_size),
             height: settings.height.unwrap_or(default_size),
             sampler,
+            images: Mutex::new(HashMap::new()),
         }
     }
 }
@@ -111,6 +134,77 @@ impl Iterator for ItemJobs {
 }
 
 impl Base<'_> {
+    /// The item's init image (line, else flags), resized to the job's size: `--width` and
+    /// `--height` (or the line's) when given, else the image's own rounded down to a
+    /// multiple of 8.
+    fn start(
+        &self,
+        item: &PromptItem,
+        jobs: &ItemJobs,
+    ) -> Result<(Option<crate::img2img::InitImage>, Option<Start>)> {
+        let s = &item.settings;
+        let image = match &s.init_image {
+            Some(p) => Some(self.line_image(p)?),
+            None => self.settings.init_image.clone(),
+        };
+        let mask = match &s.mask {
+            Some(p) => Some(self.line_image(p)?),
+            None => self.settings.mask.clone(),
+        };
+        let Some(image) = image else {
+            if mask.is_some() || s.strength.is_some() {
+                bail!("mask and strength need an init image");
+            }
+            return Ok((None, None));
+        };
+        if jobs.sampler.kind != crate::scheduler::SamplerKind::Dmd2 {
+            bail!("an init image works with the dmd2 sampler only");
+        }
+        let strength = s
+            .strength
+            .or(self.settings.strength)
+            .unwrap_or(if mask.is_some() {
+                crate::img2img::DEFAULT_INPAINT_STRENGTH
+            } else {
+                crate::img2img::DEFAULT_STRENGTH
+            });
+        let all: Vec<usize> = jobs
+            .sampler
+            .timesteps()?
+            .iter()
+            .map(|&t| t as usize)
+            .collect();
+        crate::img2img::strength_timesteps(&all, strength)?;
+        let (dw, dh) = crate::init_image::default_size(&image.pixels, 8)
+            .map_err(|e| anyhow::anyhow!("{}: {e}", image.path.display()))?;
+        let width = s.width.or(self.settings.width).unwrap_or(dw);
+        let height = s.height.or(self.settings.height).unwrap_or(dh);
+        let init = crate::init_image::prepare(&image, mask.as_deref(), width, height, strength)?;
+        let start = Start {
+            image: image_ref(&image),
+            mask: mask.as_deref().map(image_ref),
+            strength,
+        };
+        Ok((Some(init), Some(start)))
+    }
+
+    /// An image a prompt-file line names, relative to the file's directory.
+    fn line_image(&self, p: &str) -> Result<Arc<Loaded>> {
+        let path = match &self.settings.source {
+            crate::prompts::PromptSource::File { path, .. } if Path::new(p).is_relative() => {
+                path.parent().unwrap_or(Path::new("")).join(p)
+            }
+            _ => PathBuf::from(p),
+        };
+        let mut cache = self.images.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(l) = cache.get(&path) {
+            return Ok(l.clone());
+        }
+        let l = Arc::new(Loaded::read(&path)?);
+        cache.insert(path, l.clone());
+        Ok(l)
+    }
+
     /// The job for run index `index` of `item` (whose images start at `jobs.first`).
     pub fn job(&self, item: &PromptItem, jobs: &ItemJobs, index: u64) -> Result<Job> {
         let s = &item.settings;
@@ -119,6 +213,14 @@ impl Base<'_> {
         let seed = match s.seed {
             Some(sd) => sd.wrapping_add(k),
             None => self.settings.seed.wrapping_add(index),
+        };
+        let (init, start) = self.start(item, jobs)?;
+        let (width, height) = match &init {
+            Some(i) => (i.image.dim(3)?, i.image.dim(2)?),
+            None => (
+                s.width.unwrap_or(self.width),
+                s.height.unwrap_or(self.height),
+            ),
         };
         let req = Request {
             prompt: s.prompt.clone(),
@@ -130,14 +232,16 @@ impl Base<'_> {
             sampler: jobs.sampler.clone(),
             cfg: s.cfg.unwrap_or(self.settings.cfg),
             seed,
-            width: s.width.unwrap_or(self.width),
-            height: s.height.unwrap_or(self.height),
+            width,
+            height,
+            init,
         };
         let path = output_path(self.settings, item, jobs, index, seed)?;
         Ok(Job {
             index,
             line: item.line,
             req,
+            start,
             path,
         })
     }

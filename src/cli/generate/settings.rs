@@ -6,6 +6,7 @@
 
 use super::args::{GenArgs, OnError};
 use crate::device::DeviceChoice;
+use crate::init_image::Loaded;
 use crate::loader::{MemoryPolicy, ModelSpec};
 use crate::lora::LoraSpec;
 use crate::metadata::{self, ImageSettings};
@@ -18,6 +19,7 @@ use crate::scheduler::{self, SamplerKind, SamplerSpec, Spacing};
 use anyhow::{Context, Result, bail};
 use std::io::IsTerminal;
 use std::path::PathBuf;
+use std::sync::Arc;
 
 /// Where images go.
 pub enum Sink {
@@ -62,6 +64,10 @@ pub struct Settings {
     /// Files the run reads besides the model's (prompt file, PNG, preset file): no output may
     /// replace them.
     pub inputs: Vec<PathBuf>,
+    /// img2img / inpainting from the flags (or the PNG): read once, before any work.
+    pub init_image: Option<Arc<Loaded>>,
+    pub mask: Option<Arc<Loaded>>,
+    pub strength: Option<f64>,
 }
 
 impl Settings {
@@ -174,6 +180,48 @@ impl Settings {
         {
             inputs.push(pr.origin.clone().into());
         }
+        let init_path = a
+            .init_image
+            .clone()
+            .or_else(|| png.and_then(|s| s.init_image.as_ref().map(|r| PathBuf::from(&r.path))));
+        let mask_path = match &a.init_image {
+            Some(_) => a.mask.clone(),
+            None => a
+                .mask
+                .clone()
+                .or_else(|| png.and_then(|s| s.mask.as_ref().map(|r| PathBuf::from(&r.path)))),
+        };
+        let init_image = init_path
+            .as_deref()
+            .map(|p| Loaded::read(p).map(Arc::new))
+            .transpose()?;
+        let mask = mask_path
+            .as_deref()
+            .map(|p| Loaded::read(p).map(Arc::new))
+            .transpose()?;
+        if let (Some(i), Some(m)) = (&init_image, &mask)
+            && (i.pixels.width, i.pixels.height) != (m.pixels.width, m.pixels.height)
+        {
+            bail!(
+                "{}: the mask is {}x{}, the init image {}x{}",
+                m.path.display(),
+                m.pixels.width,
+                m.pixels.height,
+                i.pixels.width,
+                i.pixels.height
+            );
+        }
+        let strength = a.strength.or_else(|| png.and_then(|s| s.strength));
+        if let Some(st) = strength
+            && !(st > 0.0 && st <= 1.0)
+        {
+            bail!("--strength must be in (0, 1], not {st}");
+        }
+        for p in [&init_path, &mask_path].into_iter().flatten() {
+            if p.as_os_str() != "-" {
+                inputs.push(p.clone());
+            }
+        }
         let (seed, random_seed) = match a.seed.or(png.map(|s| s.seed)) {
             Some(s) => (s, false),
             None => (random_seed(), true),
@@ -210,6 +258,9 @@ impl Settings {
             force: a.force,
             device: a.device,
             dtype: a.dtype,
+            init_image,
+            mask,
+            strength,
             memory: MemoryPolicy {
                 vae_tiling: a.vae_tiling.then_some(a.vae_tile_size),
                 tile_px: a.vae_tile_size,

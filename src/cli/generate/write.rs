@@ -5,7 +5,7 @@ use super::jobs::Job;
 use super::settings::{Settings, Sink};
 use crate::metadata::{ImageSettings, LoraRef};
 use crate::output::{self, FileId, PngText, Target};
-use crate::pipeline::{Generated, Request};
+use crate::pipeline::Generated;
 use anyhow::{Result, bail};
 use std::path::Path;
 use std::time::Instant;
@@ -66,7 +66,8 @@ impl<'a> Writer<'a> {
     }
 
     /// The settings stored in an image's PNG.
-    pub fn image_settings(&self, req: &Request) -> ImageSettings {
+    pub fn image_settings(&self, job: &Job) -> ImageSettings {
+        let req = &job.req;
         let s = self.settings;
         ImageSettings {
             prompt: req.prompt.clone(),
@@ -90,12 +91,15 @@ impl<'a> Writer<'a> {
             unet: s.model.unet.clone(),
             preset: s.preset.clone(),
             precision: Some(self.precision.to_string()),
+            init_image: job.start.as_ref().map(|st| st.image.clone()),
+            mask: job.start.as_ref().and_then(|st| st.mask.clone()),
+            strength: job.start.as_ref().map(|st| st.strength),
         }
     }
 
     /// Writes one finished image and its JSON line; returns the seconds the write took.
     pub fn write(&self, job: &Job, target: Option<&Target>, img: &Generated) -> Result<f64> {
-        let settings = self.image_settings(&job.req);
+        let settings = self.image_settings(job);
         let text = PngText {
             parameters: settings.a1111(),
             json: settings.to_json(),

@@ -1,0 +1,323 @@
+//! img2img and inpainting against diffusers (scripts/make_img2img_fixtures.py,
+//! tests/fixtures/img2img/): `StableDiffusionXLImg2ImgPipeline` at two strengths with and
+//! without CFG, from an image whose size is not a multiple of 8 and resized to another size,
+//! and `StableDiffusionXLInpaintPipeline` with a soft grey mask at its default strength, at 1
+//! (pure noise) with CFG and at 0.5 — each image within one level, from the folder and the
+//! single file; PIL's Lanczos resize and grey conversion bit for bit; and `dmd2 gen
+//! --init-image/--mask/--strength`, JSON lines with relative paths, stdin, the PNG's
+//! record of what an image started from, and bad input.
+
+mod common;
+
+use common::{Source, fixtures, ids_of, max_level_diff, pipeline};
+use dmd2::init_image::{Loaded, Pixels, prepare};
+use dmd2::pipeline::Request;
+use serde::Deserialize;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+#[derive(Debug, Deserialize)]
+struct Case {
+    name: String,
+    kind: String,
+    init: String,
+    mask: Option<String>,
+    prompt: String,
+    negative_prompt: Option<String>,
+    strength: Option<f64>,
+    guidance_scale: f64,
+    seed: u64,
+    width: usize,
+    height: usize,
+}
+
+fn dir() -> PathBuf {
+    fixtures().join("img2img")
+}
+
+fn cases() -> Vec<Case> {
+    serde_json::from_str(&std::fs::read_to_string(dir().join("cases.json")).unwrap()).unwrap()
+}
+
+fn refs(name: &str) -> std::collections::HashMap<String, candle_core::Tensor> {
+    candle_core::safetensors::load(
+        dir().join(format!("{name}.safetensors")),
+        &candle_core::Device::Cpu,
+    )
+    .unwrap()
+}
+
+fn bytes_of(t: &candle_core::Tensor) -> Vec<u8> {
+    ids_of(t).into_iter().map(|x| x as u8).collect()
+}
+
+fn request(c: &Case) -> Request {
+    let image = Loaded::read(&dir().join(&c.init)).unwrap();
+    let mask = c
+        .mask
+        .as_ref()
+        .map(|m| Loaded::read(&dir().join(m)).unwrap());
+    let strength = c.strength.unwrap_or(if mask.is_some() {
+        dmd2::img2img::DEFAULT_INPAINT_STRENGTH
+    } else {
+        dmd2::img2img::DEFAULT_STRENGTH
+    });
+    let init = prepare(&image, mask.as_ref(), c.width, c.height, strength).unwrap();
+    Request {
+        prompt: c.prompt.clone(),
+        negative_prompt: c.negative_prompt.clone(),
+        prompt_syntax: Default::default(),
+        sampler: dmd2::scheduler::SamplerSpec::dmd2(vec![999, 749, 499, 249]),
+        cfg: c.guidance_scale,
+        seed: c.seed,
+        width: c.width,
+        height: c.height,
+        init: Some(init),
+    }
+}
+
+#[test]
+fn lanczos_and_grey_are_pils() {
+    let r = refs("resize");
+    let src = &r["src"];
+    let (h, w, _) = src.dims3().unwrap();
+    let p = Pixels {
+        width: w,
+        height: h,
+        channels: 3,
+        data: bytes_of(src),
+    };
+    for (k, t) in &r {
+        if let Some(size) = k.strip_prefix("lanczos_") {
+            let (tw, th) = size.split_once('x').unwrap();
+            let got = p.resize_lanczos(tw.parse().unwrap(), th.parse().unwrap());
+            assert_eq!(got.data, bytes_of(t), "{k}");
+        }
+    }
+    let grey = p.to_grey();
+    assert_eq!(grey.data, bytes_of(&r["grey"]));
+    assert_eq!(
+        grey.resize_lanczos(30, 30).data,
+        bytes_of(&r["grey_lanczos_30x30"])
+    );
+}
+
+#[test]
+fn images_match_diffusers() {
+    for c in cases() {
+        let want = bytes_of(&refs(&c.name)["image"]);
+        for src in [Source::Folder, Source::SingleFile] {
+            let img = pipeline(src)
+                .generate(&request(&c), &mut |_, _| {})
+                .unwrap();
+            assert_eq!((img.width, img.height), (c.width, c.height));
+            let d = max_level_diff(&img.rgb, &want);
+            assert!(d <= 1, "{} ({}) {src:?}: {d} levels off", c.name, c.kind);
+        }
+    }
+}
+
+fn dmd2(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_dmd2"))
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+fn rgb(p: &Path) -> Vec<u8> {
+    image::open(p).unwrap().to_rgb8().into_raw()
+}
+
+fn fixture(name: &str) -> String {
+    dir().join(name).display().to_string()
+}
+
+/// The CLI makes diffusers' images: img2img and inpainting from flags, inpainting from a
+/// JSON line with paths relative to the prompt file, img2img from stdin; the PNG records the
+/// init image's and mask's paths and pixel hashes and the strength, and `--from-png` makes
+/// the same image again.
+#[test]
+fn gen_starts_from_images() {
+    let out = common::fresh_dir("img2img", "gen");
+    let model = Source::Folder.path().display().to_string();
+    let cs = cases();
+    let case = |n: &str| cs.iter().find(|c| c.name == n).unwrap();
+    let base = |c: &Case| -> Vec<String> {
+        let mut a: Vec<String> = [
+            "gen",
+            "--model",
+            &model,
+            "--prompt",
+            &c.prompt,
+            "--seed",
+            &c.seed.to_string(),
+            "--cfg",
+            &c.guidance_scale.to_string(),
+            "--steps",
+            "4",
+            "-q",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        if let Some(n) = &c.negative_prompt {
+            a.extend(["--negative-prompt".into(), n.clone()]);
+        }
+        a
+    };
+    let run = |args: Vec<String>| {
+        let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+        let o = dmd2(&refs);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        o
+    };
+    // img2img, flags.
+    let c = case("img2img_odd_size");
+    let p = out.join("a.png");
+    let mut a = base(c);
+    a.extend([
+        "--init-image".into(),
+        fixture(&c.init),
+        "--strength".into(),
+        "0.5".into(),
+    ]);
+    a.extend(["-o".into(), p.display().to_string()]);
+    run(a);
+    assert!(max_level_diff(&rgb(&p), &bytes_of(&refs(&c.name)["image"])) <= 1);
+    let s = dmd2::metadata::settings_from_png(&p).unwrap();
+    assert_eq!(s.strength, Some(0.5));
+    assert_eq!(s.init_image.as_ref().unwrap().path, fixture(&c.init));
+    assert_eq!(s.init_image.as_ref().unwrap().sha256.len(), 64);
+    assert_eq!((s.width, s.height), (80, 64));
+    let params = dmd2::metadata::read_png_text(&p).unwrap();
+    assert!(
+        params
+            .iter()
+            .any(|(k, v)| k == "parameters" && v.contains("Denoising strength: 0.5"))
+    );
+    // --from-png makes it again.
+    let again = out.join("again.png");
+    run(vec![
+        "gen".into(),
+        "--from-png".into(),
+        p.display().to_string(),
+        "--model".into(),
+        model.clone(),
+        "-q".into(),
+        "-o".into(),
+        again.display().to_string(),
+    ]);
+    assert_eq!(rgb(&again), rgb(&p));
+
+    // Inpainting from a JSON line, paths relative to the prompt file.
+    let c = case("inpaint_half");
+    let jdir = out.join("job");
+    std::fs::create_dir_all(&jdir).unwrap();
+    for f in ["init.png", "mask.png"] {
+        std::fs::copy(dir().join(f), jdir.join(f)).unwrap();
+    }
+    let line = serde_json::json!({
+        "prompt": c.prompt, "negative_prompt": c.negative_prompt, "seed": c.seed,
+        "cfg": c.guidance_scale, "init_image": "init.png", "mask": "mask.png",
+        "strength": 0.5, "name": "inpaint.png",
+    });
+    std::fs::write(jdir.join("p.jsonl"), format!("{line}\n")).unwrap();
+    run(vec![
+        "gen".into(),
+        "--model".into(),
+        model.clone(),
+        "--prompt-file".into(),
+        jdir.join("p.jsonl").display().to_string(),
+        "--steps".into(),
+        "4".into(),
+        "-q".into(),
+        "--out-dir".into(),
+        out.display().to_string(),
+    ]);
+    assert!(
+        max_level_diff(
+            &rgb(&out.join("inpaint.png")),
+            &bytes_of(&refs(&c.name)["image"])
+        ) <= 1
+    );
+
+    // img2img from stdin, at its default strength (0.3 → one step at 249).
+    let p2 = out.join("stdin.png");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_dmd2"))
+        .args([
+            "gen",
+            "--model",
+            &model,
+            "--prompt",
+            "x",
+            "--steps",
+            "4",
+            "--init-image",
+            "-",
+            "-q",
+            "-o",
+            p2.to_str().unwrap(),
+        ])
+        .stdin(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::Write;
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(&std::fs::read(dir().join("init.png")).unwrap())
+        .unwrap();
+    assert!(child.wait().unwrap().success());
+    let s = dmd2::metadata::settings_from_png(&p2).unwrap();
+    assert_eq!(
+        (s.strength, s.init_image.unwrap().path.as_str()),
+        (Some(0.3), "-")
+    );
+}
+
+/// Bad starts are one-line errors naming the file, exit 2, nothing written.
+#[test]
+fn bad_starts_are_refused() {
+    let out = common::fresh_dir("img2img", "bad");
+    let model = Source::Folder.path().display().to_string();
+    let not_image = out.join("notes.png");
+    std::fs::write(&not_image, "hello").unwrap();
+    let small_mask = out.join("small.png");
+    image::RgbImage::new(32, 32).save(&small_mask).unwrap();
+    let init = fixture("init.png");
+    let target = out.join("o.png");
+    let t = target.to_str().unwrap();
+    for (args, needle) in [
+        (
+            vec!["--init-image", not_image.to_str().unwrap()],
+            "notes.png",
+        ),
+        (vec!["--init-image", "/no/such.png"], "/no/such.png"),
+        (
+            vec![
+                "--init-image",
+                &init,
+                "--mask",
+                small_mask.to_str().unwrap(),
+            ],
+            "small.png",
+        ),
+        (
+            vec!["--init-image", &init, "--strength", "0.1"],
+            "at least 0.25",
+        ),
+        (vec!["--init-image", &init, "--strength", "1.5"], "(0, 1]"),
+        (vec!["--mask", &init], "--init-image"),
+    ] {
+        let mut all = vec![
+            "gen", "--model", &model, "--prompt", "x", "--steps", "4", "-o", t,
+        ];
+        all.extend(args.iter().copied());
+        let o = dmd2(&all);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(2), "{args:?}: {err}");
+        assert!(err.contains(needle), "{args:?}: {err}");
+        assert!(!target.exists(), "{args:?}");
+    }
+}
