@@ -8,12 +8,98 @@ use candle_core::Tensor;
 /// What an image starts from.
 #[derive(Debug, Clone)]
 pub struct InitImage {
-    /// `[1, 3, H, W]` in [-1, 1] (f32, CPU), already the size of the image to make.
+    /// `[1, 3, H, W]` in [-1, 1] (f32, CPU), already the size of the image to make; or
+    /// sampler latents `[1, 4, H/8, W/8]` (a latent upscale), which are not encoded again
+    /// (diffusers' img2img given a 4-channel image).
     pub image: Tensor,
     /// `[1, 1, H, W]`, 1 where the image is repainted, 0 where it is kept (binarized).
     pub mask: Option<Tensor>,
     /// How much of the timestep list runs, in (0, 1].
     pub strength: f64,
+}
+
+/// The hires fix: the image made again at `scale` times the size, from its upscaled self.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Hires {
+    pub scale: f64,
+    pub upscaler: HiresUpscaler,
+    /// img2img strength of the second pass.
+    pub strength: f64,
+    /// The second pass's timestep list before the strength cuts it (DMD2's for this many
+    /// steps).
+    pub steps: usize,
+}
+
+/// How the first image is enlarged: in pixels (PIL's Lanczos on the 8-bit image, as saving
+/// it and resizing would), or its latents (A1111's "Latent" = bilinear, "Latent (nearest)").
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize, clap::ValueEnum,
+)]
+#[serde(rename_all = "kebab-case")]
+pub enum HiresUpscaler {
+    Lanczos,
+    Latent,
+    LatentNearest,
+}
+
+impl HiresUpscaler {
+    /// A1111's name, for the PNG's `Hires upscaler`.
+    pub fn a1111_name(self) -> &'static str {
+        match self {
+            HiresUpscaler::Lanczos => "Lanczos",
+            HiresUpscaler::Latent => "Latent",
+            HiresUpscaler::LatentNearest => "Latent (nearest)",
+        }
+    }
+}
+
+impl Hires {
+    /// DMD2 users' second pass: half strength (499, 249 of 4 steps).
+    pub const DEFAULT_STRENGTH: f64 = 0.5;
+
+    /// The second pass's size: each side × scale, down to a multiple of 8 (as A1111).
+    pub fn size(&self, width: usize, height: usize) -> (usize, usize) {
+        let f = |v: usize| ((v as f64 * self.scale) as usize) / 8 * 8;
+        (f(width), f(height))
+    }
+}
+
+/// torch's `F.interpolate` of latents `[B, C, h, w]` to `[B, C, H, W]`: `nearest` (source
+/// index ⌊i·h/H⌋) or `bilinear` with `align_corners=False`.
+pub fn upscale_latents(x: &Tensor, height: usize, width: usize, bilinear: bool) -> Result<Tensor> {
+    let (b, c, h, w) = x.dims4()?;
+    let v = x
+        .to_dtype(candle_core::DType::F32)?
+        .flatten_all()?
+        .to_vec1::<f32>()?;
+    // Per output coordinate: two source indices and the weight of the second.
+    let taps = |n_in: usize, n_out: usize| -> Vec<(usize, usize, f32)> {
+        (0..n_out)
+            .map(|i| {
+                if !bilinear {
+                    let s = (i * n_in) / n_out;
+                    return (s, s, 0.0);
+                }
+                let src = ((i as f64 + 0.5) * n_in as f64 / n_out as f64 - 0.5).max(0.0);
+                let i0 = (src.floor() as usize).min(n_in - 1);
+                let i1 = (i0 + 1).min(n_in - 1);
+                (i0, i1, (src - i0 as f64) as f32)
+            })
+            .collect()
+    };
+    let (ty, tx) = (taps(h, height), taps(w, width));
+    let mut out = Vec::with_capacity(b * c * height * width);
+    for plane in v.chunks_exact(h * w) {
+        for &(y0, y1, ly) in &ty {
+            for &(x0, x1, lx) in &tx {
+                let p = |y: usize, x: usize| plane[y * w + x];
+                let top = p(y0, x0) * (1.0 - lx) + p(y0, x1) * lx;
+                let bottom = p(y1, x0) * (1.0 - lx) + p(y1, x1) * lx;
+                out.push(top * (1.0 - ly) + bottom * ly);
+            }
+        }
+    }
+    Ok(Tensor::from_vec(out, (b, c, height, width), x.device())?)
 }
 
 /// diffusers' default strengths: img2img 0.3; inpainting 0.9999 (with 4 steps: 3 of them).

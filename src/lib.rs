@@ -16,6 +16,7 @@ pub mod device;
 pub mod embeddings;
 pub mod error;
 pub mod files;
+pub mod hashes;
 pub mod hub;
 pub mod img2img;
 pub mod init_image;

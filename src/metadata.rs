@@ -18,6 +18,9 @@ pub struct ImageRef {
 pub struct LoraRef {
     pub path: String,
     pub weight: f32,
+    /// Civitai's AutoV3 (12 hex digits), when the LoRA is a local file.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hash: Option<String>,
 }
 
 /// Everything needed to make an image again, bit for bit.
@@ -51,6 +54,12 @@ pub struct ImageSettings {
     pub mask: Option<ImageRef>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub strength: Option<f64>,
+    /// The hires fix (the image is its second pass, `scale` times `width`×`height`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hires: Option<crate::img2img::Hires>,
+    /// A1111's `Model hash` (10 hex digits) of a single-file checkpoint.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model_hash: Option<String>,
 }
 
 fn plain() -> PromptSyntax {
@@ -76,12 +85,16 @@ impl ImageSettings {
     /// The A1111 text: prompt, `Negative prompt:` line, then `Key: value` pairs.
     pub fn a1111(&self) -> String {
         let mut s = self.prompt.clone();
+        // LoRAs as A1111 writes them: tags in the prompt (their hashes below).
+        for l in &self.loras {
+            s.push_str(&format!(" <lora:{}:{}>", display_name(&l.path), l.weight));
+        }
         if let Some(n) = &self.negative_prompt {
             s.push_str("\nNegative prompt: ");
             s.push_str(n);
         }
         let sampler = match self.sampler.kind {
-            SamplerKind::Dmd2 => "DMD2 (LCM)",
+            SamplerKind::Dmd2 => "LCM",
             SamplerKind::Euler => "Euler",
             SamplerKind::EulerA => "Euler a",
             SamplerKind::Ddim => "DDIM",
@@ -97,8 +110,16 @@ impl ImageSettings {
             ("CFG scale", self.cfg.to_string()),
             ("Seed", self.seed.to_string()),
             ("Size", format!("{}x{}", self.width, self.height)),
-            ("Model", quote(&display_name(&self.model))),
         ];
+        // DMD2's trailing timesteps are A1111's and Forge's "Simple" schedule (ComfyUI's
+        // `simple`): 999, 749, 499, 249 at 4 steps.
+        if self.sampler.kind == SamplerKind::Dmd2 {
+            kv.insert(2, ("Schedule type", "Simple".to_string()));
+        }
+        if let Some(h) = &self.model_hash {
+            kv.push(("Model hash", h.clone()));
+        }
+        kv.push(("Model", quote(&display_name(&self.model))));
         if let Some(t) = &self.sampler.timesteps {
             kv.push((
                 "Timesteps",
@@ -110,16 +131,26 @@ impl ImageSettings {
                 ),
             ));
         }
-        if !self.loras.is_empty() {
-            let l = self
-                .loras
-                .iter()
-                .map(|l| format!("{}: {}", display_name(&l.path), l.weight))
-                .collect::<Vec<_>>();
-            kv.push(("LoRAs", format!("\"{}\"", l.join(", "))));
+        let hashes: Vec<String> = self
+            .loras
+            .iter()
+            .filter_map(|l| Some(format!("{}: {}", display_name(&l.path), l.hash.as_ref()?)))
+            .collect();
+        if !hashes.is_empty() {
+            kv.push(("Lora hashes", format!("\"{}\"", hashes.join(", "))));
         }
-        if let Some(st) = self.strength {
-            kv.push(("Denoising strength", st.to_string()));
+        // The noise is drawn on the CPU, as A1111's "CPU" random source.
+        kv.push(("RNG", "CPU".to_string()));
+        // A1111 writes one `Denoising strength`: img2img's, else the hires pass's.
+        match (self.strength, &self.hires) {
+            (Some(st), _) => kv.push(("Denoising strength", st.to_string())),
+            (None, Some(h)) => kv.push(("Denoising strength", h.strength.to_string())),
+            _ => {}
+        }
+        if let Some(h) = &self.hires {
+            kv.push(("Hires upscale", h.scale.to_string()));
+            kv.push(("Hires steps", h.steps.to_string()));
+            kv.push(("Hires upscaler", quote(h.upscaler.a1111_name())));
         }
         if let Some(p) = &self.preset {
             kv.push(("Preset", quote(p)));
@@ -219,6 +250,35 @@ pub fn parse_a1111(text: &str) -> Result<A1111> {
     })
 }
 
+/// A1111's `<lora:NAME:WEIGHT>` tags taken out of a prompt: the prompt without them and the
+/// (name, weight) of each.
+pub fn strip_lora_tags(prompt: &str) -> (String, Vec<(String, String)>) {
+    let mut out = String::with_capacity(prompt.len());
+    let mut tags = Vec::new();
+    let mut rest = prompt;
+    while let Some(at) = rest.find("<lora:") {
+        let Some(end) = rest[at..].find('>') else {
+            break;
+        };
+        let inner = &rest[at + "<lora:".len()..at + end];
+        let (n, w) = match inner.rsplit_once(':') {
+            Some((n, w)) if w.trim().parse::<f64>().is_ok() => (n, w.trim()),
+            _ => (inner, "1"),
+        };
+        tags.push((n.to_string(), w.to_string()));
+        out.push_str(&rest[..at]);
+        rest = &rest[at + end + 1..];
+    }
+    out.push_str(rest);
+    // The tags were appended after a space (or stood between words): drop what is left over.
+    let out = if tags.is_empty() {
+        out
+    } else {
+        out.trim_end().to_string()
+    };
+    (out, tags)
+}
+
 /// Most text one PNG chunk may inflate to: a zTXt or compressed iTXt chunk of a megabyte can
 /// claim gigabytes (a decompression bomb), and no settings text needs more than this.
 pub const MAX_PNG_TEXT: usize = 1 << 20;
@@ -270,16 +330,56 @@ pub fn read_png_text(path: &Path) -> Result<Vec<(String, String)>> {
 /// The settings an image was made with: the exact `dmd2` JSON chunk when present, else what
 /// the A1111 `parameters` text says (DMD2 sampler defaults for what it lacks).
 pub fn settings_from_png(path: &Path) -> Result<ImageSettings> {
+    Ok(read_png_settings(path)?.0)
+}
+
+/// [`settings_from_png`] and what the user should hear about it: settings of the text that
+/// dmd2 cannot apply (LoRA tags, other samplers and schedules, clip skip) and a `parameters`
+/// text that disagrees with the exact `dmd2` chunk (edited after the image was made).
+pub fn read_png_settings(path: &Path) -> Result<(ImageSettings, Vec<String>)> {
     let chunks = read_png_text(path)?;
+    let name = path.display();
+    let parsed_text = chunks
+        .iter()
+        .find(|(k, _)| k == "parameters")
+        .map(|(_, t)| parse_a1111(t));
     if let Some((_, json)) = chunks.iter().find(|(k, _)| k == "dmd2") {
-        return serde_json::from_str(json)
-            .with_context(|| format!("{}: unreadable dmd2 settings chunk", path.display()));
+        let exact: ImageSettings = serde_json::from_str(json)
+            .with_context(|| format!("{name}: unreadable dmd2 settings chunk"))?;
+        let mut warnings = Vec::new();
+        if let Some(Ok(p)) = &parsed_text {
+            let (prompt, _) = strip_lora_tags(&p.prompt);
+            let seed = p.get("Seed").and_then(|v| v.parse::<u64>().ok());
+            if prompt != exact.prompt || seed != Some(exact.seed) {
+                warnings.push(format!(
+                    "{name}: its parameters text differs from its dmd2 settings (edited?); using the dmd2 settings"
+                ));
+            }
+        }
+        return Ok((exact, warnings));
     }
-    let Some((_, text)) = chunks.iter().find(|(k, _)| k == "parameters") else {
-        bail!("{}: no generation parameters in this PNG", path.display());
+    let Some(parsed) = parsed_text else {
+        bail!("{name}: no generation parameters in this PNG");
     };
-    let p = parse_a1111(text)
-        .with_context(|| format!("{}: unreadable parameters chunk", path.display()))?;
+    let p = parsed.with_context(|| format!("{name}: unreadable parameters chunk"))?;
+    let mut warnings = Vec::new();
+    let (prompt, tags) = strip_lora_tags(&p.prompt);
+    if !tags.is_empty() {
+        warnings.push(format!(
+            "{name}: LoRAs named in the prompt are not loaded ({}); give --lora FILE:WEIGHT for each",
+            tags.iter()
+                .map(|(n, w)| format!("{n}:{w}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ));
+    }
+    if let Some(cs) = p.get("Clip skip")
+        && cs != "1"
+    {
+        warnings.push(format!(
+            "{name}: Clip skip {cs} is not applied (dmd2 reads SDXL's penultimate layers)"
+        ));
+    }
     let num = |k: &str| -> Result<Option<f64>> {
         p.get(k)
             .map(|v| {
@@ -297,7 +397,46 @@ pub fn settings_from_png(path: &Path) -> Result<ImageSettings> {
         Some("Euler") => SamplerKind::Euler,
         Some("Euler a") => SamplerKind::EulerA,
         Some("DDIM") => SamplerKind::Ddim,
-        _ => SamplerKind::Dmd2,
+        None | Some("LCM") | Some("DMD2 (LCM)") | Some("lcm") => SamplerKind::Dmd2,
+        Some(other) => {
+            warnings.push(format!(
+                "{name}: sampler {other:?} is not one dmd2 has; using dmd2 (--sampler to choose)"
+            ));
+            SamplerKind::Dmd2
+        }
+    };
+    if kind == SamplerKind::Dmd2
+        && let Some(st) = p.get("Schedule type")
+        && !matches!(st, "Simple" | "Automatic" | "simple")
+    {
+        warnings.push(format!(
+            "{name}: schedule type {st:?} is not applied; DMD2 runs its own timesteps"
+        ));
+    }
+    // Seeds are whole numbers: read as such (a float would round big ones).
+    let seed = match p.get("Seed") {
+        None => bail!("{name}: no Seed in the parameters"),
+        Some(v) => v.trim().parse::<u64>().map_err(|_| {
+            anyhow::anyhow!("{name}: Seed {v:?} is not a whole number from 0 to 2^64 - 1")
+        })?,
+    };
+    // A1111's hires fix: `Hires upscale`, `Hires steps` (0: the first pass's), `Hires
+    // upscaler`, and `Denoising strength` for its pass.
+    let hires = match num("Hires upscale")? {
+        None => None,
+        Some(scale) => Some(crate::img2img::Hires {
+            scale,
+            upscaler: match p.get("Hires upscaler") {
+                Some("Latent") | Some("Latent (bilinear)") => crate::img2img::HiresUpscaler::Latent,
+                Some(u) if u.starts_with("Latent") => crate::img2img::HiresUpscaler::LatentNearest,
+                _ => crate::img2img::HiresUpscaler::Lanczos,
+            },
+            strength: num("Denoising strength")?.unwrap_or(crate::img2img::Hires::DEFAULT_STRENGTH),
+            steps: match num("Hires steps")? {
+                Some(s) if s >= 1.0 => s as usize,
+                _ => steps,
+            },
+        }),
     };
     let timesteps = p
         .get("Timesteps")
@@ -309,16 +448,14 @@ pub fn settings_from_png(path: &Path) -> Result<ImageSettings> {
         .transpose()
         .ok()
         .flatten();
-    Ok(ImageSettings {
-        prompt: p.prompt.clone(),
+    let settings = ImageSettings {
+        prompt,
         negative_prompt: p.negative_prompt.clone(),
         prompt_syntax: match p.get("Prompt syntax") {
             Some("plain") => PromptSyntax::Plain,
             _ => PromptSyntax::A1111,
         },
-        seed: num("Seed")?
-            .map(|s| s as u64)
-            .context("no Seed in the parameters")?,
+        seed,
         sampler: SamplerSpec {
             kind,
             steps,
@@ -335,8 +472,15 @@ pub fn settings_from_png(path: &Path) -> Result<ImageSettings> {
         precision: None,
         init_image: None,
         mask: None,
-        strength: num("Denoising strength")?,
-    })
+        strength: if hires.is_some() {
+            None
+        } else {
+            num("Denoising strength")?
+        },
+        hires,
+        model_hash: p.get("Model hash").map(str::to_string),
+    };
+    Ok((settings, warnings))
 }
 
 #[cfg(test)]
@@ -357,6 +501,7 @@ mod tests {
             loras: vec![LoraRef {
                 path: "dmd2_lora.safetensors".into(),
                 weight: 0.7,
+                hash: Some("0123456789ab".into()),
             }],
             unet: None,
             preset: None,
@@ -364,6 +509,8 @@ mod tests {
             init_image: None,
             mask: None,
             strength: None,
+            hires: None,
+            model_hash: Some("31e35c80fc".into()),
         }
     }
 
@@ -371,19 +518,34 @@ mod tests {
     fn a1111_round_trip() {
         let s = settings();
         let text = s.a1111();
+        // A1111's own spellings, which Civitai, ComfyUI and sd-parsers read.
         assert!(
             text.contains(
-                "Steps: 4, Sampler: DMD2 (LCM), CFG scale: 1.5, Seed: 42, Size: 1024x768"
+                "Steps: 4, Sampler: LCM, Schedule type: Simple, CFG scale: 1.5, Seed: 42, Size: 1024x768, Model hash: 31e35c80fc, Model: sd_xl_base_1.0"
             ),
             "{text}"
         );
+        assert!(
+            text.starts_with("a cat, sitting <lora:dmd2_lora:0.7>\n"),
+            "{text}"
+        );
         let p = parse_a1111(&text).unwrap();
-        assert_eq!(p.prompt, "a cat, sitting");
         assert_eq!(p.negative_prompt.as_deref(), Some("blurry"));
         assert_eq!(p.get("Seed"), Some("42"));
-        assert_eq!(p.get("Model"), Some("sd_xl_base_1.0"));
-        assert_eq!(p.get("LoRAs"), Some("dmd2_lora: 0.7"));
+        assert_eq!(p.get("Lora hashes"), Some("dmd2_lora: 0123456789ab"));
+        assert_eq!(p.get("RNG"), Some("CPU"));
         assert_eq!(p.get("Timesteps"), Some("999,749,499,249"));
+        let (prompt, tags) = strip_lora_tags(&p.prompt);
+        assert_eq!(prompt, "a cat, sitting");
+        assert_eq!(tags, [("dmd2_lora".to_string(), "0.7".to_string())]);
+    }
+
+    #[test]
+    fn lora_tags_come_out_of_prompts() {
+        let (p, t) = strip_lora_tags("a <lora:x:0.5> cat <lora:y> <lora:broken");
+        assert_eq!(p, "a  cat  <lora:broken");
+        assert_eq!(t, [("x".into(), "0.5".into()), ("y".into(), "1".into())]);
+        assert_eq!(strip_lora_tags("plain").0, "plain");
     }
 
     #[test]

@@ -437,18 +437,23 @@ impl Pipeline {
             .collect();
         let timesteps = crate::img2img::strength_timesteps(&all, init.strength)?;
         let sampler = crate::scheduler::SamplerSpec::dmd2(timesteps.clone()).build()?;
-        let (_, _, h, w) = init.image.dims4()?;
-        if (w, h) != (req.width, req.height) {
-            bail!(
-                "internal error: the init image is {w}x{h}, the image {}x{}",
-                req.width,
-                req.height
-            );
-        }
-        let encoder = self.vae_encoder()?;
-        let (mean, std) = encoder.encode(&init.image.to_device(&self.device)?)?;
-        let draw = crate::scheduler::noise_like(&mean, rngs)?;
-        let image_latents = encoder.scale(&(mean + (std * draw)?)?)?;
+        let (_, channels, h, w) = init.image.dims4()?;
+        let image_latents = if channels == shape.1 && init.mask.is_none() {
+            // Latents already (a latent upscale): used as they are, no draw.
+            init.image.to_device(&self.device)?
+        } else {
+            if (w, h) != (req.width, req.height) {
+                bail!(
+                    "internal error: the init image is {w}x{h}, the image {}x{}",
+                    req.width,
+                    req.height
+                );
+            }
+            let encoder = self.vae_encoder()?;
+            let (mean, std) = encoder.encode(&init.image.to_device(&self.device)?)?;
+            let draw = crate::scheduler::noise_like(&mean, rngs)?;
+            encoder.scale(&(mean + (std * draw)?)?)?
+        };
         if image_latents.dims4()? != shape {
             bail!(
                 "the VAE makes latents {:?}, the UNet takes {shape:?}",
@@ -491,6 +496,53 @@ impl Pipeline {
                 timesteps,
             }),
         ))
+    }
+
+    /// The hires fix's second pass for an image `first` made from `req`: `first` enlarged
+    /// (its 8-bit pixels with PIL's Lanczos, or its latents), then img2img at the larger size
+    /// with the same prompts and seed, over DMD2's timesteps for `hires.steps` cut by
+    /// `hires.strength` — the same as saving `first`, resizing it and running
+    /// `--init-image` on it by hand.
+    pub fn hires_pass(
+        &self,
+        req: &Request,
+        first: &Generated,
+        hires: &crate::img2img::Hires,
+        progress: &mut dyn FnMut(usize, usize),
+    ) -> Result<Generated> {
+        use crate::img2img::HiresUpscaler;
+        let (width, height) = hires.size(first.width, first.height);
+        let s = self.vae_scale_factor();
+        let image = match hires.upscaler {
+            HiresUpscaler::Lanczos => crate::init_image::Pixels {
+                width: first.width,
+                height: first.height,
+                channels: 3,
+                data: first.rgb.clone(),
+            }
+            .resize_lanczos(width, height)
+            .to_tensor(true, &Device::Cpu)?,
+            up => crate::img2img::upscale_latents(
+                &first.latents,
+                height / s,
+                width / s,
+                up == HiresUpscaler::Latent,
+            )?,
+        };
+        let second = Request {
+            width,
+            height,
+            sampler: crate::scheduler::SamplerSpec::dmd2(crate::scheduler::dmd2::dmd2_timesteps(
+                hires.steps,
+            )?),
+            init: Some(crate::img2img::InitImage {
+                image,
+                mask: None,
+                strength: hires.strength,
+            }),
+            ..req.clone()
+        };
+        self.generate(&second, progress)
     }
 
     /// The VAE encoder, built on first use (text-to-image never needs it).

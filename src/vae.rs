@@ -367,7 +367,7 @@ impl VaeEncoder {
         } else {
             None
         };
-        Ok(Self {
+        let mut enc = Self {
             conv_in: nn::conv2d(c.out_channels, ch[0], 3, 1, e.pp("conv_in"))?,
             down,
             mid_resnets,
@@ -376,7 +376,19 @@ impl VaeEncoder {
             conv_out: nn::conv2d(top, z, 3, 1, e.pp("conv_out"))?,
             quant_conv,
             config: c.clone(),
-        })
+        };
+        // As the decoder: the full-resolution 3×3 convolutions run as Winograd on the CPU
+        // in f32 (the stride-2 downsamplers cannot).
+        enc.conv_in.use_winograd()?;
+        enc.conv_out.use_winograd()?;
+        for r in enc
+            .mid_resnets
+            .iter_mut()
+            .chain(enc.down.iter_mut().flat_map(|l| l.resnets.iter_mut()))
+        {
+            r.use_winograd()?;
+        }
+        Ok(enc)
     }
 
     /// The latent distribution of images in [-1, 1] `[B, 3, H, W]`: its mean and standard

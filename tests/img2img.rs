@@ -321,3 +321,131 @@ fn bad_starts_are_refused() {
         assert!(!target.exists(), "{args:?}");
     }
 }
+
+/// The hires fix is txt2img → Lanczos upscale → img2img, exactly: the same pixels as those
+/// three steps run by hand with the same seed; latent upscaling makes its own image; the
+/// PNG carries A1111's hires fields and `--from-png` makes the image again.
+#[test]
+fn hires_fix_is_txt2img_upscale_img2img() {
+    let out = common::fresh_dir("img2img", "hires");
+    let model = Source::Folder.path().display().to_string();
+    let p = |n: &str| out.join(n).display().to_string();
+    let common_args = |extra: &[&str], o: &str| -> Vec<String> {
+        let mut a: Vec<String> = [
+            "gen",
+            "--model",
+            &model,
+            "--prompt",
+            "a lighthouse",
+            "--seed",
+            "31",
+            "--steps",
+            "4",
+            "-q",
+            "-o",
+            o,
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        a.extend(extra.iter().map(|s| s.to_string()));
+        a
+    };
+    let run = |args: Vec<String>| {
+        let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+        let o = dmd2(&refs);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    };
+    run(common_args(
+        &["--width", "64", "--height", "64", "--hires-scale", "1.5"],
+        &p("hires.png"),
+    ));
+    run(common_args(
+        &["--width", "64", "--height", "64"],
+        &p("first.png"),
+    ));
+    run(common_args(
+        &[
+            "--init-image",
+            &p("first.png"),
+            "--width",
+            "96",
+            "--height",
+            "96",
+            "--strength",
+            "0.5",
+        ],
+        &p("by_hand.png"),
+    ));
+    let hires = image::open(out.join("hires.png")).unwrap().to_rgb8();
+    assert_eq!(hires.dimensions(), (96, 96));
+    assert_eq!(hires.into_raw(), rgb(&out.join("by_hand.png")));
+    let text = dmd2::metadata::read_png_text(&out.join("hires.png")).unwrap();
+    let params = &text.iter().find(|(k, _)| k == "parameters").unwrap().1;
+    for f in [
+        "Size: 64x64",
+        "Hires upscale: 1.5",
+        "Hires steps: 4",
+        "Hires upscaler: Lanczos",
+        "Denoising strength: 0.5",
+    ] {
+        assert!(params.contains(f), "{f}: {params}");
+    }
+    run(vec![
+        "gen".into(),
+        "--from-png".into(),
+        p("hires.png"),
+        "--model".into(),
+        model.clone(),
+        "-q".into(),
+        "-o".into(),
+        p("again.png"),
+    ]);
+    assert_eq!(rgb(&out.join("again.png")), rgb(&out.join("hires.png")));
+    run(common_args(
+        &[
+            "--width",
+            "64",
+            "--height",
+            "64",
+            "--hires-scale",
+            "2",
+            "--hires-upscale",
+            "latent",
+        ],
+        &p("latent.png"),
+    ));
+    let latent = image::open(out.join("latent.png")).unwrap().to_rgb8();
+    assert_eq!(latent.dimensions(), (128, 128));
+    // A strength that keeps no step of the hires pass is refused before any work.
+    let o = dmd2(
+        &common_args(
+            &["--hires-scale", "2", "--hires-strength", "0.1"],
+            &p("no.png"),
+        )
+        .iter()
+        .map(String::as_str)
+        .collect::<Vec<_>>(),
+    );
+    assert_eq!(o.status.code(), Some(2));
+    assert!(!out.join("no.png").exists());
+}
+
+#[test]
+fn latent_upscaling_is_torchs() {
+    use candle_core::{Device, Tensor};
+    let x = Tensor::from_vec(vec![0f32, 1.0, 2.0, 3.0], (1, 1, 2, 2), &Device::Cpu).unwrap();
+    let n = dmd2::img2img::upscale_latents(&x, 4, 4, false).unwrap();
+    assert_eq!(
+        n.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+        [
+            0., 0., 1., 1., 0., 0., 1., 1., 2., 2., 3., 3., 2., 2., 3., 3.
+        ]
+    );
+    // torch.nn.functional.interpolate(x, size=(4, 4), mode="bilinear", align_corners=False)
+    let b = dmd2::img2img::upscale_latents(&x, 4, 4, true).unwrap();
+    let want = [
+        0.0, 0.25, 0.75, 1.0, 0.5, 0.75, 1.25, 1.5, 1.5, 1.75, 2.25, 2.5, 2.0, 2.25, 2.75, 3.0,
+    ];
+    assert_eq!(b.flatten_all().unwrap().to_vec1::<f32>().unwrap(), want);
+}

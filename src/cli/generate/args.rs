@@ -2,6 +2,7 @@
 //! own syntax (see [`super::settings`]).
 
 use crate::device::DeviceChoice;
+use crate::img2img::HiresUpscaler;
 use crate::precision::DtypeChoice;
 use crate::prompt_syntax::PromptSyntax;
 use crate::prompts::PromptFormat;
@@ -65,6 +66,20 @@ pub struct GenArgs {
     /// runs 499, 249. Default 0.3 for img2img, 0.9999 for inpainting (diffusers').
     #[arg(long, requires = "init_image")]
     pub strength: Option<f64>,
+    /// Hires fix: make the image, enlarge it F times (e.g. 1.5 or 2; sides rounded down to
+    /// multiples of 8) and refine it with an img2img pass at that size.
+    #[arg(long, value_name = "F")]
+    pub hires_scale: Option<f64>,
+    /// How the hires fix enlarges: lanczos (pixels, default), latent (bilinear) or
+    /// latent-nearest, as A1111's upscalers of those names.
+    #[arg(long, value_enum, requires = "hires_scale")]
+    pub hires_upscale: Option<HiresUpscaler>,
+    /// Strength of the hires pass. Default 0.5 (with 4 steps: 499, 249).
+    #[arg(long, requires = "hires_scale")]
+    pub hires_strength: Option<f64>,
+    /// DMD2 steps of the hires pass before the strength cuts them. Default: the first pass's.
+    #[arg(long, requires = "hires_scale")]
+    pub hires_steps: Option<usize>,
     /// Sampling steps (DMD2: 4 → timesteps 999,749,499,249; 1 → 399). Default 4.
     #[arg(long)]
     pub steps: Option<usize>,

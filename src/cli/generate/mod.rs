@@ -73,6 +73,7 @@ pub fn run(a: GenArgs) -> Result<()> {
             );
         }
     }
+    let model_path = opened.model_path.clone();
     let default_size =
         crate::checkpoint::diffusers::default_image_size(&opened.model_path).unwrap_or(1024);
     let base = Base::new(&s, default_size, opened.parts.scheduler.timestep_spacing);
@@ -93,9 +94,20 @@ pub fn run(a: GenArgs) -> Result<()> {
     }
 
     // 3. Loaded: precision, memory plan, every tensor.
+    // The hires fix's second pass is the run's largest image.
+    let (run_w, run_h) = match &s.hires {
+        Some(h) => h.size(base.width, base.height),
+        None => (base.width, base.height),
+    };
+    for (what, v) in [("hires width", run_w), ("hires height", run_h)] {
+        if s.hires.is_some() {
+            crate::prompts::check_dimension(what, v, s.force)
+                .map_err(|e| bad_input(anyhow::anyhow!(e)))?;
+        }
+    }
     let run_shape = RunShape {
-        width: base.width,
-        height: base.height,
+        width: run_w,
+        height: run_h,
         batch: s.batch_size,
         cfg: s.cfg > 1.0,
     };
@@ -167,6 +179,21 @@ pub fn run(a: GenArgs) -> Result<()> {
 
     // 4. The images, prompt by prompt, in batches of compatible jobs.
     let mut writer = Writer::new(&s, inputs, report.precision.unet.short_name());
+    // The hashes A1111 and Civitai name resources by (cached after the first run).
+    if model_path.is_file() {
+        writer.model_hash = crate::hashes::model_hash(&model_path).ok();
+    }
+    writer.lora_hashes = s
+        .model
+        .loras
+        .iter()
+        .map(|l| {
+            l.path
+                .is_file()
+                .then(|| crate::hashes::lora_hash(&l.path).ok())
+                .flatten()
+        })
+        .collect();
     writer.load_seconds = started.elapsed().as_secs_f64();
     let mut run = Run {
         s: &s,
@@ -425,10 +452,20 @@ impl Run<'_> {
         let generated = {
             let progress = &self.progress;
             let mut step = |i: usize, n: usize| progress.step(&label, i, n);
-            if last {
-                self.pipe.generate_last_batch(&reqs, &mut step)
-            } else {
-                self.pipe.generate_batch(&reqs, &mut step)
+            match &self.s.hires {
+                // The hires pass needs the UNet after the first: nothing is freed early.
+                Some(h) => self
+                    .pipe
+                    .generate_batch(&reqs, &mut step)
+                    .and_then(|first| {
+                        first
+                            .iter()
+                            .zip(&reqs)
+                            .map(|(img, r)| self.pipe.hires_pass(r, img, h, &mut step))
+                            .collect::<Result<Vec<_>>>()
+                    }),
+                None if last => self.pipe.generate_last_batch(&reqs, &mut step),
+                None => self.pipe.generate_batch(&reqs, &mut step),
             }
         };
         let images = match generated {

@@ -6,6 +6,7 @@
 
 use super::args::{GenArgs, OnError};
 use crate::device::DeviceChoice;
+use crate::img2img::{Hires, HiresUpscaler};
 use crate::init_image::Loaded;
 use crate::loader::{MemoryPolicy, ModelSpec};
 use crate::lora::LoraSpec;
@@ -68,6 +69,8 @@ pub struct Settings {
     pub init_image: Option<Arc<Loaded>>,
     pub mask: Option<Arc<Loaded>>,
     pub strength: Option<f64>,
+    /// The hires fix, when asked for.
+    pub hires: Option<Hires>,
 }
 
 impl Settings {
@@ -79,7 +82,13 @@ impl Settings {
     /// Resolves the flags into settings; every error is the user's (bad input).
     pub fn resolve(a: GenArgs) -> Result<Settings> {
         let png = match &a.from_png {
-            Some(p) => Some(metadata::settings_from_png(p)?),
+            Some(p) => {
+                let (settings, warnings) = metadata::read_png_settings(p)?;
+                for w in warnings {
+                    crate::stderr!("warning: {w}");
+                }
+                Some(settings)
+            }
             None => None,
         };
         let png = png.as_ref();
@@ -211,6 +220,7 @@ impl Settings {
                 i.pixels.height
             );
         }
+        let hires = resolve_hires(&a, png, &sampler)?;
         let strength = a.strength.or_else(|| png.and_then(|s| s.strength));
         if let Some(st) = strength
             && !(st > 0.0 && st <= 1.0)
@@ -261,6 +271,7 @@ impl Settings {
             init_image,
             mask,
             strength,
+            hires,
             memory: MemoryPolicy {
                 vae_tiling: a.vae_tiling.then_some(a.vae_tile_size),
                 tile_px: a.vae_tile_size,
@@ -273,6 +284,44 @@ impl Settings {
 
 /// Sampler, steps, timesteps and spacing, the flags over the PNG over the preset, checked as
 /// one: an explicit timestep list from any source must be valid timesteps.
+/// `--hires-*` (or the PNG's): a scale in (1, 8], a strength that keeps a step of the
+/// second pass's timesteps.
+fn resolve_hires(
+    a: &GenArgs,
+    png: Option<&ImageSettings>,
+    sampler: &SamplerSpec,
+) -> Result<Option<Hires>> {
+    let from_png = png.and_then(|s| s.hires.clone());
+    let Some(scale) = a.hires_scale.or(from_png.as_ref().map(|h| h.scale)) else {
+        return Ok(None);
+    };
+    if !(scale > 1.0 && scale <= 8.0) {
+        bail!("--hires-scale must be above 1 and at most 8, not {scale}");
+    }
+    let first_steps = sampler
+        .timesteps
+        .as_ref()
+        .map_or(sampler.steps, |t| t.len());
+    let h = Hires {
+        scale,
+        upscaler: a
+            .hires_upscale
+            .or(from_png.as_ref().map(|h| h.upscaler))
+            .unwrap_or(HiresUpscaler::Lanczos),
+        strength: a
+            .hires_strength
+            .or(from_png.as_ref().map(|h| h.strength))
+            .unwrap_or(Hires::DEFAULT_STRENGTH),
+        steps: a
+            .hires_steps
+            .or(from_png.as_ref().map(|h| h.steps))
+            .unwrap_or(first_steps),
+    };
+    let ts = scheduler::dmd2::dmd2_timesteps(h.steps).context("--hires-steps")?;
+    crate::img2img::strength_timesteps(&ts, h.strength).context("--hires-strength")?;
+    Ok(Some(h))
+}
+
 fn resolve_sampler(a: &GenArgs, png: Option<&ImageSettings>, p: &Preset) -> Result<SamplerSpec> {
     let kind = a
         .sampler

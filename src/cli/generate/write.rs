@@ -39,6 +39,9 @@ pub struct Writer<'a> {
     pub precision: &'static str,
     /// Seconds from the start of the process until the model was loaded (in `--json` lines).
     pub load_seconds: f64,
+    /// A1111's `Model hash` of a single-file model, and each LoRA's AutoV3 (local files).
+    pub model_hash: Option<String>,
+    pub lora_hashes: Vec<Option<String>>,
 }
 
 impl<'a> Writer<'a> {
@@ -49,6 +52,8 @@ impl<'a> Writer<'a> {
             model: settings.model.model.clone(),
             precision,
             load_seconds: 0.0,
+            model_hash: None,
+            lora_hashes: Vec::new(),
         }
     }
 
@@ -83,9 +88,11 @@ impl<'a> Writer<'a> {
                 .model
                 .loras
                 .iter()
-                .map(|l| LoraRef {
+                .enumerate()
+                .map(|(i, l)| LoraRef {
                     path: l.path.display().to_string(),
                     weight: l.weight,
+                    hash: self.lora_hashes.get(i).cloned().flatten(),
                 })
                 .collect(),
             unet: s.model.unet.clone(),
@@ -94,6 +101,8 @@ impl<'a> Writer<'a> {
             init_image: job.start.as_ref().map(|st| st.image.clone()),
             mask: job.start.as_ref().and_then(|st| st.mask.clone()),
             strength: job.start.as_ref().map(|st| st.strength),
+            hires: s.hires.clone(),
+            model_hash: self.model_hash.clone(),
         }
     }
 

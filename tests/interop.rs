@@ -1,0 +1,183 @@
+//! PNG metadata as other tools read it: the `parameters` text uses A1111's spellings
+//! (`Sampler: LCM`, `Schedule type: Simple`, `RNG: CPU`, `<lora:NAME:W>` in the prompt,
+//! `Lora hashes` with Civitai's AutoV3 of each LoRA, `Model hash` of a single-file model),
+//! and `--from-png` says what it cannot apply from another tool's text (LoRA tags, other
+//! samplers, clip skip), reads seeds as whole numbers, and warns when the text was edited
+//! after the exact settings were stored.
+
+mod common;
+
+use sha2::{Digest, Sha256};
+use std::path::Path;
+use std::process::{Command, Output};
+
+fn dmd2(args: &[&str], cache: &Path) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_dmd2"))
+        .args(args)
+        .env("XDG_CACHE_HOME", cache)
+        .output()
+        .unwrap()
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn parameters(p: &Path) -> String {
+    dmd2::metadata::read_png_text(p)
+        .unwrap()
+        .into_iter()
+        .find(|(k, _)| k == "parameters")
+        .unwrap()
+        .1
+}
+
+#[test]
+fn parameters_name_resources_as_a1111_and_civitai() {
+    let dir = common::fresh_dir("interop", "names");
+    let cache = dir.join("cache");
+    let model = common::tiny_single_file();
+    let lora = common::fixtures().join("lora/kohya_ldm.safetensors");
+    let out = dir.join("o.png");
+    let o = dmd2(
+        &[
+            "gen",
+            "--model",
+            model.to_str().unwrap(),
+            "--lora",
+            &format!("{}:0.7", lora.display()),
+            "--prompt",
+            "a cat",
+            "--steps",
+            "1",
+            "--width",
+            "64",
+            "--height",
+            "64",
+            "--seed",
+            "5",
+            "-q",
+            "-o",
+            out.to_str().unwrap(),
+        ],
+        &cache,
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let text = parameters(&out);
+    let bytes = std::fs::read(&lora).unwrap();
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let autov3 = hex(&Sha256::digest(&bytes[8 + n..]))[..12].to_string();
+    let model_hash = hex(&Sha256::digest(std::fs::read(&model).unwrap()))[..10].to_string();
+    assert!(text.starts_with("a cat <lora:kohya_ldm:0.7>\n"), "{text}");
+    for f in [
+        "Sampler: LCM".to_string(),
+        "Schedule type: Simple".into(),
+        format!("Model hash: {model_hash}"),
+        format!("Lora hashes: \"kohya_ldm: {autov3}\""),
+        "RNG: CPU".into(),
+    ] {
+        assert!(text.contains(&f), "{f}: {text}");
+    }
+    // The hashes were cached: a second run finds them there.
+    assert!(cache.join("dmd2/hashes.json").exists());
+    // The exact settings are what --from-png reads; the text's LoRA tag is not a prompt word.
+    let s = dmd2::metadata::settings_from_png(&out).unwrap();
+    assert_eq!(s.prompt, "a cat");
+    assert_eq!(s.loras[0].hash.as_deref(), Some(autov3.as_str()));
+}
+
+fn png_with_parameters(path: &Path, text: &str) {
+    let bytes = dmd2::output::encode_png(&[0u8; 3 * 8 * 8], 8, 8, None).unwrap();
+    // Re-encode with only a `parameters` chunk, as A1111 writes it.
+    let img = image::load_from_memory(&bytes).unwrap().to_rgb8();
+    let mut buf = Vec::new();
+    {
+        let mut enc = png::Encoder::new(&mut buf, 8, 8);
+        enc.set_color(png::ColorType::Rgb);
+        enc.set_depth(png::BitDepth::Eight);
+        enc.add_text_chunk("parameters".into(), text.into())
+            .unwrap();
+        let mut w = enc.write_header().unwrap();
+        w.write_image_data(img.as_raw()).unwrap();
+        w.finish().unwrap();
+    }
+    std::fs::write(path, buf).unwrap();
+}
+
+#[test]
+fn from_png_says_what_it_cannot_apply() {
+    let dir = common::fresh_dir("interop", "from_png");
+    let p = dir.join("a1111.png");
+    png_with_parameters(
+        &p,
+        "masterpiece, <lora:detail:0.6> a fox\nNegative prompt: blurry\nSteps: 20, Sampler: DPM++ 2M, Schedule type: Karras, CFG scale: 7, Seed: 123456789012345678, Size: 64x64, Clip skip: 2, Model: sd_xl_base_1.0",
+    );
+    let (s, warnings) = dmd2::metadata::read_png_settings(&p).unwrap();
+    assert_eq!(s.seed, 123456789012345678);
+    assert_eq!(s.prompt, "masterpiece,  a fox");
+    let all = warnings.join("\n");
+    for w in ["detail:0.6", "DPM++ 2M", "Karras", "Clip skip 2"] {
+        assert!(all.contains(w), "{w}: {all}");
+    }
+    // A seed that is not a whole number is an error, not a rounded or clamped number.
+    png_with_parameters(&p, "x\nSteps: 4, Seed: -5, Size: 64x64");
+    let e = dmd2::metadata::read_png_settings(&p)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("Seed"), "{e}");
+
+    // An image whose text was edited after it was made: the exact settings win, with a word.
+    let model = common::Source::Folder.path();
+    let made = dir.join("made.png");
+    let o = dmd2(
+        &[
+            "gen",
+            "--model",
+            model.to_str().unwrap(),
+            "--prompt",
+            "a cat",
+            "--steps",
+            "1",
+            "--width",
+            "64",
+            "--height",
+            "64",
+            "--seed",
+            "5",
+            "-q",
+            "-o",
+            made.to_str().unwrap(),
+        ],
+        &dir.join("cache"),
+    );
+    assert!(o.status.success());
+    let exact = dmd2::metadata::read_png_text(&made)
+        .unwrap()
+        .into_iter()
+        .find(|(k, _)| k == "dmd2")
+        .unwrap()
+        .1;
+    let img = image::open(&made).unwrap().to_rgb8();
+    let mut buf = Vec::new();
+    {
+        let mut enc = png::Encoder::new(&mut buf, 64, 64);
+        enc.set_color(png::ColorType::Rgb);
+        enc.set_depth(png::BitDepth::Eight);
+        enc.add_text_chunk(
+            "parameters".into(),
+            "a dog\nSteps: 1, Sampler: LCM, Seed: 5, Size: 64x64".into(),
+        )
+        .unwrap();
+        enc.add_itxt_chunk("dmd2".into(), exact).unwrap();
+        let mut w = enc.write_header().unwrap();
+        w.write_image_data(img.as_raw()).unwrap();
+        w.finish().unwrap();
+    }
+    std::fs::write(&made, buf).unwrap();
+    let (s, warnings) = dmd2::metadata::read_png_settings(&made).unwrap();
+    assert_eq!(s.prompt, "a cat");
+    assert!(
+        warnings.iter().any(|w| w.contains("edited")),
+        "{warnings:?}"
+    );
+}
