@@ -429,13 +429,8 @@ impl Pipeline {
         if req.sampler.kind != crate::scheduler::SamplerKind::Dmd2 || rngs.len() != 1 {
             bail!("an init image works with the dmd2 sampler, one image per UNet call");
         }
-        let all: Vec<usize> = req
-            .sampler
-            .timesteps()?
-            .iter()
-            .map(|&t| t as usize)
-            .collect();
-        let timesteps = crate::img2img::strength_timesteps(&all, init.strength)?;
+        let timesteps =
+            crate::img2img::strength_timesteps(&req.sampler.dmd2_timesteps()?, init.strength)?;
         let sampler = crate::scheduler::SamplerSpec::dmd2(timesteps.clone()).build()?;
         let (_, channels, h, w) = init.image.dims4()?;
         let image_latents = if channels == shape.1 && init.mask.is_none() {
@@ -542,7 +537,14 @@ impl Pipeline {
             }),
             ..req.clone()
         };
-        self.generate(&second, progress)
+        let mut out = self.generate(&second, progress)?;
+        // The image's timings are both passes': steps of the first, then of the second.
+        let (a, b) = (&first.timings, &mut out.timings);
+        b.encode += a.encode;
+        b.denoise += a.denoise;
+        b.decode += a.decode;
+        b.steps = a.steps.iter().chain(&b.steps).copied().collect();
+        Ok(out)
     }
 
     /// The VAE encoder, built on first use (text-to-image never needs it).

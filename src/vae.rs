@@ -54,6 +54,42 @@ impl SpatialAttention {
     }
 }
 
+/// The mid block of both halves: resnet, self-attention (unless the config leaves it out),
+/// resnet.
+struct MidBlock {
+    resnets: Vec<ResnetBlock>,
+    attention: Option<SpatialAttention>,
+}
+
+impl MidBlock {
+    fn new(ch: usize, groups: usize, attention: bool, vb: VarBuilder) -> Result<Self> {
+        let resnets = (0..2)
+            .map(|j| ResnetBlock::new(ch, ch, None, groups, VAE_EPS, vb.pp(format!("resnets.{j}"))))
+            .collect::<Result<Vec<_>>>()?;
+        let attention = if attention {
+            Some(SpatialAttention::new(ch, groups, vb.pp("attentions.0"))?)
+        } else {
+            None
+        };
+        Ok(Self { resnets, attention })
+    }
+
+    fn use_winograd(&mut self) -> Result<()> {
+        for r in &mut self.resnets {
+            r.use_winograd()?;
+        }
+        Ok(())
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let mut x = self.resnets[0].forward(x, None)?;
+        if let Some(attn) = &self.attention {
+            x = attn.forward(&x)?;
+        }
+        self.resnets[1].forward(&x, None)
+    }
+}
+
 struct UpLevel {
     resnets: Vec<ResnetBlock>,
     upsampler: Option<Conv2d>,
@@ -63,8 +99,7 @@ pub struct VaeDecoder {
     config: VaeConfig,
     post_quant_conv: Option<Conv2d>,
     conv_in: Conv2d,
-    mid_resnets: Vec<ResnetBlock>,
-    mid_attention: Option<SpatialAttention>,
+    mid: MidBlock,
     up: Vec<UpLevel>,
     conv_norm_out: GroupNorm,
     conv_out: Conv2d,
@@ -78,27 +113,7 @@ impl VaeDecoder {
         let g = c.norm_num_groups;
         let d = vb.pp("decoder");
         let top = ch[n - 1];
-        let mid_resnets = (0..2)
-            .map(|j| {
-                ResnetBlock::new(
-                    top,
-                    top,
-                    None,
-                    g,
-                    VAE_EPS,
-                    d.pp(format!("mid_block.resnets.{j}")),
-                )
-            })
-            .collect::<Result<Vec<_>>>()?;
-        let mid_attention = if c.mid_block_add_attention {
-            Some(SpatialAttention::new(
-                top,
-                g,
-                d.pp("mid_block.attentions.0"),
-            )?)
-        } else {
-            None
-        };
+        let mid = MidBlock::new(top, g, c.mid_block_add_attention, d.pp("mid_block"))?;
         let mut up = Vec::with_capacity(n);
         let mut prev = top;
         for i in 0..n {
@@ -137,8 +152,7 @@ impl VaeDecoder {
                 None
             },
             conv_in: nn::conv2d(c.latent_channels, top, 3, 1, d.pp("conv_in"))?,
-            mid_resnets,
-            mid_attention,
+            mid,
             up,
             conv_norm_out: nn::group_norm(g, ch[0], VAE_EPS, d.pp("conv_norm_out"))?,
             conv_out: nn::conv2d(ch[0], c.out_channels, 3, 1, d.pp("conv_out"))?,
@@ -148,9 +162,7 @@ impl VaeDecoder {
         // f32 they run as Winograd F(2×2, 3×3) (no-op for other dtypes and devices).
         vae.conv_in.use_winograd()?;
         vae.conv_out.use_winograd()?;
-        for r in &mut vae.mid_resnets {
-            r.use_winograd()?;
-        }
+        vae.mid.use_winograd()?;
         for level in &mut vae.up {
             for r in &mut level.resnets {
                 r.use_winograd()?;
@@ -267,11 +279,7 @@ impl VaeDecoder {
             None => z.clone(),
         };
         let mut x = self.conv_in.forward(&z)?;
-        x = self.mid_resnets[0].forward(&x, None)?;
-        if let Some(attn) = &self.mid_attention {
-            x = attn.forward(&x)?;
-        }
-        x = self.mid_resnets[1].forward(&x, None)?;
+        x = self.mid.forward(&x)?;
         for level in &self.up {
             // A full-size decode takes many seconds on a CPU: stop between blocks when asked.
             cancelled()?;
@@ -297,8 +305,7 @@ pub struct VaeEncoder {
     config: VaeConfig,
     conv_in: Conv2d,
     down: Vec<DownLevel>,
-    mid_resnets: Vec<ResnetBlock>,
-    mid_attention: Option<SpatialAttention>,
+    mid: MidBlock,
     conv_norm_out: GroupNorm,
     conv_out: Conv2d,
     quant_conv: Option<Conv2d>,
@@ -339,27 +346,7 @@ impl VaeEncoder {
             prev = out;
         }
         let top = ch[n - 1];
-        let mid_resnets = (0..2)
-            .map(|j| {
-                ResnetBlock::new(
-                    top,
-                    top,
-                    None,
-                    g,
-                    VAE_EPS,
-                    e.pp(format!("mid_block.resnets.{j}")),
-                )
-            })
-            .collect::<Result<Vec<_>>>()?;
-        let mid_attention = if c.mid_block_add_attention {
-            Some(SpatialAttention::new(
-                top,
-                g,
-                e.pp("mid_block.attentions.0"),
-            )?)
-        } else {
-            None
-        };
+        let mid = MidBlock::new(top, g, c.mid_block_add_attention, e.pp("mid_block"))?;
         let z = 2 * c.latent_channels;
         // diffusers' `use_quant_conv` goes with the file: present or not.
         let quant_conv = if vb.contains_tensor("quant_conv.weight") {
@@ -370,8 +357,7 @@ impl VaeEncoder {
         let mut enc = Self {
             conv_in: nn::conv2d(c.out_channels, ch[0], 3, 1, e.pp("conv_in"))?,
             down,
-            mid_resnets,
-            mid_attention,
+            mid,
             conv_norm_out: nn::group_norm(g, top, VAE_EPS, e.pp("conv_norm_out"))?,
             conv_out: nn::conv2d(top, z, 3, 1, e.pp("conv_out"))?,
             quant_conv,
@@ -381,11 +367,8 @@ impl VaeEncoder {
         // in f32 (the stride-2 downsamplers cannot).
         enc.conv_in.use_winograd()?;
         enc.conv_out.use_winograd()?;
-        for r in enc
-            .mid_resnets
-            .iter_mut()
-            .chain(enc.down.iter_mut().flat_map(|l| l.resnets.iter_mut()))
-        {
+        enc.mid.use_winograd()?;
+        for r in enc.down.iter_mut().flat_map(|l| l.resnets.iter_mut()) {
             r.use_winograd()?;
         }
         Ok(enc)
@@ -405,11 +388,7 @@ impl VaeEncoder {
                 x = conv.forward(&x.pad_with_zeros(3, 0, 1)?.pad_with_zeros(2, 0, 1)?)?;
             }
         }
-        x = self.mid_resnets[0].forward(&x, None)?;
-        if let Some(attn) = &self.mid_attention {
-            x = attn.forward(&x)?;
-        }
-        x = self.mid_resnets[1].forward(&x, None)?;
+        x = self.mid.forward(&x)?;
         let mut moments = self
             .conv_out
             .forward(&nn::group_norm_silu(&self.conv_norm_out, &x)?)?;

@@ -86,22 +86,28 @@ fn parameters_name_resources_as_a1111_and_civitai() {
     assert_eq!(s.loras[0].hash.as_deref(), Some(autov3.as_str()));
 }
 
-fn png_with_parameters(path: &Path, text: &str) {
-    let bytes = dmd2::output::encode_png(&[0u8; 3 * 8 * 8], 8, 8, None).unwrap();
-    // Re-encode with only a `parameters` chunk, as A1111 writes it.
-    let img = image::load_from_memory(&bytes).unwrap().to_rgb8();
+/// An RGB PNG with a `parameters` tEXt chunk (as A1111 writes it) and, optionally, a
+/// `dmd2` iTXt chunk.
+fn write_png(path: &Path, rgb: &[u8], size: u32, parameters: &str, dmd2_json: Option<String>) {
     let mut buf = Vec::new();
     {
-        let mut enc = png::Encoder::new(&mut buf, 8, 8);
+        let mut enc = png::Encoder::new(&mut buf, size, size);
         enc.set_color(png::ColorType::Rgb);
         enc.set_depth(png::BitDepth::Eight);
-        enc.add_text_chunk("parameters".into(), text.into())
+        enc.add_text_chunk("parameters".into(), parameters.into())
             .unwrap();
+        if let Some(j) = dmd2_json {
+            enc.add_itxt_chunk("dmd2".into(), j).unwrap();
+        }
         let mut w = enc.write_header().unwrap();
-        w.write_image_data(img.as_raw()).unwrap();
+        w.write_image_data(rgb).unwrap();
         w.finish().unwrap();
     }
     std::fs::write(path, buf).unwrap();
+}
+
+fn png_with_parameters(path: &Path, text: &str) {
+    write_png(path, &[0u8; 3 * 8 * 8], 8, text, None);
 }
 
 #[test]
@@ -158,22 +164,13 @@ fn from_png_says_what_it_cannot_apply() {
         .unwrap()
         .1;
     let img = image::open(&made).unwrap().to_rgb8();
-    let mut buf = Vec::new();
-    {
-        let mut enc = png::Encoder::new(&mut buf, 64, 64);
-        enc.set_color(png::ColorType::Rgb);
-        enc.set_depth(png::BitDepth::Eight);
-        enc.add_text_chunk(
-            "parameters".into(),
-            "a dog\nSteps: 1, Sampler: LCM, Seed: 5, Size: 64x64".into(),
-        )
-        .unwrap();
-        enc.add_itxt_chunk("dmd2".into(), exact).unwrap();
-        let mut w = enc.write_header().unwrap();
-        w.write_image_data(img.as_raw()).unwrap();
-        w.finish().unwrap();
-    }
-    std::fs::write(&made, buf).unwrap();
+    write_png(
+        &made,
+        img.as_raw(),
+        64,
+        "a dog\nSteps: 1, Sampler: LCM, Seed: 5, Size: 64x64",
+        Some(exact),
+    );
     let (s, warnings) = dmd2::metadata::read_png_settings(&made).unwrap();
     assert_eq!(s.prompt, "a cat");
     assert!(

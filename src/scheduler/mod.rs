@@ -148,4 +148,12 @@ impl SamplerSpec {
     pub fn timesteps(&self) -> anyhow::Result<Vec<f64>> {
         Ok(self.build()?.timesteps().to_vec())
     }
+
+    /// DMD2's timestep list (explicit, or from `steps`).
+    pub fn dmd2_timesteps(&self) -> anyhow::Result<Vec<usize>> {
+        match &self.timesteps {
+            Some(t) => Ok(t.clone()),
+            None => dmd2_timesteps(self.steps),
+        }
+    }
 }

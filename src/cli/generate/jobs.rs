@@ -168,13 +168,7 @@ impl Base<'_> {
             } else {
                 crate::img2img::DEFAULT_STRENGTH
             });
-        let all: Vec<usize> = jobs
-            .sampler
-            .timesteps()?
-            .iter()
-            .map(|&t| t as usize)
-            .collect();
-        crate::img2img::strength_timesteps(&all, strength)?;
+        crate::img2img::strength_timesteps(&jobs.sampler.dmd2_timesteps()?, strength)?;
         let (dw, dh) = crate::init_image::default_size(&image.pixels, 8)
             .map_err(|e| anyhow::anyhow!("{}: {e}", image.path.display()))?;
         let width = s.width.or(self.settings.width).unwrap_or(dw);
