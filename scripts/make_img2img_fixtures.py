@@ -8,7 +8,7 @@ Writes tests/fixtures/img2img/:
   init.png (64x64), init_odd.png (83x70), mask.png (64x64, soft-edged, grey levels),
   cases.json, <case>.safetensors (`image`: the final uint8 image [H, W, 3];
   `image_latents`: the scaled VAE sample; `init_latents`: the first latents) and <case>.png,
-  resize.safetensors (random images and PIL's resizes of them).
+  resize.safetensors (a random image, PIL's resizes, grey conversion and Gaussian blurs of it).
 
 Run by hand (never in CI), after scripts/make_fixtures.py:
 
@@ -132,6 +132,11 @@ def main():
     grey = Image.fromarray(src, "RGB").convert("L")
     res["grey"] = torch.from_numpy(np.array(grey))
     res["grey_lanczos_30x30"] = torch.from_numpy(np.array(grey.resize((30, 30), Image.LANCZOS)))
+    # PIL's GaussianBlur (diffusers' mask_processor.blur), small to larger than the image.
+    from PIL import ImageFilter
+    for r in ["0.7", "2.5", "4", "30"]:
+        res[f"grey_blur_{r}"] = torch.from_numpy(np.array(grey.filter(ImageFilter.GaussianBlur(float(r)))))
+    res["rgb_blur_4"] = torch.from_numpy(np.array(Image.fromarray(src, "RGB").filter(ImageFilter.GaussianBlur(4))))
     save_file(res, str(OUT / "resize.safetensors"))
 
     with open(OUT / "cases.json", "w") as f:

@@ -16,6 +16,9 @@ pub struct InitImage {
     pub mask: Option<Tensor>,
     /// How much of the timestep list runs, in (0, 1].
     pub strength: f64,
+    /// Inpainting's paste-back: `[1, 1, H, W]` in [0, 1], the share of the new image in each
+    /// pixel (the rest is the init image's).
+    pub paste_alpha: Option<Tensor>,
 }
 
 /// The hires fix: the image made again at `scale` times the size, from its upscaled self.

@@ -120,17 +120,30 @@ pub fn default_size(p: &Pixels, multiple: usize) -> Result<(usize, usize)> {
 
 /// The pipeline's start: the image resized (PIL Lanczos) to `width`×`height` in [-1, 1],
 /// and the mask likewise resized from grey and binarized at 0.5 (diffusers' mask processor).
+/// Inpainting's optional finish, off by default (diffusers does neither unless asked).
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct MaskFinish {
+    /// Gaussian blur radius of the mask in pixels (PIL's `GaussianBlur`, as diffusers'
+    /// `mask_processor.blur` and A1111's mask blur), before it is resized and binarized.
+    pub blur: f32,
+    /// Paste the init image back outside the (blurred) mask after decoding, blending by the
+    /// mask's grey levels (A1111's finish for inpainting).
+    pub paste_back: bool,
+}
+
 pub fn prepare(
     image: &Loaded,
     mask: Option<&Loaded>,
     width: usize,
     height: usize,
     strength: f64,
+    finish: MaskFinish,
 ) -> Result<crate::img2img::InitImage> {
     let img = image
         .pixels
         .resize_lanczos(width, height)
         .to_tensor(true, &Device::Cpu)?;
+    let mut paste_alpha = None;
     let mask = match mask {
         None => None,
         Some(m) => {
@@ -144,8 +157,16 @@ pub fn prepare(
                     image.pixels.height
                 );
             }
-            let grey = m.pixels.to_grey().resize_lanczos(width, height);
-            let t = grey.to_tensor(false, &Device::Cpu)?;
+            let mut grey = m.pixels.to_grey();
+            if finish.blur > 0.0 {
+                grey = grey.gaussian_blur(finish.blur);
+            }
+            let t = grey
+                .resize_lanczos(width, height)
+                .to_tensor(false, &Device::Cpu)?;
+            if finish.paste_back {
+                paste_alpha = Some(t.clone());
+            }
             Some(t.ge(0.5f32)?.to_dtype(candle_core::DType::F32)?)
         }
     };
@@ -153,6 +174,7 @@ pub fn prepare(
         image: img,
         mask,
         strength,
+        paste_alpha,
     })
 }
 
@@ -242,6 +264,46 @@ impl Pixels {
         img
     }
 
+    /// PIL's `ImageFilter.GaussianBlur(radius)`: three box blurs per axis (horizontal, then
+    /// vertical) of the extended box radius PIL derives from the radius, in its 8-bit
+    /// fixed-point arithmetic.
+    pub fn gaussian_blur(&self, radius: f32) -> Pixels {
+        let r = box_radius(radius, 3);
+        let (w, h, c) = (self.width, self.height, self.channels);
+        let mut out = self.data.clone();
+        let mut line = Vec::new();
+        let mut blurred = Vec::new();
+        // Rows, then columns (PIL transposes; the same arithmetic on each line).
+        for (len, count, step_of) in [
+            (
+                w,
+                h,
+                Box::new(move |l: usize, i: usize| l * w + i) as Box<dyn Fn(usize, usize) -> usize>,
+            ),
+            (h, w, Box::new(move |l: usize, i: usize| i * w + l)),
+        ] {
+            for l in 0..count {
+                for ch in 0..c {
+                    line.clear();
+                    line.extend((0..len).map(|i| out[step_of(l, i) * c + ch]));
+                    for _ in 0..3 {
+                        box_blur_line(&line, &mut blurred, r);
+                        std::mem::swap(&mut line, &mut blurred);
+                    }
+                    for (i, &v) in line.iter().enumerate() {
+                        out[step_of(l, i) * c + ch] = v;
+                    }
+                }
+            }
+        }
+        Pixels {
+            width: w,
+            height: h,
+            channels: c,
+            data: out,
+        }
+    }
+
     /// diffusers' image preprocessing: `[1, C, H, W]` f32, `x / 255` (×2 − 1 when
     /// `normalize`).
     pub fn to_tensor(&self, normalize: bool, device: &Device) -> Result<Tensor> {
@@ -254,6 +316,42 @@ impl Pixels {
             }
         }
         Ok(Tensor::from_vec(v, (1, c, h, w), device)?)
+    }
+}
+
+/// PIL's `_gaussian_blur_radius`: the box radius whose `passes` box blurs have the
+/// Gaussian's variance (Gwosdek et al., extended box).
+fn box_radius(radius: f32, passes: u32) -> f32 {
+    // C's float variables, with the double constants it mixes in.
+    let sigma2 = radius * radius / passes as f32;
+    let big_l = (12.0 * sigma2 as f64 + 1.0).sqrt() as f32;
+    let l = ((big_l as f64 - 1.0) / 2.0).floor() as f32;
+    let a =
+        (2.0 * l + 1.0) * (l * (l + 1.0) - 3.0 * sigma2) / (6.0 * (sigma2 - (l + 1.0) * (l + 1.0)));
+    l + a
+}
+
+/// PIL's `ImagingLineBoxBlur8`: a box of `radius` (integer part full, fractional part on the
+/// two far pixels), edges extended, 24-bit fixed point.
+fn box_blur_line(line: &[u8], out: &mut Vec<u8>, float_radius: f32) {
+    let n = line.len();
+    out.clear();
+    out.resize(n, 0);
+    let radius = float_radius as usize;
+    let ww = ((1u32 << 24) as f32 / (float_radius * 2.0 + 1.0)) as u32;
+    let fw = ((1u32 << 24) - (radius as u32 * 2 + 1) * ww) / 2;
+    let last = n - 1;
+    // Pixel i of the line extended by its edge values.
+    let px = |i: isize| line[i.clamp(0, last as isize) as usize] as u32;
+    for (x, o) in out.iter_mut().enumerate() {
+        let x = x as isize;
+        let r = radius as isize;
+        let mut acc = 0u32;
+        for k in x - r..=x + r {
+            acc += px(k);
+        }
+        let bulk = acc * ww + (px(x - r - 1) + px(x + r + 1)) * fw;
+        *o = ((bulk + (1 << 23)) >> 24) as u8;
     }
 }
 

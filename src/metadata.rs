@@ -57,6 +57,11 @@ pub struct ImageSettings {
     /// The hires fix (the image is its second pass, `scale` times `width`×`height`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub hires: Option<crate::img2img::Hires>,
+    /// Inpainting's finish: mask blur radius and paste-back (absent: off).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mask_blur: Option<f32>,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub paste_back: bool,
     /// A1111's `Model hash` (10 hex digits) of a single-file checkpoint.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub model_hash: Option<String>,
@@ -146,6 +151,9 @@ impl ImageSettings {
             (Some(st), _) => kv.push(("Denoising strength", st.to_string())),
             (None, Some(h)) => kv.push(("Denoising strength", h.strength.to_string())),
             _ => {}
+        }
+        if let Some(b) = self.mask_blur {
+            kv.push(("Mask blur", b.to_string()));
         }
         if let Some(h) = &self.hires {
             kv.push(("Hires upscale", h.scale.to_string()));
@@ -478,6 +486,8 @@ pub fn read_png_settings(path: &Path) -> Result<(ImageSettings, Vec<String>)> {
             num("Denoising strength")?
         },
         hires,
+        mask_blur: None,
+        paste_back: false,
         model_hash: p.get("Model hash").map(str::to_string),
     };
     Ok((settings, warnings))
@@ -510,6 +520,8 @@ mod tests {
             mask: None,
             strength: None,
             hires: None,
+            mask_blur: None,
+            paste_back: false,
             model_hash: Some("31e35c80fc".into()),
         }
     }

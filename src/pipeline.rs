@@ -534,6 +534,7 @@ impl Pipeline {
                 image,
                 mask: None,
                 strength: hires.strength,
+                paste_alpha: None,
             }),
             ..req.clone()
         };
@@ -701,7 +702,14 @@ impl Pipeline {
         } = d;
         let t2 = Instant::now();
         crate::cancel::check()?;
-        let images = self.decode(&latents)?;
+        let mut images = self.decode(&latents)?;
+        for (rgb, r) in images.iter_mut().zip(reqs) {
+            if let Some(init) = &r.init
+                && let Some(alpha) = &init.paste_alpha
+            {
+                paste_back(rgb, &init.image, alpha)?;
+            }
+        }
         let t3 = Instant::now();
         let b = reqs.len() as f64;
         let steps = std::iter::once(t1)
@@ -756,6 +764,26 @@ fn check_batch(reqs: &[Request]) -> Result<()> {
         && reqs.iter().skip(1).any(|r| !batchable(first, r))
     {
         bail!("internal error: a batch mixes sizes, samplers or CFG scales");
+    }
+    Ok(())
+}
+
+/// Inpainting's finish: `rgb` (8-bit, H×W×3) becomes `alpha·rgb + (1 − alpha)·init`, the init
+/// image being `[1, 3, H, W]` in [-1, 1] (its 8-bit values recovered exactly).
+fn paste_back(rgb: &mut [u8], init: &Tensor, alpha: &Tensor) -> Result<()> {
+    let (_, _, h, w) = init.dims4()?;
+    let init = init.flatten_all()?.to_vec1::<f32>()?;
+    let alpha = alpha.flatten_all()?.to_vec1::<f32>()?;
+    if rgb.len() != h * w * 3 || alpha.len() != h * w {
+        bail!("internal error: paste-back sizes differ");
+    }
+    for i in 0..h * w {
+        let a = alpha[i];
+        for c in 0..3 {
+            let orig = ((init[c * h * w + i] + 1.0) / 2.0 * 255.0).round();
+            let new = rgb[i * 3 + c] as f32;
+            rgb[i * 3 + c] = (a * new + (1.0 - a) * orig).round().clamp(0.0, 255.0) as u8;
+        }
     }
     Ok(())
 }

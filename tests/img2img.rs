@@ -3,7 +3,7 @@
 //! without CFG, from an image whose size is not a multiple of 8 and resized to another size,
 //! and `StableDiffusionXLInpaintPipeline` with a soft grey mask at its default strength, at 1
 //! (pure noise) with CFG and at 0.5 — each image within one level, from the folder and the
-//! single file; PIL's Lanczos resize and grey conversion bit for bit; and `dmd2 gen
+//! single file; PIL's Lanczos resize, grey conversion and Gaussian blur bit for bit; and `dmd2 gen
 //! --init-image/--mask/--strength`, JSON lines with relative paths, stdin, the PNG's
 //! record of what an image started from, and bad input.
 
@@ -62,7 +62,15 @@ fn request(c: &Case) -> Request {
     } else {
         dmd2::img2img::DEFAULT_STRENGTH
     });
-    let init = prepare(&image, mask.as_ref(), c.width, c.height, strength).unwrap();
+    let init = prepare(
+        &image,
+        mask.as_ref(),
+        c.width,
+        c.height,
+        strength,
+        Default::default(),
+    )
+    .unwrap();
     Request {
         prompt: c.prompt.clone(),
         negative_prompt: c.negative_prompt.clone(),
@@ -96,6 +104,15 @@ fn lanczos_and_grey_are_pils() {
     }
     let grey = p.to_grey();
     assert_eq!(grey.data, bytes_of(&r["grey"]));
+    for radius in ["0.7", "2.5", "4", "30"] {
+        let got = grey.gaussian_blur(radius.parse().unwrap());
+        assert_eq!(
+            got.data,
+            bytes_of(&r[&format!("grey_blur_{radius}")]),
+            "blur {radius}"
+        );
+    }
+    assert_eq!(p.gaussian_blur(4.0).data, bytes_of(&r["rgb_blur_4"]));
     assert_eq!(
         grey.resize_lanczos(30, 30).data,
         bytes_of(&r["grey_lanczos_30x30"])
@@ -448,4 +465,58 @@ fn latent_upscaling_is_torchs() {
         0.0, 0.25, 0.75, 1.0, 0.5, 0.75, 1.25, 1.5, 1.5, 1.75, 2.25, 2.5, 2.0, 2.25, 2.75, 3.0,
     ];
     assert_eq!(b.flatten_all().unwrap().to_vec1::<f32>().unwrap(), want);
+}
+
+/// `--mask-blur` and `--paste-back`: where the blurred mask is black the init image's pixels
+/// come back exactly, where it is white the new image's; the PNG records both settings.
+#[test]
+fn paste_back_keeps_the_unmasked_pixels() {
+    let out = common::fresh_dir("img2img", "paste");
+    let model = Source::Folder.path().display().to_string();
+    let (init, mask) = (fixture("init.png"), fixture("mask.png"));
+    let run = |extra: &[&str], o: &Path| {
+        let mut a = vec![
+            "gen",
+            "--model",
+            &model,
+            "--prompt",
+            "a dog",
+            "--seed",
+            "3",
+            "--steps",
+            "4",
+            "--init-image",
+            &init,
+            "--mask",
+            &mask,
+            "-q",
+            "-o",
+            o.to_str().unwrap(),
+        ];
+        a.extend(extra);
+        let r = dmd2(&a);
+        assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    };
+    let (plain, pasted) = (out.join("plain.png"), out.join("pasted.png"));
+    run(&[], &plain);
+    run(&["--mask-blur", "3", "--paste-back"], &pasted);
+    let grey = Loaded::read(Path::new(&mask))
+        .unwrap()
+        .pixels
+        .to_grey()
+        .gaussian_blur(3.0);
+    let (orig, a, b) = (rgb(Path::new(&init)), rgb(&plain), rgb(&pasted));
+    let (mut kept, mut differs) = (0, 0);
+    for (i, &m) in grey.data.iter().enumerate() {
+        for c in 0..3 {
+            if m == 0 {
+                assert_eq!(b[i * 3 + c], orig[i * 3 + c], "pixel {i}");
+                kept += 1;
+            }
+            differs += (a[i * 3 + c] != orig[i * 3 + c]) as usize;
+        }
+    }
+    assert!(kept > 1000 && differs > 1000, "{kept} {differs}");
+    let s = dmd2::metadata::settings_from_png(&pasted).unwrap();
+    assert_eq!((s.mask_blur, s.paste_back), (Some(3.0), true));
 }

@@ -62,6 +62,14 @@ pub struct GenArgs {
     /// white), keep the init image elsewhere. Same size as the init image.
     #[arg(long, value_name = "IMAGE", requires = "init_image")]
     pub mask: Option<PathBuf>,
+    /// Inpainting: blur the mask by this Gaussian radius in pixels first (PIL's GaussianBlur,
+    /// as diffusers' mask_processor.blur and A1111's mask blur). Default 0.
+    #[arg(long, value_name = "PX", requires = "mask")]
+    pub mask_blur: Option<f32>,
+    /// Inpainting: paste the init image back outside the (blurred) mask after decoding,
+    /// blended by its grey levels (A1111's finish); off by default, as diffusers.
+    #[arg(long, requires = "mask")]
+    pub paste_back: bool,
     /// How much of the timestep list runs from the init image, in (0, 1]: with 4 steps 0.5
     /// runs 499, 249. Default 0.3 for img2img, 0.9999 for inpainting (diffusers').
     #[arg(long, requires = "init_image")]

@@ -173,7 +173,15 @@ impl Base<'_> {
             .map_err(|e| anyhow::anyhow!("{}: {e}", image.path.display()))?;
         let width = s.width.or(self.settings.width).unwrap_or(dw);
         let height = s.height.or(self.settings.height).unwrap_or(dh);
-        let init = crate::init_image::prepare(&image, mask.as_deref(), width, height, strength)?;
+        let finish = crate::init_image::MaskFinish {
+            blur: self.settings.mask_blur,
+            paste_back: self.settings.paste_back,
+        };
+        if mask.is_none() && finish != Default::default() {
+            bail!("--mask-blur and --paste-back need a mask");
+        }
+        let init =
+            crate::init_image::prepare(&image, mask.as_deref(), width, height, strength, finish)?;
         let start = Start {
             image: image_ref(&image),
             mask: mask.as_deref().map(image_ref),

@@ -71,6 +71,9 @@ pub struct Settings {
     pub strength: Option<f64>,
     /// The hires fix, when asked for.
     pub hires: Option<Hires>,
+    /// Inpainting's optional finish (`--mask-blur`, `--paste-back`).
+    pub mask_blur: f32,
+    pub paste_back: bool,
 }
 
 impl Settings {
@@ -272,6 +275,13 @@ impl Settings {
             mask,
             strength,
             hires,
+            mask_blur: match a.mask_blur.or(png.and_then(|s| s.mask_blur)) {
+                Some(b) if !(0.0..=256.0).contains(&b) => {
+                    bail!("--mask-blur must be from 0 to 256 pixels, not {b}")
+                }
+                b => b.unwrap_or(0.0),
+            },
+            paste_back: a.paste_back || png.is_some_and(|s| s.paste_back),
             memory: MemoryPolicy {
                 vae_tiling: a.vae_tiling.then_some(a.vae_tile_size),
                 tile_px: a.vae_tile_size,

@@ -103,6 +103,12 @@ impl<'a> Writer<'a> {
             strength: job.start.as_ref().map(|st| st.strength),
             hires: s.hires.clone(),
             model_hash: self.model_hash.clone(),
+            mask_blur: job
+                .start
+                .as_ref()
+                .filter(|st| st.mask.is_some() && s.mask_blur > 0.0)
+                .map(|_| s.mask_blur),
+            paste_back: job.start.as_ref().is_some_and(|st| st.mask.is_some()) && s.paste_back,
         }
     }
 
