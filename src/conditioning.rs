@@ -224,5 +224,11 @@ fn emphasis(z: &Tensor, weights: &[f64]) -> Result<Tensor> {
     let original = z.mean_all()?.to_scalar::<f32>()?;
     let weighted = z.broadcast_mul(&w)?;
     let now = weighted.mean_all()?.to_scalar::<f32>()?;
-    Ok((weighted * f64::from(original / now))?)
+    let ratio = original / now;
+    // A chunk whose weights cancel its mean (all weights 0, say) has nothing to restore:
+    // A1111 would divide by zero and make NaN; the weighted states are kept as they are.
+    if !ratio.is_finite() {
+        return Ok(weighted);
+    }
+    Ok((weighted * f64::from(ratio))?)
 }

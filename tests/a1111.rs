@@ -405,3 +405,18 @@ fn gen_reads_a1111_prompts_and_embeddings() {
         "{err}"
     );
 }
+
+/// Weights that cancel a chunk's mean (A1111 divides by zero there) leave finite states.
+#[test]
+fn zero_weights_stay_finite() {
+    let p = pipeline(Source::Folder);
+    for prompt in [
+        "(cat:0)",
+        "(a:0) (b:-0)",
+        "[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[x]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]",
+    ] {
+        let c = p.encode_prompt(PromptSyntax::A1111, prompt).unwrap();
+        let v = c.context.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        assert!(v.iter().all(|x| x.is_finite()), "{prompt}");
+    }
+}

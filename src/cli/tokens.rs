@@ -78,6 +78,12 @@ fn bad(message: String) -> anyhow::Error {
 }
 
 fn read_stdin_prompt() -> Result<String> {
+    use std::io::IsTerminal;
+    if std::io::stdin().is_terminal() {
+        return Err(bad(
+            "no prompt: give PROMPT, or pipe one in (dmd2 tokens - < prompt.txt)".into(),
+        ));
+    }
     let limit = crate::prompts::MAX_PROMPT_BYTES as u64 + 1;
     let mut buf = Vec::new();
     std::io::stdin()
