@@ -303,6 +303,8 @@ fn bad_starts_are_refused() {
     let small_mask = out.join("small.png");
     image::RgbImage::new(32, 32).save(&small_mask).unwrap();
     let init = fixture("init.png");
+    let wide = out.join("wide.png");
+    image::RgbImage::new(4104, 8).save(&wide).unwrap();
     let target = out.join("o.png");
     let t = target.to_str().unwrap();
     for (args, needle) in [
@@ -326,6 +328,10 @@ fn bad_starts_are_refused() {
         ),
         (vec!["--init-image", &init, "--strength", "1.5"], "(0, 1]"),
         (vec!["--mask", &init], "--init-image"),
+        (
+            vec!["--init-image", wide.to_str().unwrap()],
+            "outside 64..4096",
+        ),
     ] {
         let mut all = vec![
             "gen", "--model", &model, "--prompt", "x", "--steps", "4", "-o", t,

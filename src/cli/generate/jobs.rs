@@ -173,6 +173,10 @@ impl Base<'_> {
             .map_err(|e| anyhow::anyhow!("{}: {e}", image.path.display()))?;
         let width = s.width.or(self.settings.width).unwrap_or(dw);
         let height = s.height.or(self.settings.height).unwrap_or(dh);
+        for (what, v) in [("width", width), ("height", height)] {
+            prompts::check_dimension(what, v, self.settings.force)
+                .map_err(|e| anyhow::anyhow!("{}: {e}", image.path.display()))?;
+        }
         let finish = crate::init_image::MaskFinish {
             blur: self.settings.mask_blur,
             paste_back: self.settings.paste_back,

@@ -224,6 +224,18 @@ impl Settings {
             );
         }
         let hires = resolve_hires(&a, png, &sampler)?;
+        // The size an init image makes, checked before any work.
+        if let Some(i) = &init_image {
+            let (dw, dh) = crate::init_image::default_size(&i.pixels, 8)
+                .map_err(|e| anyhow::anyhow!("{}: {e}", i.path.display()))?;
+            for (what, v) in [
+                ("width", width.unwrap_or(dw)),
+                ("height", height.unwrap_or(dh)),
+            ] {
+                prompts::check_dimension(what, v, a.force)
+                    .map_err(|e| anyhow::anyhow!("{}: {e}", i.path.display()))?;
+            }
+        }
         let strength = a.strength.or_else(|| png.and_then(|s| s.strength));
         if let Some(st) = strength
             && !(st > 0.0 && st <= 1.0)
