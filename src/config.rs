@@ -396,6 +396,9 @@ pub struct VaeConfig {
     /// `use_post_quant_conv` (true for every SDXL VAE).
     pub use_post_quant_conv: bool,
     pub mid_block_add_attention: bool,
+    /// Decode in f32 even when the model runs in f16 (true for the SDXL VAE, which overflows
+    /// in f16; false for `madebyollin/sdxl-vae-fp16-fix`), as diffusers' pipelines read it.
+    pub force_upcast: bool,
 }
 
 impl VaeConfig {
@@ -455,6 +458,10 @@ impl VaeConfig {
                 .get("mid_block_add_attention")
                 .and_then(Value::as_bool)
                 .unwrap_or(true),
+            force_upcast: v
+                .get("force_upcast")
+                .and_then(Value::as_bool)
+                .unwrap_or(true),
             block_out_channels,
         };
         c.validate()
@@ -503,6 +510,245 @@ impl VaeConfig {
             bail!("latents_mean / latents_std hold a non-finite value or a zero deviation");
         }
         Ok(())
+    }
+}
+
+/// The tiny VAE (diffusers' `AutoencoderTiny`, madebyollin's TAESD / TAESDXL): plain
+/// 3×3 convolutions and ReLUs, no attention, no norms, latents used as they come
+/// (`scaling_factor` 1 for TAESDXL).
+#[derive(Debug, Clone, PartialEq)]
+pub struct TinyVaeConfig {
+    pub in_channels: usize,
+    pub out_channels: usize,
+    pub latent_channels: usize,
+    pub encoder_block_out_channels: Vec<usize>,
+    pub decoder_block_out_channels: Vec<usize>,
+    pub num_encoder_blocks: Vec<usize>,
+    pub num_decoder_blocks: Vec<usize>,
+    pub upsampling_scaling_factor: usize,
+    pub scaling_factor: f64,
+    /// `latent_magnitude` and `latent_shift` map latents to 8-bit values and back in TAESD's
+    /// own round trip (`AutoencoderTiny.forward`); the pipelines' encode and decode never use
+    /// them. Kept so a config reads back whole.
+    pub latent_magnitude: f64,
+    pub latent_shift: f64,
+}
+
+impl TinyVaeConfig {
+    /// madebyollin/taesdxl's `config.json`.
+    pub fn taesdxl() -> Self {
+        Self {
+            in_channels: 3,
+            out_channels: 3,
+            latent_channels: 4,
+            encoder_block_out_channels: vec![64; 4],
+            decoder_block_out_channels: vec![64; 4],
+            num_encoder_blocks: vec![1, 3, 3, 3],
+            num_decoder_blocks: vec![3, 3, 3, 1],
+            upsampling_scaling_factor: 2,
+            scaling_factor: 1.0,
+            latent_magnitude: 3.0,
+            latent_shift: 0.5,
+        }
+    }
+
+    /// Pixels per latent: each decoder level but the last upsamples.
+    pub fn scale_factor(&self) -> usize {
+        let levels = self.decoder_block_out_channels.len().saturating_sub(1) as u32;
+        self.upsampling_scaling_factor.saturating_pow(levels)
+    }
+
+    pub fn from_diffusers_json(path: &Path) -> Result<Self> {
+        let v = read_json(path)?;
+        let d = Self::taesdxl();
+        let list = |key: &str, default: &[usize]| -> Result<Vec<usize>> {
+            match v.get(key) {
+                None | Some(Value::Null) => Ok(default.to_vec()),
+                Some(x) => serde_json::from_value(x.clone()).with_context(|| {
+                    format!("{}: {key} is not a list of integers", path.display())
+                }),
+            }
+        };
+        for (key, only) in [("act_fn", "relu"), ("upsample_fn", "nearest")] {
+            if let Some(x) = v.get(key).and_then(Value::as_str)
+                && x != only
+            {
+                bail!(
+                    "{}: {key} = {x:?} is not supported (the tiny VAE runs {only:?})",
+                    path.display()
+                );
+            }
+        }
+        let field = |key: &str, default: usize| {
+            usize_field(&v, key, default).with_context(|| path.display().to_string())
+        };
+        let c = Self {
+            in_channels: field("in_channels", d.in_channels)?,
+            out_channels: field("out_channels", d.out_channels)?,
+            latent_channels: field("latent_channels", d.latent_channels)?,
+            encoder_block_out_channels: list(
+                "encoder_block_out_channels",
+                &d.encoder_block_out_channels,
+            )?,
+            decoder_block_out_channels: list(
+                "decoder_block_out_channels",
+                &d.decoder_block_out_channels,
+            )?,
+            num_encoder_blocks: list("num_encoder_blocks", &d.num_encoder_blocks)?,
+            num_decoder_blocks: list("num_decoder_blocks", &d.num_decoder_blocks)?,
+            upsampling_scaling_factor: field(
+                "upsampling_scaling_factor",
+                d.upsampling_scaling_factor,
+            )?,
+            scaling_factor: f64_field(&v, "scaling_factor", d.scaling_factor),
+            latent_magnitude: f64_field(&v, "latent_magnitude", d.latent_magnitude),
+            latent_shift: f64_field(&v, "latent_shift", d.latent_shift),
+        };
+        c.validate()
+            .with_context(|| format!("{}: unsupported tiny VAE config", path.display()))?;
+        Ok(c)
+    }
+
+    /// Levels paired with their block counts, widths that a stranger's config cannot blow up,
+    /// a usable latent scale.
+    pub fn validate(&self) -> Result<()> {
+        for (what, ch, blocks) in [
+            (
+                "encoder",
+                &self.encoder_block_out_channels,
+                &self.num_encoder_blocks,
+            ),
+            (
+                "decoder",
+                &self.decoder_block_out_channels,
+                &self.num_decoder_blocks,
+            ),
+        ] {
+            if ch.is_empty() || ch.len() > 8 || ch.len() != blocks.len() {
+                bail!(
+                    "{what}: {} levels of channels and {} of block counts (1..=8, the same)",
+                    ch.len(),
+                    blocks.len()
+                );
+            }
+            if ch.iter().any(|&c| c == 0 || c > 1 << 14) || blocks.iter().any(|&b| b > 64) {
+                bail!("{what}: a width or block count is out of range");
+            }
+            // Each level's first layer keeps the previous level's width.
+            if ch.windows(2).any(|w| w[0] != w[1]) {
+                bail!("{what}: levels of different widths ({ch:?}) do not chain");
+            }
+        }
+        for (what, v) in [
+            ("in_channels", self.in_channels),
+            ("out_channels", self.out_channels),
+            ("latent_channels", self.latent_channels),
+        ] {
+            if v == 0 || v > 1024 {
+                bail!("{what} = {v} is out of range");
+            }
+        }
+        if !(1..=4).contains(&self.upsampling_scaling_factor) {
+            bail!(
+                "upsampling_scaling_factor = {} is out of range",
+                self.upsampling_scaling_factor
+            );
+        }
+        // The encoder halves the size per level (stride-2 convolutions).
+        let encoder_scale = 1usize << (self.encoder_block_out_channels.len() - 1);
+        if encoder_scale != self.scale_factor() {
+            bail!(
+                "the encoder scales by {encoder_scale}, the decoder by {}",
+                self.scale_factor()
+            );
+        }
+        if !(self.scaling_factor.is_finite() && self.scaling_factor > 0.0) {
+            bail!(
+                "scaling_factor = {} is not a positive number",
+                self.scaling_factor
+            );
+        }
+        Ok(())
+    }
+}
+
+/// Which autoencoder decodes (and, for img2img, encodes) the latents.
+#[derive(Debug, Clone, PartialEq)]
+pub enum VaeArch {
+    /// SDXL's own kind, `AutoencoderKL`.
+    Kl(VaeConfig),
+    /// `AutoencoderTiny` (TAESDXL).
+    Tiny(TinyVaeConfig),
+}
+
+impl VaeArch {
+    /// A VAE folder's `config.json`: `_class_name` picks the kind (`AutoencoderKL` when absent).
+    pub fn from_diffusers_json(path: &Path) -> Result<Self> {
+        let v = read_json(path)?;
+        match v.get("_class_name").and_then(Value::as_str) {
+            None | Some("AutoencoderKL") => Ok(Self::Kl(VaeConfig::from_diffusers_json(path)?)),
+            Some("AutoencoderTiny") => Ok(Self::Tiny(TinyVaeConfig::from_diffusers_json(path)?)),
+            Some(other) => bail!(
+                "{}: a {other}, not a VAE dmd2 runs (AutoencoderKL or AutoencoderTiny)",
+                path.display()
+            ),
+        }
+    }
+
+    /// The SDXL VAE's configuration, if this is one (the single-file writer, LoRA names and
+    /// the model description need its blocks).
+    pub fn kl(&self) -> Option<&VaeConfig> {
+        match self {
+            Self::Kl(c) => Some(c),
+            Self::Tiny(_) => None,
+        }
+    }
+
+    /// diffusers' class name.
+    pub fn class_name(&self) -> &'static str {
+        match self {
+            Self::Kl(_) => "AutoencoderKL",
+            Self::Tiny(_) => "AutoencoderTiny",
+        }
+    }
+
+    /// Pixels per latent along each axis (8 for SDXL's and TAESDXL).
+    pub fn scale_factor(&self) -> usize {
+        match self {
+            Self::Kl(c) => c.scale_factor(),
+            Self::Tiny(c) => c.scale_factor(),
+        }
+    }
+
+    pub fn latent_channels(&self) -> usize {
+        match self {
+            Self::Kl(c) => c.latent_channels,
+            Self::Tiny(c) => c.latent_channels,
+        }
+    }
+
+    /// Whether an f16 run decodes in f32 (`force_upcast`; always false for the tiny VAE,
+    /// whose diffusers class registers it so).
+    pub fn force_upcast(&self) -> bool {
+        match self {
+            Self::Kl(c) => c.force_upcast,
+            Self::Tiny(_) => false,
+        }
+    }
+
+    /// The widest feature map of a decode, in channels at full resolution (memory planning).
+    pub fn full_resolution_channels(&self) -> usize {
+        match self {
+            Self::Kl(c) => c.block_out_channels.first().copied().unwrap_or(128),
+            Self::Tiny(c) => c.decoder_block_out_channels.last().copied().unwrap_or(64),
+        }
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        match self {
+            Self::Kl(c) => c.validate(),
+            Self::Tiny(c) => c.validate(),
+        }
     }
 }
 
@@ -693,6 +939,7 @@ pub mod sdxl_base {
             latents_mean_std: None,
             use_post_quant_conv: true,
             mid_block_add_attention: true,
+            force_upcast: true,
         }
     }
 }

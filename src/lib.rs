@@ -31,6 +31,7 @@ pub mod output;
 pub mod pipeline;
 pub mod precision;
 pub mod presets;
+pub mod preview;
 pub mod progress;
 pub mod prompt_chunks;
 pub mod prompt_syntax;

@@ -21,6 +21,9 @@ pub struct ModelSpec {
     pub model: String,
     /// A replacement UNet (path or `REPO/FILE`).
     pub unet: Option<String>,
+    /// A replacement VAE (path, repo, `REPO/FILE` or an alias, see
+    /// [`crate::sources::resolve_vae`]).
+    pub vae: Option<String>,
     /// LoRAs merged at load, in order.
     pub loras: Vec<LoraSpec>,
     /// Textual-inversion embeddings: files, and directories of them.
@@ -56,6 +59,8 @@ pub struct Opened {
     pub parts: ModelParts,
     /// The resolved model path (a folder or a file).
     pub model_path: PathBuf,
+    /// The resolved `--vae` path (a folder or a file).
+    pub vae_path: Option<PathBuf>,
     /// One report per LoRA, in order.
     pub loras: Vec<MergeReport>,
     /// Every file the model is read from (weights, LoRAs, the replacement UNet).
@@ -84,6 +89,11 @@ pub fn open(spec: &ModelSpec) -> Result<Opened> {
     if let Some(u) = &spec.unet {
         input_files.push(crate::sources::replace_unet(&mut parts, u)?);
     }
+    let vae_path = spec
+        .vae
+        .as_deref()
+        .map(|v| crate::sources::replace_vae(&mut parts, v))
+        .transpose()?;
     let (loras, lora_files) = crate::sources::apply_loras(&mut parts, &spec.loras)?;
     input_files.extend(lora_files);
     let embeddings = crate::embeddings::Embeddings::load(&spec.embeddings, &spec.embedding_dirs)?;
@@ -106,6 +116,7 @@ pub fn open(spec: &ModelSpec) -> Result<Opened> {
     Ok(Opened {
         parts,
         model_path,
+        vae_path,
         loras,
         input_files,
     })
@@ -130,6 +141,7 @@ impl Opened {
             choose_precision(dtype, device, parts.unet.numel(), |p| {
                 !device.is_cpu() || memory.force || plan_memory(&parts, p, run, memory).is_ok()
             })?;
+        let precision = precision.with_vae_upcast(parts.vae_config.force_upcast());
         let (vae_tile_px, tiling_forced_by_memory) = if device.is_cpu() && !memory.force {
             plan_memory(&parts, precision, run, memory)?
         } else {

@@ -41,6 +41,11 @@ pub struct ImageSettings {
     pub loras: Vec<LoraRef>,
     #[serde(default)]
     pub unet: Option<String>,
+    /// `--vae` as given, and A1111's `VAE hash` (10 hex digits) of its weights file.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vae: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vae_hash: Option<String>,
     #[serde(default)]
     pub preset: Option<String>,
     /// The UNet's compute precision ("f32", "bf16", "f16"): bit-exact regeneration needs the
@@ -125,6 +130,16 @@ impl ImageSettings {
             kv.push(("Model hash", h.clone()));
         }
         kv.push(("Model", quote(&display_name(&self.model))));
+        if let Some(h) = &self.vae_hash {
+            kv.push(("VAE hash", h.clone()));
+        }
+        if let Some(v) = &self.vae {
+            // A1111 names the file; a repo or folder by its last part.
+            let name = Path::new(v)
+                .file_name()
+                .map_or_else(|| v.clone(), |n| n.to_string_lossy().into_owned());
+            kv.push(("VAE", quote(&name)));
+        }
         if let Some(t) = &self.sampler.timesteps {
             kv.push((
                 "Timesteps",
@@ -381,6 +396,13 @@ pub fn read_png_settings(path: &Path) -> Result<(ImageSettings, Vec<String>)> {
                 .join(", ")
         ));
     }
+    if let Some(v) = p.get("VAE")
+        && !matches!(v, "None" | "Automatic")
+    {
+        warnings.push(format!(
+            "{name}: VAE {v:?} is not loaded; give --vae PATH|REPO to decode with it"
+        ));
+    }
     if let Some(cs) = p.get("Clip skip")
         && cs != "1"
     {
@@ -476,6 +498,8 @@ pub fn read_png_settings(path: &Path) -> Result<(ImageSettings, Vec<String>)> {
         model: p.get("Model").unwrap_or("").to_string(),
         loras: Vec::new(),
         unet: None,
+        vae: None,
+        vae_hash: None,
         preset: p.get("Preset").map(str::to_string),
         precision: None,
         init_image: None,
@@ -514,6 +538,8 @@ mod tests {
                 hash: Some("0123456789ab".into()),
             }],
             unet: None,
+            vae: None,
+            vae_hash: None,
             preset: None,
             precision: Some("bf16".into()),
             init_image: None,

@@ -637,6 +637,18 @@ pub fn conv2d(
     Conv2d::new(weight, Some(bias), kernel, stride)
 }
 
+/// A convolution without bias (TAESD's strided and upsampling convolutions).
+pub fn conv2d_no_bias(
+    c_in: usize,
+    c_out: usize,
+    kernel: usize,
+    stride: usize,
+    vb: VarBuilder,
+) -> Result<Conv2d> {
+    let weight = vb.get((c_out, c_in, kernel, kernel), "weight")?;
+    Conv2d::new(weight, None, kernel, stride)
+}
+
 pub fn group_norm(groups: usize, channels: usize, eps: f64, vb: VarBuilder) -> Result<GroupNorm> {
     let weight = vb.get_with_hints(channels, "weight", candle_nn::Init::Const(1.))?;
     let bias = vb.get_with_hints(channels, "bias", candle_nn::Init::Const(0.))?;

@@ -12,7 +12,7 @@ use crate::rng::TorchRng;
 use crate::scheduler::SamplerSpec;
 use crate::tokenizer::ClipTokenizer;
 use crate::unet::UNet;
-use crate::vae::{VaeDecoder, VaeEncoder};
+use crate::vae::{Encoder, Vae};
 use anyhow::{Context, Result, bail};
 use candle_core::{DType, Device, Tensor};
 use std::time::Instant;
@@ -85,19 +85,21 @@ pub struct Pipeline {
     text: Text,
     /// `None` once released for the last decode ([`Pipeline::generate_last_batch`]).
     unet: Option<UNet>,
-    vae: VaeDecoder,
+    vae: Vae,
     /// The VAE's weights and config, for the encoder img2img builds on first use.
     vae_weights: (
         std::sync::Arc<crate::weights::ComponentWeights>,
-        crate::config::VaeConfig,
+        crate::config::VaeArch,
     ),
-    vae_encoder: std::sync::OnceLock<VaeEncoder>,
+    vae_encoder: std::sync::OnceLock<Encoder>,
     device: Device,
     precision: RunPrecision,
     /// Tile size in latents when the VAE decodes in tiles.
     vae_tile: Option<usize>,
     force_zeros_for_empty_prompt: bool,
     embeddings: crate::conditioning::TextEmbeddings,
+    /// Shown the sampler's x0 estimate after each step, when set.
+    preview: Option<std::sync::Mutex<crate::preview::Preview>>,
 }
 
 /// How prompts become conditioning: the two text encoders, or — for runs whose prompts are
@@ -211,7 +213,7 @@ impl Pipeline {
             parts.unet.var_builder(precision.unet, device),
         )
         .with_context(|| format!("{}: cannot build the UNet", parts.unet.describe()))?;
-        let vae = VaeDecoder::new(
+        let vae = Vae::new(
             &parts.vae_config,
             parts.vae.var_builder(precision.vae, device),
         )
@@ -230,6 +232,7 @@ impl Pipeline {
             vae_tile: None,
             force_zeros_for_empty_prompt: parts.force_zeros_for_empty_prompt,
             embeddings,
+            preview: None,
         })
     }
 
@@ -244,7 +247,7 @@ impl Pipeline {
             .context("the UNet was released after the last batch (generate_last_batch)")
     }
 
-    pub fn vae(&self) -> &VaeDecoder {
+    pub fn vae(&self) -> &Vae {
         &self.vae
     }
 
@@ -258,7 +261,7 @@ impl Pipeline {
 
     /// Pixels per latent along each axis (8 for SDXL).
     pub fn vae_scale_factor(&self) -> usize {
-        self.vae.config().scale_factor()
+        self.vae.scale_factor()
     }
 
     /// Token ids of both tokenizers for a plain prompt, 77 each.
@@ -408,6 +411,13 @@ impl Pipeline {
                 latents = (kept.broadcast_mul(&(1.0 - mask)?)? + latents.broadcast_mul(mask)?)?;
             }
             check_finite(&latents, i, n, t)?;
+            if let Some(p) = &self.preview
+                && let Some(x0) = sampler.denoised()
+            {
+                p.lock()
+                    .map_err(|_| anyhow::anyhow!("a preview failed earlier"))?
+                    .show(i + 1, n, x0)?;
+            }
             progress(i + 1, n);
         }
         Ok(latents)
@@ -415,7 +425,8 @@ impl Pipeline {
 
     /// img2img and inpainting (one image): the DMD2 sampler over the timesteps the strength
     /// keeps, and the first latents: the init image VAE-encoded in f32 and sampled from its
-    /// latent distribution (the image's generator: draw 1), scaled, and noised to the first
+    /// latent distribution (the image's generator: draw 1; the tiny VAE has no distribution and
+    /// makes no draw), scaled, and noised to the first
     /// kept timestep (draw 2) — pure noise for inpainting at strength 1 — as diffusers'
     /// `prepare_latents`. Inpainting also encodes the masked image (draw 3; a 4-channel
     /// UNet never reads it, so only its draw is made here).
@@ -444,10 +455,13 @@ impl Pipeline {
                     req.height
                 );
             }
-            let encoder = self.vae_encoder()?;
-            let (mean, std) = encoder.encode(&init.image.to_device(&self.device)?)?;
-            let draw = crate::scheduler::noise_like(&mean, rngs)?;
-            encoder.scale(&(mean + (std * draw)?)?)?
+            let image = init
+                .image
+                .to_device(&self.device)?
+                .to_dtype(self.precision.vae.activations)?;
+            self.vae_encoder()?
+                .encode(&image, rngs)?
+                .to_dtype(DType::F32)?
         };
         if image_latents.dims4()? != shape {
             bail!(
@@ -460,7 +474,9 @@ impl Pipeline {
             let latents = crate::img2img::add_noise(&image_latents, &noise, timesteps[0])?;
             return Ok((sampler, latents, None));
         };
-        let _masked_image_draw = crate::scheduler::noise_like(&image_latents, rngs)?;
+        if self.vae_encoder()?.samples() {
+            let _masked_image_draw = crate::scheduler::noise_like(&image_latents, rngs)?;
+        }
         let latents = if init.strength == 1.0 {
             (&noise * sampler.init_noise_sigma())?
         } else {
@@ -549,14 +565,18 @@ impl Pipeline {
     }
 
     /// The VAE encoder, built on first use (text-to-image never needs it).
-    fn vae_encoder(&self) -> Result<&VaeEncoder> {
+    fn vae_encoder(&self) -> Result<&Encoder> {
         if let Some(e) = self.vae_encoder.get() {
             return Ok(e);
         }
         let (weights, config) = &self.vae_weights;
-        // diffusers upcasts the VAE to f32 to encode (`force_upcast`).
-        let e = VaeEncoder::new(config, weights.var_builder(Precision::F32, &self.device))
-            .with_context(|| format!("{}: cannot build the VAE encoder", weights.describe()))?;
+        // The decoder's precision: diffusers upcasts the VAE to f32 to encode when its config
+        // says `force_upcast`, as it does to decode.
+        let e = Encoder::new(
+            config,
+            weights.var_builder(self.precision.vae, &self.device),
+        )
+        .with_context(|| format!("{}: cannot build the VAE encoder", weights.describe()))?;
         Ok(self.vae_encoder.get_or_init(|| e))
     }
 
@@ -578,8 +598,13 @@ impl Pipeline {
         Ok(image.to_dtype(DType::F32)?)
     }
 
+    /// Previews from now on (`None`: none); see [`crate::preview`].
+    pub fn set_preview(&mut self, preview: Option<crate::preview::Preview>) {
+        self.preview = preview.map(std::sync::Mutex::new);
+    }
+
     /// Decode in tiles of `tile` latents from now on (`None`: whole images); see
-    /// [`VaeDecoder::decode_tiled`].
+    /// [`crate::vae::VaeDecoder::decode_tiled`].
     pub fn set_vae_tiling(&mut self, tile: Option<usize>) {
         self.vae_tile = tile;
     }
@@ -835,12 +860,7 @@ pub fn estimate_bytes(
     // About 16 feature maps of the first level's size are alive at once (skips included),
     // plus the attention and convolution work buffers.
     let unet_act = rows * 16 * c0 * (px / 64) * 4 + (64 << 20);
-    let v0 = parts
-        .vae_config
-        .block_out_channels
-        .first()
-        .copied()
-        .unwrap_or(128) as u64;
+    let v0 = parts.vae_config.full_resolution_channels() as u64;
     // A handful of full-resolution feature maps per image during the last decoder level
     // (of one tile when tiling, plus the decoded tiles themselves).
     let vae_act = match vae_tile_px {

@@ -154,6 +154,17 @@ impl RunPrecision {
         })
     }
 
+    /// An f16 run decodes in f16 when the VAE's config allows it (`force_upcast: false`: the
+    /// fp16-fix VAE, the tiny VAE), as diffusers' pipelines upcast only when it says so.
+    pub fn with_vae_upcast(self, force_upcast: bool) -> Self {
+        let f16 = Precision::uniform(DType::F16);
+        if !force_upcast && self.unet == f16 && self.vae == Precision::F32 {
+            Self { vae: f16, ..self }
+        } else {
+            self
+        }
+    }
+
     /// f16 everywhere but the VAE, which decodes in f32: diffusers' `force_upcast` (the SDXL
     /// VAE overflows in f16).
     fn f16_upcast_vae() -> Self {
@@ -169,6 +180,22 @@ impl RunPrecision {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Only an f16 run with a VAE that allows it decodes in f16; f32 and bf16 runs keep their
+    /// VAE precision.
+    #[test]
+    fn vae_upcast_follows_the_config() {
+        let f16 = Precision::uniform(DType::F16);
+        let gpu_f16 = RunPrecision::f16_upcast_vae();
+        assert_eq!(gpu_f16.with_vae_upcast(true).vae, Precision::F32);
+        assert_eq!(gpu_f16.with_vae_upcast(false).vae, f16);
+        assert_eq!(RunPrecision::F32.with_vae_upcast(false), RunPrecision::F32);
+        let bf16 = RunPrecision {
+            unet: Precision::CPU_BF16,
+            ..RunPrecision::F32
+        };
+        assert_eq!(bf16.with_vae_upcast(false), bf16);
+    }
 
     #[test]
     fn cpu_choices() {

@@ -37,6 +37,8 @@ pub struct Preset {
     /// `PATH_OR_REPO_FILE[:WEIGHT]`, as `--lora` takes them.
     pub loras: Option<Vec<String>>,
     pub unet: Option<String>,
+    /// A VAE to decode with (`--vae`: path, repo, `taesdxl`).
+    pub vae: Option<String>,
     pub sampler: Option<SamplerKind>,
     pub steps: Option<usize>,
     pub timesteps: Option<Vec<usize>>,
@@ -81,6 +83,7 @@ impl Preset {
             }),
         );
         kv("unet", self.unet.clone());
+        kv("vae", self.vae.clone());
         kv("sampler", self.sampler.map(|s| s.name().to_string()));
         kv("steps", self.steps.map(|s| s.to_string()));
         kv(

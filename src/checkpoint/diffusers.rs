@@ -2,7 +2,7 @@
 //! `config.json` and safetensors weights.
 
 use super::{Layout, ModelParts};
-use crate::config::{ClipConfig, SchedulerConfig, UNetConfig, VaeConfig};
+use crate::config::{ClipConfig, SchedulerConfig, UNetConfig, VaeArch};
 use crate::keymap::{Component, Transform};
 use crate::tokenizer::ClipTokenizer;
 use crate::weights::{ComponentWeights, WeightFiles};
@@ -39,7 +39,7 @@ pub fn open(dir: &Path) -> Result<ModelParts> {
         ClipConfig::from_transformers_json(&te_dir.join("config.json"), false)?;
     let text_encoder_2_config =
         ClipConfig::from_transformers_json(&te2_dir.join("config.json"), true)?;
-    let vae_config = VaeConfig::from_diffusers_json(&vae_dir.join("config.json"))?;
+    let vae_config = VaeArch::from_diffusers_json(&vae_dir.join("config.json"))?;
     let scheduler_json = dir.join("scheduler/scheduler_config.json");
     let scheduler = if scheduler_json.exists() {
         SchedulerConfig::from_diffusers_json(&scheduler_json)?

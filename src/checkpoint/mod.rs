@@ -2,14 +2,16 @@
 //! the model's (diffusers) names.
 //!
 //! - a diffusers folder (`model_index.json`, `unet/`, `text_encoder/`, …), see [`diffusers`];
-//! - an original-layout (LDM/sgm) single-file `.safetensors`, see [`single_file`].
+//! - an original-layout (LDM/sgm) single-file `.safetensors`, see [`single_file`];
+//! - add-ons replacing one component: a UNet ([`unet_file`]), a VAE ([`vae_file`]).
 
 pub mod diffusers;
 pub mod single_file;
 pub mod unet_file;
+pub mod vae_file;
 pub mod writer;
 
-use crate::config::{ClipConfig, SchedulerConfig, UNetConfig, VaeConfig};
+use crate::config::{ClipConfig, SchedulerConfig, UNetConfig, VaeArch};
 use crate::keymap::Component;
 use crate::tokenizer::ClipTokenizer;
 use crate::weights::ComponentWeights;
@@ -25,7 +27,7 @@ pub struct ModelParts {
     pub unet_config: UNetConfig,
     pub text_encoder_config: ClipConfig,
     pub text_encoder_2_config: ClipConfig,
-    pub vae_config: VaeConfig,
+    pub vae_config: VaeArch,
     pub unet: Arc<ComponentWeights>,
     pub text_encoder: Arc<ComponentWeights>,
     pub text_encoder_2: Arc<ComponentWeights>,
@@ -93,7 +95,7 @@ fn open_single_file(path: &Path) -> Result<ModelParts> {
         unet_config: layout.unet,
         text_encoder_config: layout.text_encoder,
         text_encoder_2_config: layout.text_encoder_2,
-        vae_config: layout.vae,
+        vae_config: VaeArch::Kl(layout.vae),
         tokenizer: ClipTokenizer::builtin("<|endoftext|>")?,
         tokenizer_2: ClipTokenizer::builtin("!")?,
         force_zeros_for_empty_prompt: true,

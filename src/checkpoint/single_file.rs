@@ -92,12 +92,34 @@ pub fn detect(shapes: &BTreeMap<String, Vec<usize>>) -> Result<SingleFileLayout>
         Some(vae_in_channels),
     )?;
 
+    let (maps, used) = map_entries(&s, plan.entries)?;
+    let unused = shapes
+        .keys()
+        .filter(|k| !used.contains(k.as_str()))
+        .cloned()
+        .collect();
+    Ok(SingleFileLayout {
+        unet,
+        text_encoder,
+        text_encoder_2,
+        vae,
+        maps,
+        unused,
+    })
+}
+
+/// Each planned tensor found in the file (under its name or its alias) with a compatible
+/// shape; returns the maps and the file's keys they use.
+fn map_entries(
+    s: &Shapes,
+    entries: Vec<crate::keymap::plan::Entry>,
+) -> Result<(ComponentMaps, BTreeSet<String>)> {
     let mut maps: ComponentMaps = Component::ALL
         .iter()
         .map(|&c| (c, BTreeMap::new()))
         .collect();
     let mut used = BTreeSet::new();
-    for mut e in plan.entries {
+    for mut e in entries {
         if let Some(alias) = e.alias.take().filter(|a| !s.has(&e.source) && s.has(a)) {
             e.source = alias;
         }
@@ -124,19 +146,40 @@ pub fn detect(shapes: &BTreeMap<String, Vec<usize>>) -> Result<SingleFileLayout>
             },
         );
     }
-    let unused = shapes
-        .keys()
-        .filter(|k| !used.contains(k.as_str()))
-        .cloned()
-        .collect();
-    Ok(SingleFileLayout {
-        unet,
-        text_encoder,
-        text_encoder_2,
-        vae,
-        maps,
-        unused,
-    })
+    Ok((maps, used))
+}
+
+/// An original-layout VAE on its own (`--vae sdxl_vae.safetensors`, keys `encoder.*`,
+/// `decoder.*`, `quant_conv.*`, `post_quant_conv.*`, optionally under `first_stage_model.`):
+/// its configuration inferred from the shapes as for a whole checkpoint, and the map from
+/// diffusers names to the file's keys.
+pub fn detect_vae(
+    shapes: &BTreeMap<String, Vec<usize>>,
+) -> Result<(VaeConfig, BTreeMap<String, Mapped>)> {
+    let prefixed: bool = shapes.keys().any(|k| k.starts_with(VAE_PREFIX));
+    let owned: BTreeMap<String, Vec<usize>>;
+    let shapes = if prefixed {
+        shapes
+    } else {
+        owned = shapes
+            .iter()
+            .map(|(k, v)| (format!("{VAE_PREFIX}{k}"), v.clone()))
+            .collect();
+        &owned
+    };
+    let s = Shapes(shapes);
+    let (vae, in_channels) = infer_vae(&s)?;
+    let plan = Plan::for_vae(&vae, Some(in_channels))?;
+    let (mut maps, _) = map_entries(&s, plan.entries)?;
+    let mut map = maps.remove(&Component::Vae).unwrap_or_default();
+    if !prefixed {
+        for m in map.values_mut() {
+            if let Some(k) = m.source.strip_prefix(VAE_PREFIX) {
+                m.source = k.to_string();
+            }
+        }
+    }
+    Ok((vae, map))
 }
 
 // ---------------------------------------------------------------------------------------
@@ -424,6 +467,8 @@ fn infer_vae(s: &Shapes) -> Result<(VaeConfig, usize)> {
         latents_mean_std: None,
         use_post_quant_conv: true,
         mid_block_add_attention: enc_attn,
+        // No config says otherwise: the SDXL VAE's needs.
+        force_upcast: true,
     };
     Ok((config, positive(c, "the input channel count", in_channels)?))
 }

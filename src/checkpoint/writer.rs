@@ -181,11 +181,18 @@ pub fn write_single_file(parts: &ModelParts, out: &Path, dtype: Option<DType>) -
     {
         bail!("--dtype must be a floating-point type, not {d:?}");
     }
+    let vae = parts.vae_config.kl().with_context(|| {
+        format!(
+            "{}: a single SDXL file holds an AutoencoderKL; this model's VAE is an {}",
+            parts.name,
+            parts.vae_config.class_name()
+        )
+    })?;
     let maps = canonical_maps(
         &parts.unet_config,
         &parts.text_encoder_config,
         &parts.text_encoder_2_config,
-        &parts.vae_config,
+        vae,
     )
     .map_err(|e| anyhow!("{}: {e}", parts.name))?;
     let originals = original_tensors(&maps);
@@ -273,11 +280,15 @@ pub fn write_single_file(parts: &ModelParts, out: &Path, dtype: Option<DType>) -
 /// Keys of an original-layout file for a model of these configurations (for tests and
 /// tools that compare key sets).
 pub fn single_file_keys(parts: &ModelParts) -> Result<Vec<String>> {
+    let vae = parts
+        .vae_config
+        .kl()
+        .with_context(|| format!("{}: the VAE is not an AutoencoderKL", parts.name))?;
     let maps = canonical_maps(
         &parts.unet_config,
         &parts.text_encoder_config,
         &parts.text_encoder_2_config,
-        &parts.vae_config,
+        vae,
     )
     .map_err(|e| anyhow!("{e}"))?;
     Ok(original_tensors(&maps).into_iter().map(|t| t.key).collect())

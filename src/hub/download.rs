@@ -105,19 +105,7 @@ pub(super) fn fetch_diffusers(cfg: &HubConfig, id: &str, rev: Option<&str>) -> R
             download(cfg, &api, id, &sha, &f)?;
         }
     }
-    // The requested ref points at this commit, as huggingface_hub records it; hf-hub also
-    // wrote refs/<sha>, which huggingface_hub never does.
-    let refs = cfg.repo_dir(id).join("refs");
-    if rev != sha {
-        if let Some(parent) = refs.join(rev).parent() {
-            std::fs::create_dir_all(parent).ok();
-        }
-        std::fs::write(refs.join(rev), &sha)
-            .with_context(|| format!("{id}: cannot write {}", refs.join(rev).display()))?;
-    }
-    if !had_sha_ref {
-        std::fs::remove_file(refs.join(&sha)).ok();
-    }
+    record_ref(cfg, id, rev, &sha, had_sha_ref)?;
     let missing = missing_in_snapshot(&snap);
     if !missing.is_empty() {
         bail!(
@@ -126,6 +114,102 @@ pub(super) fn fetch_diffusers(cfg: &HubConfig, id: &str, rev: Option<&str>) -> R
         );
     }
     Ok(snap)
+}
+
+/// The requested ref points at commit `sha`, as huggingface_hub records it; hf-hub also
+/// wrote refs/<sha>, which huggingface_hub never does (removed unless it was there before).
+fn record_ref(cfg: &HubConfig, id: &str, rev: &str, sha: &str, had_sha_ref: bool) -> Result<()> {
+    let refs = cfg.repo_dir(id).join("refs");
+    if rev != sha {
+        if let Some(parent) = refs.join(rev).parent() {
+            std::fs::create_dir_all(parent).ok();
+        }
+        std::fs::write(refs.join(rev), sha)
+            .with_context(|| format!("{id}: cannot write {}", refs.join(rev).display()))?;
+    }
+    if !had_sha_ref {
+        std::fs::remove_file(refs.join(sha)).ok();
+    }
+    Ok(())
+}
+
+/// A repo holding one diffusers component at its top (`config.json` and
+/// `diffusion_pytorch_model*.safetensors`, as `madebyollin/taesdxl`), or a pipeline repo's
+/// `vae/`: the cached (downloaded if needed) folder of that component.
+pub(super) fn fetch_vae(cfg: &HubConfig, id: &str, rev: Option<&str>) -> Result<PathBuf> {
+    const STEM: &str = "diffusion_pytorch_model";
+    let rev = rev.unwrap_or("main");
+    let complete = |dir: &Path| {
+        dir.join("config.json").is_file()
+            && crate::checkpoint::diffusers::weight_files(dir, STEM)
+                .is_ok_and(|f| f.iter().all(|p| p.is_file()))
+    };
+    if let Some(snap) = cached_snapshot(cfg, id, rev) {
+        for dir in [snap.clone(), snap.join("vae")] {
+            if complete(&dir) {
+                return Ok(dir);
+            }
+        }
+    }
+    if cfg.offline {
+        return Err(offline_error(cfg, id, rev, "the VAE"));
+    }
+    let api = online(cfg, id, rev, "config.json")?;
+    let repo = api.repo(Repo::with_revision(
+        id.to_string(),
+        RepoType::Model,
+        rev.to_string(),
+    ));
+    let info = watchdog(cfg, None, move |_| repo.info())
+        .map_err(|e| e.into_error(id, rev, None, cfg))?
+        .map_err(|e| hub_error(e, id, rev, None, cfg))?;
+    let sha = info.sha.clone();
+    let files: BTreeSet<&str> = info.siblings.iter().map(|s| s.rfilename.as_str()).collect();
+    let folder = if files.contains("config.json") {
+        ""
+    } else if files.contains("vae/config.json") {
+        "vae"
+    } else {
+        bail!(
+            "{id}: no config.json at the top or in vae/, so not a diffusers VAE repo; name a \
+             file in it instead (--vae {id}/FILE.safetensors)"
+        );
+    };
+    let here: Vec<&str> = files
+        .iter()
+        .copied()
+        .filter(|f| {
+            let (dir, name) = f.rsplit_once('/').unwrap_or(("", f));
+            dir == folder && name.starts_with(STEM)
+        })
+        .collect();
+    let what = if folder.is_empty() {
+        "the repo"
+    } else {
+        folder
+    };
+    let weights = super::files::select_weights(id, what, &here)?;
+    let had_sha_ref = cfg.repo_dir(id).join("refs").join(&sha).exists();
+    let join = |f: &str| {
+        if folder.is_empty() {
+            f.to_string()
+        } else {
+            format!("{folder}/{f}")
+        }
+    };
+    let config = download(cfg, &api, id, &sha, &join("config.json"))?;
+    for f in &weights {
+        download(cfg, &api, id, &sha, f)?;
+    }
+    record_ref(cfg, id, rev, &sha, had_sha_ref)?;
+    let dir = config
+        .parent()
+        .context("config.json has no folder")?
+        .to_path_buf();
+    if !complete(&dir) {
+        bail!("{id}: the download of the VAE is incomplete");
+    }
+    Ok(dir)
 }
 
 /// Shared activity clock of a running request: milliseconds since its start of the last

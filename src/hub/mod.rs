@@ -63,6 +63,20 @@ pub fn resolve_file(spec: &str) -> Result<PathBuf> {
     }
 }
 
+/// A `--vae` value: a local file or folder, `org/name[@rev]/FILE`, or a VAE repo
+/// `org/name[@rev]` (its top-level `config.json` and weights, or its `vae/`).
+pub fn resolve_vae(spec: &str) -> Result<PathBuf> {
+    match ModelRef::parse(spec)? {
+        ModelRef::Local(p) => Ok(p),
+        ModelRef::Repo {
+            id,
+            revision,
+            file: None,
+        } => download::fetch_vae(&HubConfig::from_env()?, &id, revision.as_deref()),
+        r => resolve_file_with(&HubConfig::from_env()?, &r),
+    }
+}
+
 /// [`resolve_model`] with an explicit configuration.
 pub fn resolve_model_with(cfg: &HubConfig, r: &ModelRef) -> Result<PathBuf> {
     match r {

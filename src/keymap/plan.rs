@@ -79,6 +79,13 @@ impl Plan {
         Ok(plan)
     }
 
+    /// The plan of a VAE alone (a `--vae` file in the original layout).
+    pub fn for_vae(vae: &VaeConfig, vae_in_channels: Option<usize>) -> Result<Plan> {
+        let mut plan = Plan::default();
+        plan_vae(&mut plan, vae, vae_in_channels)?;
+        Ok(plan)
+    }
+
     fn push(
         &mut self,
         component: Component,

@@ -6,7 +6,7 @@ use super::names::{Lookup, NameTable};
 use super::{component_label, format_name};
 use crate::checkpoint::single_file;
 use crate::checkpoint::{self, ModelParts};
-use crate::config::{ClipConfig, UNetConfig, VaeConfig, sdxl_base};
+use crate::config::{ClipConfig, UNetConfig, VaeArch, sdxl_base};
 use crate::keymap::Component;
 use crate::weights::{ComponentWeights, WeightFiles};
 use anyhow::{Result, bail};
@@ -280,7 +280,18 @@ fn clip_line(c: &ClipConfig) -> String {
     s
 }
 
-fn vae_line(c: &VaeConfig) -> String {
+fn vae_line(arch: &VaeArch) -> String {
+    let c = match arch {
+        VaeArch::Kl(c) => c,
+        VaeArch::Tiny(t) => {
+            return format!(
+                "tiny (AutoencoderTiny), widths {}/{}, {} latent channels",
+                t.encoder_block_out_channels.first().copied().unwrap_or(0),
+                t.decoder_block_out_channels.first().copied().unwrap_or(0),
+                t.latent_channels
+            );
+        }
+    };
     let widths: Vec<String> = c.block_out_channels.iter().map(|w| w.to_string()).collect();
     format!(
         "widths {}, {} resnets per level, {} latent channels",

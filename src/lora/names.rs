@@ -130,7 +130,8 @@ impl NameTable {
             &parts.unet_config,
             &parts.text_encoder_config,
             &parts.text_encoder_2_config,
-            &parts.vae_config,
+            // Only the UNet's names are read; any VAE plans.
+            parts.vae_config.kl().unwrap_or(&sdxl_base::vae()),
         )
         .ok()
         .and_then(|mut maps| maps.remove(&Component::Unet))

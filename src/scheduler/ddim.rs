@@ -13,6 +13,7 @@ pub struct DdimSampler {
     alphas_cumprod: Vec<f32>,
     /// `num_train_timesteps // num_inference_steps`, whatever the spacing.
     step_ratio: usize,
+    denoised: Option<Tensor>,
 }
 
 impl DdimSampler {
@@ -38,6 +39,7 @@ impl DdimSampler {
             timesteps_f,
             alphas_cumprod: alphas_cumprod(),
             step_ratio: TRAIN_TIMESTEPS / steps,
+            denoised: None,
         })
     }
 
@@ -58,6 +60,10 @@ impl Sampler for DdimSampler {
         &self.timesteps_f
     }
 
+    fn denoised(&self) -> Option<&Tensor> {
+        self.denoised.as_ref()
+    }
+
     fn step(
         &mut self,
         eps: &Tensor,
@@ -72,6 +78,8 @@ impl Sampler for DdimSampler {
             .broadcast_div(&super::schedule::scalar(a_t.sqrt(), x)?)?;
         // η = 0: std_dev_t = 0·variance^½ = 0, direction = (1 − ᾱ_prev − 0)^½ ε
         let direction = mul_scalar(eps, (1.0 - a_prev - 0.0).sqrt())?;
-        mul_scalar(&x0, a_prev.sqrt())? + direction
+        let prev = (mul_scalar(&x0, a_prev.sqrt())? + direction)?;
+        self.denoised = Some(x0);
+        Ok(prev)
     }
 }

@@ -100,6 +100,7 @@ pub struct Dmd2Sampler {
     timesteps: Vec<usize>,
     timesteps_f: Vec<f64>,
     alphas_cumprod: Vec<f32>,
+    denoised: Option<Tensor>,
 }
 
 impl Dmd2Sampler {
@@ -109,6 +110,7 @@ impl Dmd2Sampler {
             timesteps,
             timesteps_f,
             alphas_cumprod: sdxl_alphas_cumprod(),
+            denoised: None,
         }
     }
 }
@@ -116,6 +118,10 @@ impl Dmd2Sampler {
 impl Sampler for Dmd2Sampler {
     fn timesteps(&self) -> &[f64] {
         &self.timesteps_f
+    }
+
+    fn denoised(&self) -> Option<&Tensor> {
+        self.denoised.as_ref()
     }
 
     fn step(
@@ -127,6 +133,7 @@ impl Sampler for Dmd2Sampler {
     ) -> candle_core::Result<Tensor> {
         let st = lcm_step(&self.alphas_cumprod, &self.timesteps, i);
         let denoised = ((x * st.x_coef)? + (eps * st.eps_coef)?)?;
+        self.denoised = Some(denoised.clone());
         match st.renoise {
             Some((a, b)) => {
                 let noise = super::noise_like(x, rngs)?;

@@ -12,6 +12,7 @@ use candle_core::Tensor;
 pub struct EulerSampler {
     table: EulerTable,
     ancestral: bool,
+    denoised: Option<Tensor>,
 }
 
 impl EulerSampler {
@@ -20,6 +21,7 @@ impl EulerSampler {
         Ok(Self {
             table: EulerTable::new(steps, spacing)?,
             ancestral: false,
+            denoised: None,
         })
     }
 
@@ -28,6 +30,7 @@ impl EulerSampler {
         Ok(Self {
             table: EulerTable::new(steps, spacing)?,
             ancestral: true,
+            denoised: None,
         })
     }
 
@@ -58,6 +61,10 @@ impl Sampler for EulerSampler {
         self.table.scale_model_input(x, i)
     }
 
+    fn denoised(&self) -> Option<&Tensor> {
+        self.denoised.as_ref()
+    }
+
     fn step(
         &mut self,
         eps: &Tensor,
@@ -68,7 +75,8 @@ impl Sampler for EulerSampler {
         // Euler: gamma = 0 (s_churn 0), so σ̂ = σ·(0 + 1) = σ and no noise is drawn.
         let sigma = self.table.sigmas[i];
         let pred_original = (x - mul_scalar(eps, sigma)?)?;
-        let derivative = div_scalar(&(x - pred_original)?, sigma)?;
+        let derivative = div_scalar(&(x - &pred_original)?, sigma)?;
+        self.denoised = Some(pred_original);
         if !self.ancestral {
             let dt = self.table.sigmas[i + 1] - sigma;
             return x + mul_scalar(&derivative, dt)?;

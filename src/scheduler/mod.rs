@@ -37,6 +37,11 @@ pub trait Sampler: Send {
     /// per generator in `rngs` (batch dimension first); noise comes from [`noise_like`].
     fn step(&mut self, eps: &Tensor, i: usize, x: &Tensor, rngs: &mut [TorchRng])
     -> Result<Tensor>;
+    /// The last step's estimate of the clean latents (diffusers' `denoised` /
+    /// `pred_original_sample`), what previews show.
+    fn denoised(&self) -> Option<&Tensor> {
+        None
+    }
 }
 
 /// Standard normal noise shaped like `x`, image `b` drawn from `rngs[b]`: each image of a

@@ -33,6 +33,12 @@ pub struct GenArgs {
     /// Replace the model's UNet with a diffusers-layout UNet (safetensors or PyTorch .bin).
     #[arg(long, value_name = "FILE|REPO/FILE")]
     pub unet: Option<String>,
+    /// Decode (and encode, for img2img) with this VAE instead of the model's: a diffusers
+    /// AutoencoderKL or AutoencoderTiny folder or repo, a VAE .safetensors (diffusers or
+    /// original keys), REPO/FILE, or `taesdxl` (madebyollin/taesdxl, the tiny VAE: fast,
+    /// slightly softer) or `sdxl-vae-fp16-fix` (decodes in f16 on a GPU).
+    #[arg(long, value_name = "PATH|REPO")]
+    pub vae: Option<String>,
     /// Named settings (see `dmd2 presets`) or a preset .toml file. With neither --model nor
     /// --preset, the default recipe `dmd2-4step` applies.
     #[arg(long)]
@@ -128,9 +134,23 @@ pub struct GenArgs {
     /// `{index:05}` pads with zeros.
     #[arg(long, value_name = "TEMPLATE")]
     pub name: Option<String>,
-    /// One JSON line per finished image on stdout.
+    /// One JSON line per finished image on stdout (with --preview also a line per preview,
+    /// `"event": "preview"`).
     #[arg(long)]
     pub json: bool,
+    /// Rewrite this PNG after every step with a preview of the image being made (the
+    /// sampler's current estimate), replaced atomically so an image viewer can watch it.
+    /// Images of one batch appear side by side.
+    #[arg(long, value_name = "FILE")]
+    pub preview: Option<PathBuf>,
+    /// A preview every N steps (and after the last). Default 1.
+    #[arg(long, value_name = "N", requires = "preview")]
+    pub preview_every: Option<usize>,
+    /// Decode previews with this VAE, e.g. `taesdxl` (full size, fast), instead of a linear
+    /// map of the latents to colours at 1/8 of each side (free). Default: --vae when it is a
+    /// tiny VAE.
+    #[arg(long, value_name = "PATH|REPO", requires = "preview")]
+    pub preview_vae: Option<String>,
     /// Skip images whose file exists (resume an interrupted batch).
     #[arg(long)]
     pub skip_existing: bool,

@@ -4,6 +4,7 @@
 
 pub mod args;
 pub mod jobs;
+pub mod preview;
 pub mod settings;
 pub mod write;
 
@@ -74,6 +75,7 @@ pub fn run(a: GenArgs) -> Result<()> {
         }
     }
     let model_path = opened.model_path.clone();
+    let vae_path = opened.vae_path.clone();
     let default_size =
         crate::checkpoint::diffusers::default_image_size(&opened.model_path).unwrap_or(1024);
     let base = Base::new(&s, default_size, opened.parts.scheduler.timestep_spacing);
@@ -86,6 +88,25 @@ pub fn run(a: GenArgs) -> Result<()> {
     let file_target = match &s.sink {
         Sink::File(p) => Some(crate::output::check_target(p, &inputs).map_err(bad_input)?),
         _ => None,
+    };
+    let preview_target = match &s.preview {
+        Some(p) => {
+            let same = |out: &std::path::Path| {
+                out == p.path || FileId::of(out).is_some() && FileId::of(out) == FileId::of(&p.path)
+            };
+            if matches!(&s.sink, Sink::File(out) if same(out)) {
+                return Err(bad_input(anyhow::anyhow!(
+                    "{}: is also the output image; give --preview another file",
+                    p.path.display()
+                )));
+            }
+            Some(crate::output::check_target(&p.path, &inputs).map_err(bad_input)?)
+        }
+        None => None,
+    };
+    let model_vae = preview::ModelVae {
+        arch: opened.parts.vae_config.clone(),
+        weights: opened.parts.vae.clone(),
     };
 
     // Output only to stdout and nobody reads it (`| head` already gone): nothing to do.
@@ -166,6 +187,12 @@ pub fn run(a: GenArgs) -> Result<()> {
             "warning: {msg}; images will likely be black or noise (--strict refuses such files)"
         );
     }
+    let preview_index = match (&s.preview, preview_target) {
+        (Some(p), Some(target)) => {
+            Some(preview::install(&mut pipe, p, target, model_vae, s.json).map_err(bad_input)?)
+        }
+        _ => None,
+    };
     if s.verbose {
         log(&format!("load: {:.2}s", t0.elapsed().as_secs_f64()));
     }
@@ -183,6 +210,16 @@ pub fn run(a: GenArgs) -> Result<()> {
     if model_path.is_file() {
         writer.model_hash = crate::hashes::model_hash(&model_path).ok();
     }
+    // A1111's `VAE hash` is the weights file's; a folder's single weights file stands for it.
+    writer.vae_hash = vae_path
+        .map(|p| match p.is_dir() {
+            true => crate::checkpoint::diffusers::weight_files(&p, "diffusion_pytorch_model")
+                .ok()
+                .filter(|f| f.len() == 1)
+                .and_then(|mut f| f.pop()),
+            false => Some(p),
+        })
+        .and_then(|p| crate::hashes::model_hash(&p?).ok());
     writer.lora_hashes = s
         .model
         .loras
@@ -204,6 +241,7 @@ pub fn run(a: GenArgs) -> Result<()> {
         batch: Vec::new(),
         names: Names::default(),
         file_target,
+        preview_index,
     };
     let result = run.all(&base);
     run.progress.finish();
@@ -294,6 +332,8 @@ struct Run<'a> {
     names: Names,
     /// The `--output` file's target, checked before loading.
     file_target: Option<Target>,
+    /// The first image of the batch being made, for `--preview`'s JSON lines.
+    preview_index: Option<std::sync::Arc<std::sync::atomic::AtomicU64>>,
 }
 
 impl Run<'_> {
@@ -449,6 +489,9 @@ impl Run<'_> {
         }
         let reqs: Vec<_> = batch.iter().map(|(j, _)| j.req.clone()).collect();
         let label = format!("image {}", batch[0].0.index);
+        if let Some(i) = &self.preview_index {
+            i.store(batch[0].0.index, std::sync::atomic::Ordering::Relaxed);
+        }
         let generated = {
             let progress = &self.progress;
             let mut step = |i: usize, n: usize| progress.step(&label, i, n);

@@ -74,6 +74,15 @@ pub struct Settings {
     /// Inpainting's optional finish (`--mask-blur`, `--paste-back`).
     pub mask_blur: f32,
     pub paste_back: bool,
+    /// `--preview`.
+    pub preview: Option<PreviewSettings>,
+}
+
+/// Where and how often previews are written, and what decodes them.
+pub struct PreviewSettings {
+    pub path: PathBuf,
+    pub every: usize,
+    pub vae: Option<String>,
 }
 
 impl Settings {
@@ -138,6 +147,11 @@ impl Settings {
             .clone()
             .or_else(|| png.and_then(|s| s.unet.clone()))
             .or(p.unet.clone());
+        let vae = a
+            .vae
+            .clone()
+            .or_else(|| png.and_then(|s| s.vae.clone()))
+            .or(p.vae.clone());
         let sampler = resolve_sampler(&a, png, &p).with_context(|| origin("sampler"))?;
         let spacing_explicit =
             a.timestep_spacing.is_some() || png.is_some() || p.timestep_spacing.is_some();
@@ -255,6 +269,7 @@ impl Settings {
             model: ModelSpec {
                 model,
                 unet,
+                vae,
                 loras,
                 embeddings: a.embeddings.clone(),
                 embedding_dirs: a.embedding_dir.iter().cloned().collect(),
@@ -294,6 +309,17 @@ impl Settings {
                 b => b.unwrap_or(0.0),
             },
             paste_back: a.paste_back || png.is_some_and(|s| s.paste_back),
+            preview: match &a.preview {
+                None => None,
+                Some(path) => Some(PreviewSettings {
+                    path: path.clone(),
+                    every: match a.preview_every {
+                        Some(0) => bail!("--preview-every must be at least 1"),
+                        n => n.unwrap_or(1),
+                    },
+                    vae: a.preview_vae.clone(),
+                }),
+            },
             memory: MemoryPolicy {
                 vae_tiling: a.vae_tiling.then_some(a.vae_tile_size),
                 tile_px: a.vae_tile_size,

@@ -41,6 +41,8 @@ pub struct Writer<'a> {
     pub load_seconds: f64,
     /// A1111's `Model hash` of a single-file model, and each LoRA's AutoV3 (local files).
     pub model_hash: Option<String>,
+    /// A1111's `VAE hash` of a `--vae` weights file.
+    pub vae_hash: Option<String>,
     pub lora_hashes: Vec<Option<String>>,
 }
 
@@ -53,6 +55,7 @@ impl<'a> Writer<'a> {
             precision,
             load_seconds: 0.0,
             model_hash: None,
+            vae_hash: None,
             lora_hashes: Vec::new(),
         }
     }
@@ -96,6 +99,8 @@ impl<'a> Writer<'a> {
                 })
                 .collect(),
             unet: s.model.unet.clone(),
+            vae: s.model.vae.clone(),
+            vae_hash: self.vae_hash.clone(),
             preset: s.preset.clone(),
             precision: Some(self.precision.to_string()),
             init_image: job.start.as_ref().map(|st| st.image.clone()),

@@ -1,4 +1,4 @@
-//! The VAE (diffusers' `AutoencoderKL`): the decoder with SDXL's latent scale, and the
+//! diffusers' `AutoencoderKL`, SDXL's own VAE: the decoder with SDXL's latent scale, and the
 //! encoder that img2img and inpainting start from.
 
 use crate::config::VaeConfig;
