@@ -6,7 +6,8 @@
 //! - A small HTTP server on 127.0.0.1 speaking the Hub's protocol (the endpoints hf-hub
 //!   calls) proves a real download into the cache (only the needed files, the fp16 variant
 //!   preferred), a download resumed after a dropped connection (within a run, and in the next
-//!   run from the `.part` file), and a 404 turned into a clear error.
+//!   run from the `.part` file), a 404 turned into a clear error, and `--vae` repos (a VAE
+//!   repo's top level, a pipeline's `vae/`).
 //! - An unreachable endpoint fails within seconds with the hint to pass a local path.
 //!
 //! Environment variables are process-global, so the tests that exercise them run in a child
@@ -18,7 +19,7 @@ use candle_core::{DType, Device};
 use common::*;
 use dmd2::checkpoint;
 use dmd2::checkpoint::unet_file::replace_unet;
-use dmd2::hub::{HubConfig, ModelRef, resolve_file_with, resolve_model_with};
+use dmd2::hub::{HubConfig, ModelRef, resolve_file_with, resolve_model_with, resolve_vae_with};
 use dmd2::pipeline::{Pipeline, Request};
 use dmd2::scheduler::SamplerSpec;
 use std::collections::HashMap;
@@ -1089,4 +1090,81 @@ fn unet_from_the_hub_cache() {
             .unwrap()
             .rgb
     );
+}
+
+/// `--vae REPO`: a VAE repo's top-level config.json and diffusers weights (not its `.bin`,
+/// not the single-file copy beside them, as in madebyollin/sdxl-vae-fp16-fix), or a
+/// pipeline repo's `vae/` (its fp16 variant); afterwards offline from the cache; a repo with
+/// neither is refused with the hint to name a file.
+#[test]
+fn download_vae_repos() {
+    let vae_dir = fixtures().join("vae/kl");
+    let mut fix = folder_files(&vae_dir);
+    fix.insert(
+        "diffusion_pytorch_model.bin".into(),
+        b"must not be downloaded".to_vec(),
+    );
+    fix.insert(
+        "sdxl_vae.safetensors".into(),
+        b"must not be downloaded".to_vec(),
+    );
+    let mut none = HashMap::new();
+    none.insert("README.md".to_string(), b"no VAE here".to_vec());
+    let mut repos = HashMap::new();
+    repos.insert(
+        "org/fix".to_string(),
+        HubRepo {
+            files: fix,
+            drops: HashMap::new(),
+        },
+    );
+    repos.insert("org/tiny".to_string(), tiny_repo());
+    repos.insert(
+        "org/none".to_string(),
+        HubRepo {
+            files: none,
+            drops: HashMap::new(),
+        },
+    );
+    let hub = FakeHub::start(repos);
+    let tmp = TempDir::new("vae-repos");
+    let cache = tmp.0.join("hub");
+    let online = config(&cache, &hub.endpoint, false);
+    let resolve = |cfg: &HubConfig, s: &str| resolve_vae_with(cfg, &ModelRef::parse(s).unwrap());
+
+    let dir = resolve(&online, "org/fix").unwrap_or_else(|e| panic!("{e:#}"));
+    assert_eq!(
+        dir,
+        cache.join("models--org--fix/snapshots").join(SHA),
+        "the snapshot's top"
+    );
+    let vae = checkpoint::vae_file::open(&dir).unwrap();
+    assert_eq!(vae.arch, checkpoint::vae_file::open(&vae_dir).unwrap().arch);
+    let dir = resolve(&online, "org/tiny").unwrap_or_else(|e| panic!("{e:#}"));
+    assert!(dir.ends_with("vae"), "{}", dir.display());
+    assert!(
+        dir.join("diffusion_pytorch_model.fp16.safetensors")
+            .is_file()
+    );
+    checkpoint::vae_file::open(&dir).unwrap();
+    let fetched: Vec<String> = hub.log().iter().map(|l| l.path.clone()).collect();
+    for f in [
+        "diffusion_pytorch_model.bin",
+        "sdxl_vae.safetensors",
+        "vae/diffusion_pytorch_model.safetensors",
+    ] {
+        assert!(
+            !fetched.iter().any(|p| p.ends_with(&format!("{SHA}/{f}"))),
+            "{f} downloaded"
+        );
+    }
+    let e = resolve(&online, "org/none").unwrap_err().to_string();
+    assert!(e.contains("--vae org/none/FILE.safetensors"), "{e}");
+
+    // Offline, from the cache alone.
+    let offline = config(&cache, &hub.endpoint, true);
+    let before = hub.log().len();
+    resolve(&offline, "org/fix").unwrap();
+    resolve(&offline, "org/tiny").unwrap();
+    assert_eq!(hub.log().len(), before, "no request offline");
 }

@@ -68,12 +68,19 @@ pub fn resolve_file(spec: &str) -> Result<PathBuf> {
 pub fn resolve_vae(spec: &str) -> Result<PathBuf> {
     match ModelRef::parse(spec)? {
         ModelRef::Local(p) => Ok(p),
+        r => resolve_vae_with(&HubConfig::from_env()?, &r),
+    }
+}
+
+/// [`resolve_vae`] with an explicit configuration.
+pub fn resolve_vae_with(cfg: &HubConfig, r: &ModelRef) -> Result<PathBuf> {
+    match r {
         ModelRef::Repo {
             id,
             revision,
             file: None,
-        } => download::fetch_vae(&HubConfig::from_env()?, &id, revision.as_deref()),
-        r => resolve_file_with(&HubConfig::from_env()?, &r),
+        } => download::fetch_vae(cfg, id, revision.as_deref()),
+        r => resolve_file_with(cfg, r),
     }
 }
 
