@@ -1,6 +1,8 @@
 //! Speed benchmarks at SDXL base's full size with random weights (no download).
 //!
-//! cargo run --release --example bench -- [gemm|unet|vae|text|all] [--size 512] [--batch 1] [--runs 3] [--dtype f32|bf16]
+//! cargo run --release --example bench -- [gemm|unet|vae|taesd|text|all] [--size 512] [--batch 1] [--runs 3] [--dtype f32|bf16]
+//!
+//! `vae` is SDXL's VAE decode, `taesd` the tiny VAE's (TAESDXL's shapes, `--vae taesdxl`).
 //!
 //! Prints the median and spread of several timed runs after one warm-up, with the achieved
 //! GFLOP/s, and the machine's measured f32 GEMM rate for comparison.
@@ -31,6 +33,23 @@ fn vae_flops(size: usize) -> f64 {
         1024 => 10.5e12,
         s => 10.5e12 * (s as f64 / 1024.0).powi(2),
     }
+}
+
+/// The tiny VAE's decode: 2·9·C² multiply-adds per pixel per 3×3 convolution of C = 64
+/// channels, counted per level from TAESDXL's layer list (`vae::tiny`), plus the first and
+/// last convolutions.
+fn taesd_flops(size: usize) -> f64 {
+    let conv = |px: f64, c_in: f64, c_out: f64| 2.0 * 9.0 * c_in * c_out * px;
+    let latent = (size as f64 / 8.0).powi(2);
+    let mut f = conv(latent, 4.0, 64.0);
+    // Levels at 1/8, 1/4, 1/2 of the size: 3 blocks (3 convs each), then the upsampling
+    // convolution at twice the side; the last level at full size: 1 block and the output.
+    for (level, blocks) in [(1.0, 3.0), (4.0, 3.0), (16.0, 3.0)] {
+        f += blocks * 3.0 * conv(latent * level, 64.0, 64.0);
+        f += conv(latent * level * 4.0, 64.0, 64.0);
+    }
+    f += 3.0 * conv(latent * 64.0, 64.0, 64.0) + conv(latent * 64.0, 64.0, 3.0);
+    f
 }
 
 fn time_runs(runs: usize, mut f: impl FnMut() -> Result<()>) -> Result<Vec<f64>> {
@@ -278,6 +297,23 @@ fn main() -> Result<()> {
             &format!("VAE decode {size}x{size} {tag}"),
             &t,
             Some(vae_flops(size)),
+        );
+    }
+    if what == "taesd" || what == "all" {
+        let taesd = dmd2::vae::TinyDecoder::new(
+            &dmd2::config::TinyVaeConfig::taesdxl(),
+            random_weights::var_builder_with(Precision::F32, &dev),
+        )?;
+        let l = size / 8;
+        let z = Tensor::randn(0f32, 1.0, (1, 4, l, l), &dev)?;
+        let t = time_runs(runs, || {
+            taesd.decode(&z)?;
+            Ok(())
+        })?;
+        report(
+            &format!("tiny VAE (TAESDXL) decode {size}x{size} f32"),
+            &t,
+            Some(taesd_flops(size)),
         );
     }
     Ok(())

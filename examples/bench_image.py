@@ -7,6 +7,8 @@ ratios.
     python examples/bench_image.py prepare DIR      # full-size SDXL base shapes, random weights,
                                                     # fp16 diffusers folder (~6.9 GB), no download
     python examples/bench_image.py compare DIR --size 512 --dtype f32 --runs 3 [--isa avx2]
+    python examples/bench_image.py prepare-taesd TAESD_DIR  # TAESDXL's shapes, random (~5 MB in fp16)
+    python examples/bench_image.py compare DIR --vae TAESD_DIR ...  # both decode with it
 
 `--isa avx2` runs both sides as an AVX2-only CPU would, on a CPU that has more: dmd2 with
 DMD2_CPU=avx2, PyTorch with ATEN_CPU_CAPABILITY=avx2, MKL_ENABLE_INSTRUCTIONS=AVX2 and
@@ -81,6 +83,16 @@ def prepare(out: Path):
     print(f"wrote {out}", file=sys.stderr)
 
 
+def prepare_taesd(out: Path):
+    """A random AutoencoderTiny with madebyollin/taesdxl's config (diffusers' defaults)."""
+    import torch
+    from diffusers import AutoencoderTiny
+
+    torch.manual_seed(0)
+    AutoencoderTiny().half().save_pretrained(out, safe_serialization=True)
+    print(f"wrote {out}", file=sys.stderr)
+
+
 # ---------------------------------------------------------------------------------------------
 # child: diffusers' pipeline, timed by phase (runs in its own process)
 # ---------------------------------------------------------------------------------------------
@@ -93,6 +105,11 @@ def diffusers_child(a):
     dtype = {"f32": torch.float32, "bf16": torch.bfloat16}[a.dtype]
     pipe = StableDiffusionXLPipeline.from_pretrained(a.model, torch_dtype=dtype)
     pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config)
+    if a.vae:
+        from diffusers import AutoencoderTiny
+
+        # The tiny VAE in f32 too, as dmd2 runs every VAE on the CPU.
+        pipe.vae = AutoencoderTiny.from_pretrained(a.vae, torch_dtype=torch.float32)
     # The SDXL VAE runs in f32 (force_upcast), as dmd2 runs it.
     pipe.vae.to(torch.float32)
     pipe.vae.config.force_upcast = False
@@ -193,6 +210,8 @@ def compare(a):
                        "--steps", str(len(TIMESTEPS)), "--cfg", "1", "--width", str(a.size),
                        "--height", str(a.size), "--dtype", a.dtype, "--device", "cpu",
                        "--seed", "0", "--json", "-o", str(png)]
+                if a.vae:
+                    cmd += ["--vae", a.vae]
                 wall, rss, out = run_measured(cmd, env_dmd2)
                 s = json.loads(out.strip().splitlines()[-1])["seconds"]
                 m = {"load": s["load"], "before_first_step": s["load"] + s["encode"],
@@ -200,6 +219,8 @@ def compare(a):
             else:
                 cmd = [sys.executable, __file__, "diffusers-child", "--model", str(model),
                        "--size", str(a.size), "--dtype", a.dtype, "--out", str(png)]
+                if a.vae:
+                    cmd += ["--vae", a.vae]
                 wall, rss, out = run_measured(cmd, env_torch)
                 m = json.loads(out)
             m.update(wall=wall, rss=rss)
@@ -223,7 +244,8 @@ def compare(a):
         ("peak RSS", "GiB", lambda m: m["rss"]),
     ]
     info = rows["diffusers"][0]
-    print(f"\n{a.size}², {len(TIMESTEPS)} steps, CFG 1, {a.dtype}, isa {a.isa or 'native'}, "
+    vae = f", VAE {Path(a.vae).name}" if a.vae else ""
+    print(f"\n{a.size}², {len(TIMESTEPS)} steps, CFG 1, {a.dtype}{vae}, isa {a.isa or 'native'}, "
           f"medians of {a.runs} (torch {info['torch']}, {info['threads']} threads)\n")
     print("| | dmd2 | diffusers | dmd2 / diffusers |")
     print("|---|---|---|---|")
@@ -237,6 +259,8 @@ def main():
     sub = ap.add_subparsers(dest="what", required=True)
     p = sub.add_parser("prepare")
     p.add_argument("dir")
+    t = sub.add_parser("prepare-taesd")
+    t.add_argument("dir")
     c = sub.add_parser("compare")
     c.add_argument("model")
     c.add_argument("--size", type=int, default=512)
@@ -244,14 +268,18 @@ def main():
     c.add_argument("--runs", type=int, default=3)
     c.add_argument("--isa", choices=["avx2"], default=None)
     c.add_argument("--dmd2", default=str(REPO / "target" / "release" / "dmd2"))
+    c.add_argument("--vae", default=None, help="a VAE folder both sides decode with")
     d = sub.add_parser("diffusers-child")
     d.add_argument("--model", required=True)
     d.add_argument("--size", type=int, required=True)
     d.add_argument("--dtype", required=True)
     d.add_argument("--out", required=True)
+    d.add_argument("--vae", default=None)
     a = ap.parse_args()
     if a.what == "prepare":
         prepare(Path(a.dir))
+    elif a.what == "prepare-taesd":
+        prepare_taesd(Path(a.dir))
     elif a.what == "compare":
         compare(a)
     else:

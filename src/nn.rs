@@ -176,7 +176,7 @@ impl Conv2d {
         extra_bias: Option<&Tensor>,
         residual: Option<&Tensor>,
     ) -> Result<Tensor> {
-        if let Some(y) = self.forward_cpu(x, extra_bias, residual, 1)? {
+        if let Some(y) = self.forward_cpu(x, extra_bias, residual, 1, false)? {
             return Ok(y);
         }
         let mut y = self.forward_candle(x)?;
@@ -192,11 +192,20 @@ impl Conv2d {
     /// `conv(upsample_nearest2d(x, 2h, 2w))` (diffusers' Upsample2D); on the CPU path the
     /// upsampled map is never built.
     pub fn forward_upsample2x(&self, x: &Tensor) -> Result<Tensor> {
-        if let Some(y) = self.forward_cpu(x, None, None, 2)? {
+        if let Some(y) = self.forward_cpu(x, None, None, 2, false)? {
             return Ok(y);
         }
         let (_, _, h, w) = x.dims4()?;
         self.forward_candle(&x.upsample_nearest2d(2 * h, 2 * w)?)
+    }
+
+    /// `relu(conv(x) + residual)`: on the CPU path the ReLU runs in place on the fresh
+    /// output (no second map allocated and faulted in, as TAESD's many ReLUs would).
+    pub fn forward_relu(&self, x: &Tensor, residual: Option<&Tensor>) -> Result<Tensor> {
+        if let Some(y) = self.forward_cpu(x, None, residual, 1, true)? {
+            return Ok(y);
+        }
+        self.forward_add(x, None, residual)?.relu()
     }
 
     fn forward_cpu(
@@ -205,6 +214,7 @@ impl Conv2d {
         extra_bias: Option<&Tensor>,
         residual: Option<&Tensor>,
         upsample: usize,
+        relu: bool,
     ) -> Result<Option<Tensor>> {
         use crate::kernels::conv::{ConvShape, ConvWeight, conv2d};
         let (batch, c_in, h, w) = x.dims4()?;
@@ -268,6 +278,7 @@ impl Conv2d {
                 bias,
                 shape,
                 init,
+                relu,
             )
         })?;
         let Some(out) = out else {

@@ -106,8 +106,9 @@ fn for_each_band(x: &[f32], s: ConvShape, mut f: impl FnMut(usize, usize, usize,
 
 /// Convolution of `x` (`[batch, c_in, h, w]`) by `weight` (`[c_out, c_in, k, k]`) plus
 /// `bias` (`[c_out]`, or `[batch, c_out]`: one per image) plus `init` (`[batch, c_out, oh,
-/// ow]`, e.g. a residual), returning `[batch, c_out, oh, ow]`. Bias and residual are added
-/// into the GEMM's accumulator, not in extra passes.
+/// ow]`, e.g. a residual), then a ReLU when `relu`, returning `[batch, c_out, oh, ow]`. Bias
+/// and residual are added into the GEMM's accumulator, not in extra passes (and the ReLU too
+/// on the Winograd path).
 pub fn conv2d(
     tier: Tier,
     x: &[f32],
@@ -115,6 +116,7 @@ pub fn conv2d(
     bias: Option<&[f32]>,
     s: ConvShape,
     init: Option<Vec<f32>>,
+    relu: bool,
 ) -> Vec<f32> {
     let ConvShape {
         batch,
@@ -152,10 +154,15 @@ pub fn conv2d(
         ConvWeight::Winograd(wt) => {
             assert_eq!((wt.c_out(), wt.c_in()), (c_out, c_in));
             assert!(kk == 3 && stride == 1 && padding == 1);
-            return conv_winograd(tier, x, wt, bias, s, init);
+            return conv_winograd(tier, x, wt, bias, s, init, relu);
         }
     };
-    conv_gemm(tier, x, lhs, product, bias, s, init)
+    let mut out = conv_gemm(tier, x, lhs, product, bias, s, init);
+    if relu {
+        out.par_chunks_mut(1 << 16)
+            .for_each(|c| c.iter_mut().for_each(|v| *v = v.max(0.0)));
+    }
+    out
 }
 
 /// `bias` for image `bi`: `[c_out]` shared, or row `bi` of `[batch, c_out]`.
@@ -177,23 +184,16 @@ fn conv_winograd(
     bias: Option<&[f32]>,
     s: ConvShape,
     init: Option<Vec<f32>>,
+    relu: bool,
 ) -> Vec<f32> {
     let (oh, ow) = s.out_hw();
     let (plane, c_out) = (oh * ow, s.c_out);
     let has_init = init.is_some();
     let mut out = init.unwrap_or_else(|| vec![0f32; s.batch * c_out * plane]);
     assert_eq!(out.len(), s.batch * c_out * plane);
-    for (bi, ob) in out.chunks_mut(plane * c_out).enumerate() {
-        if let Some(bb) = bias_of(bias, c_out, bi) {
-            for (o, &bv) in ob.chunks_mut(plane).zip(bb) {
-                o.iter_mut().for_each(|v| *v += bv);
-            }
-        }
-    }
     let (uh, uw) = s.in_hw();
-    let accumulate = bias.is_some() || has_init;
     super::winograd::conv3x3(
-        tier, x, wt, s.batch, uh, uw, s.upsample, &mut out, accumulate,
+        tier, x, wt, s.batch, uh, uw, s.upsample, &mut out, has_init, bias, relu,
     );
     out
 }
@@ -465,7 +465,7 @@ mod tests {
                     (ConvWeight::F32(&wt), &want32),
                     (ConvWeight::Bf16(&packed), &want16),
                 ] {
-                    let got = conv2d(tier, &x, weight, Some(&bias), s, Some(init.clone()));
+                    let got = conv2d(tier, &x, weight, Some(&bias), s, Some(init.clone()), false);
                     for (i, (g, w)) in got.iter().zip(want.iter()).enumerate() {
                         assert!(
                             (*g as f64 - w).abs() <= 1e-5 * (1.0 + w.abs()),

@@ -68,9 +68,11 @@ impl WinogradWeight {
     }
 }
 
-/// `out[b] (+)= conv3x3(up(x[b]))` for `x` `[batch, c_in, h/u, w/u]` and `up` the
-/// nearest-neighbour upsampling by `u` (1 or 2); `out` `[batch, c_out, h, w]` already holds
-/// the bias (and any residual) when `accumulate`.
+/// `out[b] = act((out[b] if accumulate) + bias + conv3x3(up(x[b])))` for `x`
+/// `[batch, c_in, h/u, w/u]` and `up` the nearest-neighbour upsampling by `u` (1 or 2);
+/// `out` `[batch, c_out, h, w]` holds a residual to add to when `accumulate`; `bias` is
+/// `[c_out]` or one row per image `[batch, c_out]`; `act` is a ReLU when `relu`. Bias and
+/// ReLU are applied as each output tile is written (no passes of their own).
 #[allow(clippy::too_many_arguments)]
 pub fn conv3x3(
     tier: Tier,
@@ -82,8 +84,13 @@ pub fn conv3x3(
     u: usize,
     out: &mut [f32],
     accumulate: bool,
+    bias: Option<&[f32]>,
+    relu: bool,
 ) {
     let (c_in, c_out) = (wt.c_in, wt.c_out);
+    if let Some(b) = bias {
+        assert!(b.len() == c_out || b.len() == batch * c_out);
+    }
     assert!((u == 1 || u == 2) && h.is_multiple_of(u) && w.is_multiple_of(u));
     let (sh, sw) = (h / u, w / u);
     assert_eq!(x.len(), batch * c_in * sh * sw);
@@ -130,9 +137,20 @@ pub fn conv3x3(
                     Rhs::Strided(op(&v[xi * t..], 16 * t)),
                 );
             }
+            let bias_b = bias.map(|bb| {
+                if bb.len() == c_out {
+                    bb
+                } else {
+                    &bb[b * c_out..][..c_out]
+                }
+            });
             ob.par_chunks_mut(h * w)
                 .zip(m[..c_out * 16 * t].par_chunks(16 * t))
-                .for_each(|(oc, mc)| output_transform(mc, h, w, ty0, nty, oc, accumulate));
+                .enumerate()
+                .for_each(|(co, (oc, mc))| {
+                    let bv = bias_b.map_or(0.0, |bb| bb[co]);
+                    output_transform(mc, h, w, ty0, nty, oc, accumulate, bv, relu)
+                });
         }
     }
 }
@@ -215,6 +233,7 @@ fn input_transform(
 
 /// `Aᵀ M A` for every tile of the band of one output channel, added into (or written to)
 /// its rows of `oc`.
+#[allow(clippy::too_many_arguments)]
 fn output_transform(
     mc: &[f32],
     h: usize,
@@ -223,6 +242,8 @@ fn output_transform(
     nty: usize,
     oc: &mut [f32],
     accumulate: bool,
+    bias: f32,
+    relu: bool,
 ) {
     let tw = w.div_ceil(2);
     let t = nty * tw;
@@ -259,7 +280,9 @@ fn output_transform(
                         break;
                     }
                     let o = &mut oc[oy * w + ox];
-                    *o = if accumulate { *o + val } else { val };
+                    // (residual + bias) + conv, the order the unfused passes had.
+                    let v = if accumulate { *o + bias } else { bias } + val;
+                    *o = if relu { v.max(0.0) } else { v };
                 }
             }
         }
@@ -306,16 +329,30 @@ mod tests {
                 padding: 1,
                 upsample: 1,
             };
-            let want = conv2d(generic, &x, ConvWeight::F32(&wt), Some(&bias), shape, None);
+            let want = conv2d(
+                generic,
+                &x,
+                ConvWeight::F32(&wt),
+                Some(&bias),
+                shape,
+                None,
+                false,
+            );
             let ww = WinogradWeight::new(&wt, co, ci);
             let mut got = vec![0f32; b * co * h * w];
-            for (bi, ob) in got.chunks_mut(co * h * w).enumerate() {
-                let _ = bi;
-                for (o, &bv) in ob.chunks_mut(h * w).zip(&bias) {
-                    o.fill(bv);
-                }
-            }
-            conv3x3(tier, &x, &ww, b, h, w, 1, &mut got, true);
+            conv3x3(
+                tier,
+                &x,
+                &ww,
+                b,
+                h,
+                w,
+                1,
+                &mut got,
+                false,
+                Some(&bias),
+                false,
+            );
             let scale = want.iter().fold(0f32, |a, v| a.max(v.abs()));
             let err = got
                 .iter()
@@ -338,9 +375,10 @@ mod tests {
                     ..shape
                 },
                 None,
+                false,
             );
             let mut got = vec![0f32; b * co * h2 * w2];
-            conv3x3(tier, &x, &ww, b, h2, w2, 2, &mut got, false);
+            conv3x3(tier, &x, &ww, b, h2, w2, 2, &mut got, false, None, false);
             let err = got
                 .iter()
                 .zip(&want)

@@ -30,10 +30,10 @@ impl Block {
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let h = self.convs[0].forward(x)?.relu()?;
-        let h = self.convs[1].forward(&h)?.relu()?;
+        let h = self.convs[0].forward_relu(x, None)?;
+        let h = self.convs[1].forward_relu(&h, None)?;
         // The residual sum runs in the convolution's accumulator.
-        self.convs[2].forward_add(&h, None, Some(x))?.relu()
+        self.convs[2].forward_relu(&h, Some(x))
     }
 
     fn use_winograd(&mut self) -> Result<()> {
@@ -58,10 +58,8 @@ enum Layer {
 impl Layer {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         match self {
-            Layer::Conv { conv, relu } => {
-                let y = conv.forward(x)?;
-                if *relu { y.relu() } else { Ok(y) }
-            }
+            Layer::Conv { conv, relu: true } => conv.forward_relu(x, None),
+            Layer::Conv { conv, relu: false } => conv.forward(x),
             Layer::Block(b) => b.forward(x),
             Layer::UpsampleConv { factor: 2, conv } => conv.forward_upsample2x(x),
             Layer::UpsampleConv { factor, conv } => {
@@ -75,9 +73,8 @@ impl Layer {
         match self {
             Layer::Conv { conv, .. } => conv.use_winograd(),
             Layer::Block(b) => b.use_winograd(),
-            // Upsampling convolutions take the upsampled map's shape; the direct kernel reads
-            // the small map in place, which Winograd cannot.
-            Layer::UpsampleConv { .. } => Ok(()),
+            // Winograd reads the small map in place for a ×2 upsampling too.
+            Layer::UpsampleConv { conv, .. } => conv.use_winograd(),
         }
     }
 }
