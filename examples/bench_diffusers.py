@@ -4,6 +4,7 @@ sitting.
 
     python examples/bench_diffusers.py unet --size 512 --batch 1 --runs 3 [--dtype f32|bf16|f16]
     python examples/bench_diffusers.py vae --size 512
+    python examples/bench_diffusers.py taesd --size 1024       # AutoencoderTiny, taesdxl's config
     python examples/bench_diffusers.py image --size 1024 --device cuda --dtype f16
 
 `image`: what a 4-step DMD2 image costs past the text encoders: 4 UNet steps (batch 1, CFG
@@ -19,7 +20,7 @@ import statistics
 import time
 
 import torch
-from diffusers import AutoencoderKL, UNet2DConditionModel
+from diffusers import AutoencoderKL, AutoencoderTiny, UNet2DConditionModel
 
 UNET = dict(
     sample_size=128, in_channels=4, out_channels=4, layers_per_block=2,
@@ -54,7 +55,7 @@ def timed(fn, runs, sync=lambda: None):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("what", choices=["unet", "vae", "image"])
+    ap.add_argument("what", choices=["unet", "vae", "taesd", "image"])
     ap.add_argument("--size", type=int, default=512)
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--runs", type=int, default=3)
@@ -80,12 +81,18 @@ def main():
             vae_dtype = torch.float32 if a.what == "image" else dtype
             v = AutoencoderKL(**VAE).to(dev, vae_dtype).eval()
             z = torch.randn(1, 4, l, l, dtype=vae_dtype, device=dev)
+        if a.what == "taesd":
+            v = AutoencoderTiny().to(dev, dtype).eval()
+            z = torch.randn(1, 4, l, l, dtype=dtype, device=dev)
         if a.what == "unet":
             ts = timed(lambda: m(x, 999, ctx, added_cond_kwargs=cond), a.runs, sync)
             label = f"UNet step {a.size}x{a.size} batch {a.batch} {a.dtype}"
         elif a.what == "vae":
             ts = timed(lambda: v.decode(z), a.runs, sync)
             label = f"VAE decode {a.size}x{a.size} {a.dtype}"
+        elif a.what == "taesd":
+            ts = timed(lambda: v.decode(z), a.runs, sync)
+            label = f"tiny VAE (TAESDXL) decode {a.size}x{a.size} {a.dtype}"
         else:
             def image():
                 lat = x

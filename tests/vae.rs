@@ -224,7 +224,8 @@ fn f16_decodes_in_f16_only_when_the_vae_allows() {
 }
 
 /// `dmd2 gen --vae` makes diffusers' image and names the VAE and its hash in the PNG's
-/// parameters (A1111's `VAE hash`, `VAE`) and settings; `--from-png` makes it again.
+/// parameters (A1111's `VAE hash`, `VAE`) and settings; `--from-png` makes it again, and so
+/// does a preset naming the VAE.
 #[test]
 fn gen_with_vae_records_it() {
     let out = common::fresh_dir("vae", "gen");
@@ -286,6 +287,38 @@ fn gen_with_vae_records_it() {
     );
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     assert_eq!(image::open(&again).unwrap().to_rgb8().into_raw(), rgb);
+    // A preset names the VAE as `vae = …`.
+    let preset = out.join("tiny-vae.toml");
+    std::fs::write(
+        &preset,
+        format!(
+            "model = {:?}\nvae = {:?}\ncfg = {}\nwidth = 64\nheight = 64\n",
+            model().display().to_string(),
+            vae.display().to_string(),
+            c.guidance_scale
+        ),
+    )
+    .unwrap();
+    let third = out.join("c.png");
+    let o = run_dmd2(
+        &[
+            "gen",
+            "--preset",
+            &preset.display().to_string(),
+            "--prompt",
+            &c.prompt,
+            "--negative-prompt",
+            c.negative_prompt.as_deref().unwrap(),
+            "--seed",
+            &c.seed.to_string(),
+            "-q",
+            "-o",
+            &third.display().to_string(),
+        ],
+        None,
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(image::open(&third).unwrap().to_rgb8().into_raw(), rgb);
 }
 
 /// Files that are not a complete VAE are refused before any work, on one line naming them.
