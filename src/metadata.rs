@@ -310,6 +310,11 @@ pub const MAX_PNG_TEXT: usize = 1 << 20;
 /// [`MAX_PNG_TEXT`] bytes; a chunk that would inflate past it is an error naming the file.
 pub fn read_png_text(path: &Path) -> Result<Vec<(String, String)>> {
     let bytes = crate::files::read_bounded(path, crate::files::limits::PNG)?;
+    let jpeg = bytes.starts_with(&[0xff, 0xd8, 0xff]);
+    let webp = bytes.len() >= 12 && &bytes[..4] == b"RIFF" && &bytes[8..12] == b"WEBP";
+    if jpeg || webp {
+        return exif_text(path, bytes, jpeg);
+    }
     let decoder = png::Decoder::new(std::io::Cursor::new(bytes));
     let reader = decoder
         .read_info()
@@ -348,6 +353,31 @@ pub fn read_png_text(path: &Path) -> Result<Vec<(String, String)>> {
         }
     }
     Ok(out)
+}
+
+/// A JPEG's or WebP's A1111 parameters: EXIF UserComment, as `parameters` (A1111 keeps no
+/// other text there).
+fn exif_text(path: &Path, bytes: Vec<u8>, jpeg: bool) -> Result<Vec<(String, String)>> {
+    use image::ImageDecoder;
+    let unreadable =
+        |e: image::ImageError| anyhow::anyhow!("{}: unreadable image ({e})", path.display());
+    let cursor = std::io::Cursor::new(bytes);
+    let exif = if jpeg {
+        image::codecs::jpeg::JpegDecoder::new(cursor)
+            .map_err(unreadable)?
+            .exif_metadata()
+    } else {
+        image::codecs::webp::WebPDecoder::new(cursor)
+            .map_err(unreadable)?
+            .exif_metadata()
+    }
+    .map_err(unreadable)?;
+    Ok(exif
+        .as_deref()
+        .and_then(crate::output::read_exif_user_comment)
+        .filter(|t| t.len() <= MAX_PNG_TEXT)
+        .map(|t| vec![("parameters".to_string(), t)])
+        .unwrap_or_default())
 }
 
 /// The settings an image was made with: the exact `dmd2` JSON chunk when present, else what

@@ -3,7 +3,10 @@
 //! `Lora hashes` with Civitai's AutoV3 of each LoRA, `Model hash` of a single-file model),
 //! and `--from-png` says what it cannot apply from another tool's text (LoRA tags, other
 //! samplers, clip skip), reads seeds as whole numbers, and warns when the text was edited
-//! after the exact settings were stored.
+//! after the exact settings were stored. `-o x.jpg` / `x.webp` write JPEG and lossless WebP
+//! with the parameters in EXIF UserComment exactly as A1111 writes them (the bytes piexif
+//! makes, `scripts/make_exif_fixture.py`), which `--from-png` reads back; an unknown
+//! extension is refused before any work.
 
 mod common;
 
@@ -177,4 +180,125 @@ fn from_png_says_what_it_cannot_apply() {
         warnings.iter().any(|w| w.contains("edited")),
         "{warnings:?}"
     );
+}
+
+/// The EXIF block is piexif's, byte for byte, and reads back as the text.
+#[test]
+fn exif_is_a1111s() {
+    let dir = common::fixtures().join("exif");
+    let text = std::fs::read_to_string(dir.join("user_comment.txt")).unwrap();
+    let piexif = std::fs::read(dir.join("user_comment.exif")).unwrap();
+    let ours = dmd2::output::exif_user_comment(&text);
+    assert_eq!(piexif.strip_prefix(b"Exif\0\0").unwrap(), &ours[..]);
+    assert_eq!(
+        dmd2::output::read_exif_user_comment(&piexif).as_deref(),
+        Some(text.as_str())
+    );
+    assert_eq!(dmd2::output::read_exif_user_comment(b"MM\0\x2a\0\0"), None);
+}
+
+fn exif_of(p: &Path) -> String {
+    use image::ImageDecoder;
+    let bytes = std::io::Cursor::new(std::fs::read(p).unwrap());
+    let exif = if p.extension().unwrap() == "webp" {
+        image::codecs::webp::WebPDecoder::new(bytes)
+            .unwrap()
+            .exif_metadata()
+    } else {
+        image::codecs::jpeg::JpegDecoder::new(bytes)
+            .unwrap()
+            .exif_metadata()
+    }
+    .unwrap()
+    .expect("an EXIF block");
+    dmd2::output::read_exif_user_comment(&exif).expect("a UserComment")
+}
+
+/// JPEG (`--quality`) and lossless WebP from the extension, in any case and from name
+/// templates; the parameters in EXIF; `--from-png` on a JPEG makes the PNG's image; `.bmp`
+/// is refused with one line and no file.
+#[test]
+fn jpeg_and_webp_outputs() {
+    let dir = common::fresh_dir("interop", "formats");
+    let cache = dir.join("cache");
+    let model = common::fixtures().join("tiny").display().to_string();
+    let make = |out: &str, extra: &[&str]| -> Output {
+        let mut args = vec![
+            "gen",
+            "--model",
+            &model,
+            "--prompt",
+            "a cat, ünïcode",
+            "--seed",
+            "3",
+            "--width",
+            "64",
+            "--height",
+            "64",
+            "-q",
+        ];
+        args.extend_from_slice(extra);
+        if !out.is_empty() {
+            args.extend(["-o", out]);
+        }
+        dmd2(&args, &cache)
+    };
+    let path = |n: &str| dir.join(n).display().to_string();
+    for n in ["a.png", "a.jpg", "a.webp", "b.JPEG"] {
+        let o = make(&path(n), &[]);
+        assert!(
+            o.status.success(),
+            "{n}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+    }
+    let rgb = |n: &str| image::open(dir.join(n)).unwrap().to_rgb8().into_raw();
+    let png = rgb("a.png");
+    assert_eq!(rgb("a.webp"), png, "WebP is lossless");
+    let jpeg = rgb("a.jpg");
+    assert_eq!(jpeg.len(), png.len());
+    assert!(common::psnr(&jpeg, &png) > 30.0);
+    assert_eq!(
+        image::ImageFormat::from_path(dir.join("b.JPEG")).unwrap(),
+        image::ImageFormat::Jpeg
+    );
+    let want = parameters(&dir.join("a.png"));
+    for n in ["a.jpg", "a.webp"] {
+        assert_eq!(exif_of(&dir.join(n)), want, "{n}");
+        assert_eq!(
+            image::guess_format(&std::fs::read(dir.join(n)).unwrap()).unwrap(),
+            image::ImageFormat::from_path(dir.join(n)).unwrap()
+        );
+    }
+    // A lower quality, a smaller file.
+    let o = make(&path("q50.jpg"), &["--quality", "50"]);
+    assert!(o.status.success());
+    let size = |n: &str| std::fs::metadata(dir.join(n)).unwrap().len();
+    assert!(size("q50.jpg") < size("a.jpg"));
+    // Back from the JPEG's parameters (A1111 names the model; --model gives its path).
+    let o = dmd2(
+        &[
+            "gen",
+            "--from-png",
+            &path("a.jpg"),
+            "--model",
+            &model,
+            "-q",
+            "-o",
+            &path("again.png"),
+        ],
+        &cache,
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(rgb("again.png"), png);
+    // Name templates pick the format too.
+    let o = make("", &["--out-dir", &path("dir"), "--name", "{seed}.webp"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(rgb("dir/3.webp"), png);
+    let o = make(&path("x.bmp"), &[]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    assert!(err.contains("x.bmp") && err.contains(".bmp"), "{err}");
+    assert_eq!(err.trim().lines().count(), 1);
+    assert!(!dir.join("x.bmp").exists());
 }

@@ -103,7 +103,8 @@ pub fn slug(s: &str) -> String {
 }
 
 /// Join a rendered name under `dir`, refusing anything that could escape it: absolute paths,
-/// `..`, NUL bytes, empty names, components longer than 255 bytes. Adds `.png` if missing.
+/// `..`, NUL bytes, empty names, components longer than 255 bytes. Adds `.png` unless the
+/// name ends in an image extension dmd2 writes (`.png`, `.jpg`, `.jpeg`, `.webp`).
 pub fn safe_join(dir: &Path, name: &str) -> Result<PathBuf> {
     if name.is_empty() {
         bail!("empty output name");
@@ -112,7 +113,11 @@ pub fn safe_join(dir: &Path, name: &str) -> Result<PathBuf> {
         bail!("output name {name:?} contains a NUL byte");
     }
     let mut name = name.to_string();
-    if !name.to_ascii_lowercase().ends_with(".png") {
+    let lower = name.to_ascii_lowercase();
+    if ![".png", ".jpg", ".jpeg", ".webp"]
+        .iter()
+        .any(|e| lower.ends_with(e))
+    {
         name.push_str(".png");
     }
     let rel = Path::new(&name);

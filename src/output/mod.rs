@@ -59,6 +59,172 @@ pub fn encode_png(
     Ok(buf)
 }
 
+/// The image formats dmd2 writes, chosen by the file name's extension.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    /// With the parameters in `parameters` and `dmd2` text chunks.
+    Png,
+    /// Baseline JPEG at a quality (1–100), the parameters in EXIF UserComment as A1111 writes
+    /// them.
+    Jpeg { quality: u8 },
+    /// Lossless WebP, the parameters in EXIF UserComment as A1111 writes them.
+    WebP,
+}
+
+/// JPEG quality when `--quality` is not given.
+pub const DEFAULT_JPEG_QUALITY: u8 = 90;
+
+impl Format {
+    /// `.png`, `.jpg`/`.jpeg` or `.webp` in any case; PNG without an extension (`-o out`,
+    /// `/dev/stdout`); any other extension is an error naming the file.
+    pub fn for_path(path: &Path, jpeg_quality: u8) -> Result<Self> {
+        let ext = path
+            .extension()
+            .map(|e| e.to_string_lossy().to_ascii_lowercase());
+        Ok(match ext.as_deref() {
+            None | Some("png") => Format::Png,
+            Some("jpg" | "jpeg") => Format::Jpeg {
+                quality: jpeg_quality,
+            },
+            Some("webp") => Format::WebP,
+            Some(other) => bail!(
+                "{}: .{other} is not an image format dmd2 writes (.png, .jpg or .jpeg, .webp)",
+                path.display()
+            ),
+        })
+    }
+}
+
+/// Encode an RGB8 image in `format`, with the generation parameters where that format's
+/// readers look for them (see [`Format`]).
+pub fn encode_image(
+    rgb: &[u8],
+    width: usize,
+    height: usize,
+    text: Option<&PngText>,
+    format: Format,
+) -> Result<Vec<u8>> {
+    use image::ImageEncoder;
+    if format == Format::Png {
+        return encode_png(rgb, width, height, text);
+    }
+    if rgb.len() != width * height * 3 {
+        bail!(
+            "internal error: image buffer has {} bytes for {width}x{height}",
+            rgb.len()
+        );
+    }
+    let (w, h) = (
+        u32::try_from(width).context("image too wide")?,
+        u32::try_from(height).context("image too tall")?,
+    );
+    let exif = text.map(|t| exif_user_comment(&t.parameters));
+    let mut buf = Vec::new();
+    let color = image::ExtendedColorType::Rgb8;
+    match format {
+        Format::Jpeg { quality } => {
+            let mut enc = image::codecs::jpeg::JpegEncoder::new_with_quality(&mut buf, quality);
+            if let Some(e) = exif {
+                enc.set_exif_metadata(e)
+                    .map_err(|e| anyhow::anyhow!("JPEG metadata: {e}"))?;
+            }
+            enc.write_image(rgb, w, h, color)
+                .context("cannot encode the JPEG")?;
+        }
+        Format::WebP => {
+            let mut enc = image::codecs::webp::WebPEncoder::new_lossless(&mut buf);
+            if let Some(e) = exif {
+                enc.set_exif_metadata(e)
+                    .map_err(|e| anyhow::anyhow!("WebP metadata: {e}"))?;
+            }
+            enc.write_image(rgb, w, h, color)
+                .context("cannot encode the WebP")?;
+        }
+        Format::Png => unreachable!("handled above"),
+    }
+    Ok(buf)
+}
+
+/// EXIF (TIFF) holding one tag, the Exif IFD's UserComment, with `text` as A1111 stores its
+/// parameters in JPEG and WebP files — byte for byte what its
+/// `piexif.dump({"Exif": {UserComment: piexif.helper.UserComment.dump(text, "unicode")}})`
+/// gives, less the `Exif\0\0` header: big-endian, `UNICODE\0` and UTF-16BE text, and, as
+/// piexif writes it, no next-IFD link after the Exif IFD.
+pub fn exif_user_comment(text: &str) -> Vec<u8> {
+    let mut comment = b"UNICODE\0".to_vec();
+    comment.extend(text.encode_utf16().flat_map(u16::to_be_bytes));
+    // Header (8), IFD0 (one entry and its next-IFD link: 2 + 12 + 4) at 8, the Exif IFD
+    // (2 + 12) at 26, the comment at 40.
+    let (exif_ifd, data) = (26u32, 40u32);
+    let mut t = b"MM\0\x2a".to_vec();
+    t.extend(8u32.to_be_bytes());
+    let ifd = |t: &mut Vec<u8>, tag: u16, kind: u16, count: u32, value: u32| {
+        t.extend(1u16.to_be_bytes());
+        t.extend(tag.to_be_bytes());
+        t.extend(kind.to_be_bytes());
+        t.extend(count.to_be_bytes());
+        t.extend(value.to_be_bytes());
+    };
+    // IFD0: the ExifIFD pointer (LONG); no next IFD.
+    ifd(&mut t, 0x8769, 4, 1, exif_ifd);
+    t.extend(0u32.to_be_bytes());
+    // The Exif IFD: UserComment (UNDEFINED bytes).
+    ifd(&mut t, 0x9286, 7, comment.len() as u32, data);
+    t.extend(comment);
+    t
+}
+
+/// `UserComment` of an EXIF block as [`exif_user_comment`] writes it (and A1111, through
+/// piexif): the text, or `None` when there is none or it is not in a form read here.
+pub fn read_exif_user_comment(exif: &[u8]) -> Option<String> {
+    let tiff = exif.strip_prefix(b"Exif\0\0").unwrap_or(exif);
+    let be = match tiff.get(..4)? {
+        b"MM\0\x2a" => true,
+        b"II\x2a\0" => false,
+        _ => return None,
+    };
+    let u16_at = |o: usize| -> Option<u16> {
+        let b: [u8; 2] = tiff.get(o..o + 2)?.try_into().ok()?;
+        Some(if be {
+            u16::from_be_bytes(b)
+        } else {
+            u16::from_le_bytes(b)
+        })
+    };
+    let u32_at = |o: usize| -> Option<u32> {
+        let b: [u8; 4] = tiff.get(o..o + 4)?.try_into().ok()?;
+        Some(if be {
+            u32::from_be_bytes(b)
+        } else {
+            u32::from_le_bytes(b)
+        })
+    };
+    // The entry of `tag` in the IFD at `ifd`: (count, value or offset).
+    let find = |ifd: usize, tag: u16| -> Option<(u32, u32)> {
+        let n = u16_at(ifd)? as usize;
+        (0..n.min(512)).find_map(|i| {
+            let e = ifd + 2 + 12 * i;
+            (u16_at(e)? == tag).then_some((u32_at(e + 4)?, u32_at(e + 8)?))
+        })
+    };
+    let (_, exif_ifd) = find(u32_at(4)? as usize, 0x8769)?;
+    let (count, offset) = find(exif_ifd as usize, 0x9286)?;
+    let data = tiff.get(offset as usize..(offset as usize).checked_add(count as usize)?)?;
+    let (prefix, body) = data.split_at_checked(8)?;
+    match prefix {
+        b"UNICODE\0" => {
+            // piexif writes UTF-16BE whatever the TIFF byte order.
+            let units: Vec<u16> = body
+                .chunks_exact(2)
+                .map(|c| u16::from_be_bytes([c[0], c[1]]))
+                .collect();
+            Some(String::from_utf16_lossy(&units))
+        }
+        b"ASCII\0\0\0" => Some(String::from_utf8_lossy(body).into_owned()),
+        _ => None,
+    }
+}
+
 /// A file's identity: device and inode. Two paths with the same identity are the same file.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct FileId {

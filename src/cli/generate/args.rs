@@ -124,14 +124,19 @@ pub struct GenArgs {
     /// Images per UNet call (throughput on GPUs).
     #[arg(long, default_value_t = 1)]
     pub batch_size: usize,
-    /// Output PNG for a single image (`-` writes it to stdout). Default out.png.
+    /// Output image for a single image: .png, .jpg/.jpeg or .webp (lossless) by its extension
+    /// (`-` writes a PNG to stdout). Default out.png.
     #[arg(long, short = 'o', value_name = "FILE|-")]
     pub output: Option<PathBuf>,
+    /// Quality of JPEG outputs, 1–100. Default 90.
+    #[arg(long, value_name = "1-100", value_parser = clap::value_parser!(u8).range(1..=100))]
+    pub quality: Option<u8>,
     /// Directory for several images (named by --name).
     #[arg(long, value_name = "DIR")]
     pub out_dir: Option<PathBuf>,
     /// File name template: fields {index}, {seed}, {prompt}, {line}, {steps}, {preset};
-    /// `{index:05}` pads with zeros.
+    /// `{index:05}` pads with zeros. Ending in .jpg, .jpeg or .webp picks that format; other
+    /// names get .png appended.
     #[arg(long, value_name = "TEMPLATE")]
     pub name: Option<String>,
     /// One JSON line per finished image on stdout (with --preview also a line per preview,

@@ -76,6 +76,8 @@ pub struct Settings {
     pub paste_back: bool,
     /// `--preview`.
     pub preview: Option<PreviewSettings>,
+    /// `--quality` of JPEG outputs.
+    pub jpeg_quality: u8,
 }
 
 /// Where and how often previews are written, and what decodes them.
@@ -309,6 +311,7 @@ impl Settings {
                 b => b.unwrap_or(0.0),
             },
             paste_back: a.paste_back || png.is_some_and(|s| s.paste_back),
+            jpeg_quality: a.quality.unwrap_or(crate::output::DEFAULT_JPEG_QUALITY),
             preview: match &a.preview {
                 None => None,
                 Some(path) => Some(PreviewSettings {
@@ -447,6 +450,8 @@ fn sink(a: &GenArgs, source: &PromptSource) -> Result<Sink> {
             if !single_image {
                 bail!("--output names one image; use --out-dir for several");
             }
+            // The format comes from the extension: an unknown one is refused before any work.
+            crate::output::Format::for_path(o, crate::output::DEFAULT_JPEG_QUALITY)?;
             Sink::File(o.clone())
         }
         (None, dir) => {

@@ -124,7 +124,11 @@ impl<'a> Writer<'a> {
             parameters: settings.a1111(),
             json: settings.to_json(),
         };
-        let bytes = output::encode_png(&img.rgb, img.width, img.height, Some(&text))?;
+        let format = match target {
+            Some(t) => output::Format::for_path(t.path(), self.settings.jpeg_quality)?,
+            None => output::Format::Png,
+        };
+        let bytes = output::encode_image(&img.rgb, img.width, img.height, Some(&text), format)?;
         let t = Instant::now();
         match target {
             None => crate::stdio::write_stdout(&bytes)?,
