@@ -552,3 +552,103 @@ fn cpu_tier_and_kernel_switches() {
         assert!(!out.exists());
     }
 }
+
+/// Habits from other tools: `dmd2 gen "PROMPT"` is `--prompt`; `--seed -1` draws a random
+/// seed (and says it), another negative seed is refused; `DMD2_MODEL` and `DMD2_LORA`
+/// (`;`-separated) stand in for `--model` and `--lora`, and flags win over them; `--version`
+/// names the git revision, the features and the CPU kernels.
+#[test]
+fn cli_habits() {
+    let dir = tmpdir("habits");
+    let model = fixtures().join("tiny").display().to_string();
+    let lora = fixtures()
+        .join("lora/kohya_diffusers.safetensors")
+        .display()
+        .to_string();
+    let out = |n: &str| dir.join(n).display().to_string();
+    let run = |args: &[&str], env: &[(&str, &str)]| -> Output {
+        let o = Command::new(env!("CARGO_BIN_EXE_dmd2"))
+            .args(args)
+            .env_remove("DMD2_MODEL")
+            .env_remove("DMD2_LORA")
+            .envs(env.iter().copied())
+            .output()
+            .unwrap();
+        assert!(
+            o.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        o
+    };
+    let common = ["--width", "64", "--height", "64", "--seed", "9", "-q"];
+    let mut a = vec!["gen", "--model", &model, "--prompt", "a red car", "--lora"];
+    let with_lora = format!("{lora}:0.7");
+    a.extend([with_lora.as_str(), "-o"]);
+    let flags_png = out("flags.png");
+    a.push(&flags_png);
+    a.extend(common);
+    run(&a, &[]);
+    let env_png = out("env.png");
+    let mut b = vec!["gen", "a red car", "-o", &env_png];
+    b.extend(common);
+    run(&b, &[("DMD2_MODEL", &model), ("DMD2_LORA", &with_lora)]);
+    assert_eq!(
+        decode_png(&dir.join("flags.png")),
+        decode_png(&dir.join("env.png"))
+    );
+    // Two LoRAs from the variable, the same LoRA split in halves: the same image.
+    let halves = format!("{lora}:0.35;{lora}:0.35");
+    let split_png = out("split.png");
+    let mut c = vec!["gen", "a red car", "-o", &split_png];
+    c.extend(common);
+    run(&c, &[("DMD2_MODEL", &model), ("DMD2_LORA", &halves)]);
+    let (_, _, x) = decode_png(&dir.join("split.png"));
+    let (_, _, y) = decode_png(&dir.join("flags.png"));
+    assert!(max_level_diff(&x, &y) <= 1);
+    // A flag beats the variable.
+    let o = Command::new(env!("CARGO_BIN_EXE_dmd2"))
+        .args([
+            "gen",
+            "a cat",
+            "--model",
+            &model,
+            "--no-lora",
+            "-o",
+            &out("x.png"),
+        ])
+        .args(common)
+        .env("DMD2_MODEL", "/nonexistent/model")
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    // --seed -1: random, and said on stderr.
+    let o = Command::new(env!("CARGO_BIN_EXE_dmd2"))
+        .args([
+            "gen",
+            "a cat",
+            "--model",
+            &model,
+            "--seed",
+            "-1",
+            "-o",
+            &out("r.png"),
+        ])
+        .args(["--width", "64", "--height", "64"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success() && err.contains("seed: "), "{err}");
+    let o = dmd2(&["gen", "a cat", "--model", &model, "--seed", "-2"]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("-1 for a random one"));
+    let o = dmd2(&["--version"]);
+    let v = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success());
+    assert!(
+        v.starts_with(&format!("dmd2 {} (git ", env!("CARGO_PKG_VERSION")))
+            && v.contains("features: ")
+            && v.contains("CPU kernels: "),
+        "{v}"
+    );
+}

@@ -41,9 +41,46 @@ pub enum Command {
     },
 }
 
+/// `dmd2 --version`: the version, the git revision it was built from, the cargo features
+/// and the CPU kernels this machine runs.
+pub fn long_version() -> String {
+    let rev = option_env!("DMD2_GIT_REV").filter(|r| !r.is_empty());
+    let mut features: Vec<&str> = Vec::new();
+    if cfg!(feature = "cuda") {
+        features.push("cuda");
+    }
+    if cfg!(feature = "metal") {
+        features.push("metal");
+    }
+    let kernels = if crate::kernels::own() {
+        format!(
+            "own, tier {} (best here: {})",
+            crate::kernels::Tier::current(),
+            crate::kernels::Tier::best()
+        )
+    } else {
+        "candle's (DMD2_KERNELS=candle)".to_string()
+    };
+    format!(
+        "{} (git {})\nfeatures: {}\nCPU kernels: {kernels}",
+        env!("CARGO_PKG_VERSION"),
+        rev.unwrap_or("unknown"),
+        if features.is_empty() {
+            "none (CPU only)".to_string()
+        } else {
+            features.join(", ")
+        }
+    )
+}
+
 /// Run the CLI; returns the process exit code. Errors are printed as one line on stderr.
 pub fn main_with_args(args: impl IntoIterator<Item = std::ffi::OsString>) -> i32 {
-    let cli = match Cli::try_parse_from(args) {
+    use clap::{CommandFactory, FromArgMatches};
+    let parsed = Cli::command()
+        .long_version(&*Box::leak(long_version().into_boxed_str()))
+        .try_get_matches_from(args)
+        .and_then(|m| Cli::from_arg_matches(&m));
+    let cli = match parsed {
         Ok(c) => c,
         Err(e) => {
             let _ = e.print();

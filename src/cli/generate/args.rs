@@ -12,13 +12,21 @@ use std::path::PathBuf;
 
 #[derive(Debug, Args)]
 pub struct GenArgs {
+    /// The prompt, as `dmd2 gen "a cat"` (the same as --prompt "a cat").
+    #[arg(value_name = "PROMPT", conflicts_with = "prompt_file")]
+    pub prompt_positional: Option<String>,
     /// SDXL model: a diffusers folder, a single-file .safetensors, or a Hugging Face repo id
     /// (ORG/NAME[@REV][/FILE]). Default: the preset's (SDXL base).
-    #[arg(long, value_name = "PATH|REPO")]
+    #[arg(long, value_name = "PATH|REPO", env = "DMD2_MODEL")]
     pub model: Option<String>,
     /// LoRA to merge at load, PATH[:WEIGHT] or REPO/FILE[:WEIGHT]; repeatable. Replaces the
-    /// preset's LoRAs.
-    #[arg(long = "lora", value_name = "PATH[:WEIGHT]")]
+    /// preset's LoRAs. DMD2_LORA gives a default: one LoRA, or several separated by `;`.
+    #[arg(
+        long = "lora",
+        value_name = "PATH[:WEIGHT]",
+        env = "DMD2_LORA",
+        value_delimiter = ';'
+    )]
     pub loras: Vec<String>,
     /// A textual-inversion embedding for SDXL (safetensors with clip_l and clip_g), used where
     /// a prompt names it by its file stem (A1111 syntax; weights apply); repeatable.
@@ -109,9 +117,9 @@ pub struct GenArgs {
     /// Timestep spacing of the teacher samplers (SDXL's: leading).
     #[arg(long, value_enum)]
     pub timestep_spacing: Option<Spacing>,
-    /// Seed of image 0; image i gets seed + i. Random (and printed) when absent.
-    #[arg(long)]
-    pub seed: Option<u64>,
+    /// Seed of image 0; image i gets seed + i. Random (and printed) when absent or -1.
+    #[arg(long, allow_hyphen_values = true, value_parser = parse_seed)]
+    pub seed: Option<SeedArg>,
     /// Default: the model's native size (UNet sample_size × 8 for folders; 1024 for SDXL).
     #[arg(long)]
     pub width: Option<usize>,
@@ -203,6 +211,24 @@ pub struct GenArgs {
 pub enum OnError {
     Skip,
     Fail,
+}
+
+/// `--seed`: a whole number, or -1 for a random one (as A1111 and stable-diffusion.cpp take it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SeedArg {
+    Random,
+    Fixed(u64),
+}
+
+fn parse_seed(s: &str) -> Result<SeedArg, String> {
+    match s.trim() {
+        "-1" => Ok(SeedArg::Random),
+        t => t.parse().map(SeedArg::Fixed).map_err(|_| {
+            format!(
+                "seed must be a whole number from 0 to 2^64 - 1, or -1 for a random one (got {s:?})"
+            )
+        }),
+    }
 }
 
 fn parse_tile_size(s: &str) -> Result<usize, String> {

@@ -4,7 +4,7 @@
 //! files). Nothing is loaded; the model's native size, which needs the model, is settled in
 //! [`super::jobs::Base`].
 
-use super::args::{GenArgs, OnError};
+use super::args::{GenArgs, OnError, SeedArg};
 use crate::device::DeviceChoice;
 use crate::img2img::{Hires, HiresUpscaler};
 use crate::init_image::Loaded;
@@ -94,7 +94,11 @@ impl Settings {
     }
 
     /// Resolves the flags into settings; every error is the user's (bad input).
-    pub fn resolve(a: GenArgs) -> Result<Settings> {
+    pub fn resolve(mut a: GenArgs) -> Result<Settings> {
+        // `dmd2 gen "a cat"`: the positional prompt comes first.
+        if let Some(p) = a.prompt_positional.take() {
+            a.prompt.insert(0, p);
+        }
         let png = match &a.from_png {
             Some(p) => {
                 let (settings, warnings) = metadata::read_png_settings(p)?;
@@ -263,9 +267,9 @@ impl Settings {
                 inputs.push(p.clone());
             }
         }
-        let (seed, random_seed) = match a.seed.or(png.map(|s| s.seed)) {
-            Some(s) => (s, false),
-            None => (random_seed(), true),
+        let (seed, random_seed) = match (a.seed, png.map(|s| s.seed)) {
+            (Some(SeedArg::Fixed(s)), _) | (None, Some(s)) => (s, false),
+            (Some(SeedArg::Random), _) | (None, None) => (random_seed(), true),
         };
         Ok(Settings {
             model: ModelSpec {
