@@ -556,7 +556,8 @@ fn cpu_tier_and_kernel_switches() {
 /// Habits from other tools: `dmd2 gen "PROMPT"` is `--prompt`; `--seed -1` draws a random
 /// seed (and says it), another negative seed is refused; `DMD2_MODEL` and `DMD2_LORA`
 /// (`;`-separated) stand in for `--model` and `--lora`, and flags win over them; `--version`
-/// names the git revision, the features and the CPU kernels.
+/// names the git revision, the features and the CPU kernels; `dmd2 man [SUBCOMMAND]` prints
+/// manual pages.
 #[test]
 fn cli_habits() {
     let dir = tmpdir("habits");
@@ -642,6 +643,18 @@ fn cli_habits() {
     let o = dmd2(&["gen", "a cat", "--model", &model, "--seed", "-2"]);
     assert_eq!(o.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&o.stderr).contains("-1 for a random one"));
+    // Manual pages, from the same definitions as --help.
+    let o = dmd2(&["man", "gen"]);
+    let page = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success());
+    assert!(
+        page.contains(".TH dmd2-gen 1") && page.contains("\\-\\-preview\\-vae"),
+        "{page}"
+    );
+    let o = dmd2(&["man"]);
+    assert!(String::from_utf8_lossy(&o.stdout).contains(".SH SUBCOMMANDS"));
+    let o = dmd2(&["man", "nope"]);
+    assert_eq!(o.status.code(), Some(2));
     let o = dmd2(&["--version"]);
     let v = String::from_utf8_lossy(&o.stdout);
     assert!(o.status.success());

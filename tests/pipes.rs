@@ -104,6 +104,8 @@ fn a_reader_closed_before_the_start() {
         vec!["completions", "bash"],
         vec!["completions", "zsh"],
         vec!["completions", "fish"],
+        vec!["man", "gen"],
+        vec!["--version"],
         vec!["inspect", lora],
         vec!["inspect", model],
         vec!["--help"],

@@ -39,6 +39,12 @@ pub enum Command {
         #[arg(value_enum)]
         shell: clap_complete::Shell,
     },
+    /// Print a manual page (roff): `dmd2 man | man -l -`, `dmd2 man gen > dmd2-gen.1`.
+    Man {
+        /// The subcommand whose page to print (gen, inspect, merge, presets, tokens,
+        /// completions); without one, the overview.
+        subcommand: Option<String>,
+    },
 }
 
 /// `dmd2 --version`: the version, the git revision it was built from, the cargo features
@@ -73,6 +79,33 @@ pub fn long_version() -> String {
     )
 }
 
+/// `dmd2 man [SUBCOMMAND]`: the page clap_mangen renders from the same definitions as
+/// `--help` (subcommand pages are named `dmd2-gen` and so on).
+fn man_page(subcommand: Option<&str>) -> anyhow::Result<()> {
+    use clap::CommandFactory;
+    let mut cmd = Cli::command()
+        .long_version(&*Box::leak(long_version().into_boxed_str()))
+        .disable_help_subcommand(true)
+        .propagate_version(true);
+    cmd.build();
+    let page = match subcommand {
+        None => cmd,
+        Some(name) => match cmd.find_subcommand(name) {
+            Some(c) => c.clone(),
+            None => {
+                let names: Vec<&str> = cmd.get_subcommands().map(|c| c.get_name()).collect();
+                return Err(crate::error::bad_input(anyhow::anyhow!(
+                    "no subcommand {name:?}; one of: {}",
+                    names.join(", ")
+                )));
+            }
+        },
+    };
+    let mut out = Vec::new();
+    clap_mangen::Man::new(page).render(&mut out)?;
+    crate::stdio::write_stdout(&out)
+}
+
 /// Run the CLI; returns the process exit code. Errors are printed as one line on stderr.
 pub fn main_with_args(args: impl IntoIterator<Item = std::ffi::OsString>) -> i32 {
     use clap::{CommandFactory, FromArgMatches};
@@ -98,6 +131,7 @@ pub fn main_with_args(args: impl IntoIterator<Item = std::ffi::OsString>) -> i32
         Command::Merge(a) => merge::run(a),
         Command::Presets => list_presets(),
         Command::Tokens(a) => tokens::run(a),
+        Command::Man { subcommand } => man_page(subcommand.as_deref()),
         Command::Completions { shell } => {
             let mut cmd = <Cli as clap::CommandFactory>::command();
             let mut script = Vec::new();
