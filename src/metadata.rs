@@ -17,6 +17,8 @@ pub struct ImageRef {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct LoraRef {
     pub path: String,
+    /// Written as typed (`0.7`, not f32's `0.699999988079071` widened to f64).
+    #[serde(serialize_with = "shortest_f32")]
     pub weight: f32,
     /// Civitai's AutoV3 (12 hex digits), when the LoRA is a local file.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -70,6 +72,11 @@ pub struct ImageSettings {
     /// A1111's `Model hash` (10 hex digits) of a single-file checkpoint.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub model_hash: Option<String>,
+}
+
+/// An f32 as the shortest decimal that reads back as it (what `--lora x:0.7` said).
+fn shortest_f32<S: serde::Serializer>(w: &f32, s: S) -> std::result::Result<S::Ok, S::Error> {
+    s.serialize_f64(w.to_string().parse::<f64>().unwrap_or(f64::from(*w)))
 }
 
 fn plain() -> PromptSyntax {
@@ -606,6 +613,16 @@ mod tests {
         let (prompt, tags) = strip_lora_tags(&p.prompt);
         assert_eq!(prompt, "a cat, sitting");
         assert_eq!(tags, [("dmd2_lora".to_string(), "0.7".to_string())]);
+    }
+
+    /// LoRA weights appear in JSON as typed and read back to the same f32.
+    #[test]
+    fn lora_weights_as_typed() {
+        let s = settings();
+        let json = s.to_json();
+        assert!(json.contains(r#""weight":0.7"#), "{json}");
+        let back: ImageSettings = serde_json::from_str(&json).unwrap();
+        assert_eq!(back.loras[0].weight, 0.7f32);
     }
 
     #[test]

@@ -541,3 +541,63 @@ fn completions_and_presets() {
         assert!(s.contains(p), "{p} missing from `dmd2 presets`");
     }
 }
+
+/// `--skip-existing --json` says `"skipped": true` for each image it leaves alone; when every
+/// image exists it loads nothing (a model path that does not exist is never opened), and the
+/// LoRA weight in the JSON lines is the one typed (`0.7`).
+#[test]
+fn skip_existing_reports_and_loads_nothing_when_done() {
+    let d = tmpdir("skip-json");
+    let out = d.join("out");
+    let lora = fixtures().join("lora/peft.safetensors");
+    let lora = format!("{}:0.7", lora.display());
+    let args = |model: &Path| {
+        with(
+            base_args(model),
+            &[
+                "--prompt",
+                "a red car",
+                "--num-images",
+                "2",
+                "--seed",
+                "4",
+                "--lora",
+                &lora,
+                "--out-dir",
+                out.to_str().unwrap(),
+                "--json",
+            ],
+        )
+    };
+    let lines = |o: &Output| -> Vec<serde_json::Value> {
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        String::from_utf8_lossy(&o.stdout)
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    };
+    let first = lines(&run(&args(&model())));
+    assert_eq!(first.len(), 2);
+    assert_eq!(first[0]["loras"][0]["weight"], serde_json::json!(0.7));
+    // One image gone: it is made again, the other reported as skipped.
+    let gone = first[1]["path"].as_str().unwrap().to_string();
+    std::fs::remove_file(&gone).unwrap();
+    let second = lines(&run(&with(args(&model()), &["--skip-existing"])));
+    assert_eq!(second.len(), 2);
+    assert_eq!(second[0]["skipped"], serde_json::json!(true));
+    assert_eq!(second[0]["index"], serde_json::json!(0));
+    assert_eq!(second[0]["seed"], serde_json::json!(4));
+    assert_eq!(second[1]["path"].as_str(), Some(gone.as_str()));
+    assert!(second[1].get("skipped").is_none());
+    // Everything there: nothing is loaded, not even the model's files.
+    let third = lines(&run(&with(
+        args(Path::new("/nonexistent/model")),
+        &["--skip-existing"],
+    )));
+    assert_eq!(third.len(), 2);
+    assert!(
+        third
+            .iter()
+            .all(|l| l["skipped"] == serde_json::json!(true))
+    );
+}

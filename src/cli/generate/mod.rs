@@ -36,6 +36,23 @@ pub fn run(a: GenArgs) -> Result<()> {
     if s.source.checkable() && s.on_error == OnError::Fail {
         check_before_work(&s)?;
     }
+    // 1b. --skip-existing with every image already there: nothing to load.
+    if let Some(done) = all_exist(&s)? {
+        let mut counts = Counts::default();
+        for (index, seed, path) in &done {
+            if s.json {
+                write::skipped_line(*index, *seed, path)?;
+            }
+            counts.skipped += 1;
+        }
+        if !s.quiet {
+            crate::stderr!(
+                "{}",
+                write::summary(&counts, false, started.elapsed().as_secs_f64())
+            );
+        }
+        return Ok(());
+    }
     if s.random_seed {
         log(&format!("seed: {} (image i uses seed + i)", s.seed));
     }
@@ -261,6 +278,32 @@ pub fn run(a: GenArgs) -> Result<()> {
     write::outcome(&run.counts)
 }
 
+/// With `--skip-existing` and prompts that can be read twice: every image's (index, seed,
+/// path) when all of their files exist already, else `None` (there is work to do).
+fn all_exist(s: &Settings) -> Result<Option<Vec<(u64, u64, std::path::PathBuf)>>> {
+    if !s.skip_existing || !s.source.checkable() || matches!(s.sink, Sink::Stdout) {
+        return Ok(None);
+    }
+    let mut done = Vec::new();
+    let mut index = 0u64;
+    for item in s.source.items(s.force).map_err(bad_input)? {
+        // A bad line is the normal run's to report.
+        let Ok(item) = item else { return Ok(None) };
+        let Ok(mut jobs) = ItemJobs::new(s, &s.sampler, &item, index) else {
+            return Ok(None);
+        };
+        index = jobs.end();
+        while let Some(i) = jobs.next() {
+            let seed = jobs::seed_of(s, &item, &jobs, i);
+            match jobs::output_path(s, &item, &jobs, i, seed) {
+                Ok(Some(p)) if p.is_file() => done.push((i, seed, p)),
+                _ => return Ok(None),
+            }
+        }
+    }
+    Ok(Some(done))
+}
+
 /// Reads the whole prompt source once before any work: every line parsed and checked, every
 /// output name rendered; names two images would share are refused here.
 fn check_before_work(s: &Settings) -> Result<()> {
@@ -430,6 +473,9 @@ impl Run<'_> {
                     && !matches!(self.file_target, Some(Target::Stream(_)))
                 {
                     self.counts.skipped += 1;
+                    if self.s.json {
+                        write::skipped_line(job.index, job.req.seed, p)?;
+                    }
                     return Ok(true);
                 }
                 let checked = match &self.file_target {

@@ -188,6 +188,17 @@ pub fn shown(target: Option<&Target>) -> String {
     target.map_or_else(|| "<stdout>".into(), |t| t.path().display().to_string())
 }
 
+/// `--json`'s line for an image `--skip-existing` did not make again.
+pub fn skipped_line(index: u64, seed: u64, path: &std::path::Path) -> Result<()> {
+    let line = serde_json::json!({
+        "path": path.display().to_string(),
+        "index": index,
+        "seed": seed,
+        "skipped": true,
+    });
+    crate::stdio::write_stdout(format!("{line}\n").as_bytes())
+}
+
 /// The last line of every run, on stderr.
 pub fn summary(counts: &Counts, interrupted: bool, seconds: f64) -> String {
     format!(
