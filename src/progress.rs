@@ -9,6 +9,8 @@ use std::time::Instant;
 pub struct Progress {
     mode: Mode,
     started: Instant,
+    /// Images the run makes, when known before it starts.
+    total: Option<u64>,
 }
 
 enum Mode {
@@ -48,6 +50,21 @@ impl Progress {
         Self {
             mode,
             started: Instant::now(),
+            total: None,
+        }
+    }
+
+    /// The run makes `total` images: per-image lines say `k/N`.
+    pub fn set_total(&mut self, total: u64) {
+        self.total = Some(total);
+        if let Mode::Bars { images, .. } = &self.mode {
+            images.set_length(total);
+            images.set_style(
+                ProgressStyle::with_template(
+                    "{spinner} images {pos}/{len} done  {per_sec}  {elapsed_precise}  {msg}",
+                )
+                .unwrap_or_else(|_| ProgressStyle::default_spinner()),
+            );
         }
     }
 
@@ -78,8 +95,9 @@ impl Progress {
                 images.set_message(format!("wrote {path}"));
             }
             Mode::Plain(_) => {
+                let of = self.total.map(|n| format!("/{n}")).unwrap_or_default();
                 crate::stderr!(
-                    "wrote {path} ({done} done, {:.1}s)",
+                    "wrote {path} ({done}{of} done, {:.1}s)",
                     self.started.elapsed().as_secs_f64()
                 );
             }

@@ -601,3 +601,34 @@ fn skip_existing_reports_and_loads_nothing_when_done() {
             .all(|l| l["skipped"] == serde_json::json!(true))
     );
 }
+
+/// Per-image lines in logs say `k/N` when the run's size is known up front (this shard's
+/// share of it).
+#[test]
+fn image_lines_count_k_of_n() {
+    let d = tmpdir("k-of-n");
+    let mut args = base_args(&model());
+    args.retain(|a| a != "--quiet");
+    let args = with(
+        args,
+        &[
+            "--prompt",
+            "a cat",
+            "--num-images",
+            "3",
+            "--shard",
+            "0/2",
+            "--seed",
+            "1",
+            "--out-dir",
+            d.to_str().unwrap(),
+        ],
+    );
+    let o = run(&args);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    assert!(
+        err.contains("(1/2 done") && err.contains("(2/2 done"),
+        "{err}"
+    );
+}

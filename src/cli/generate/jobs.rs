@@ -118,6 +118,12 @@ impl ItemJobs {
     pub fn end(&self) -> u64 {
         self.first + self.count
     }
+
+    /// How many of the item's images this shard makes from here on.
+    pub fn remaining(&self) -> u64 {
+        self.next
+            .map_or(0, |i| (self.first + self.count - 1 - i) / self.step + 1)
+    }
 }
 
 impl Iterator for ItemJobs {

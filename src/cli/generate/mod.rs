@@ -254,7 +254,13 @@ pub fn run(a: GenArgs) -> Result<()> {
         pipe: &mut pipe,
         writer: &writer,
         counts: Counts::default(),
-        progress: crate::progress::Progress::new(s.quiet),
+        progress: {
+            let mut p = crate::progress::Progress::new(s.quiet);
+            if let Some(n) = count_images(&s) {
+                p.set_total(n);
+            }
+            p
+        },
         batch: Vec::new(),
         names: Names::default(),
         file_target,
@@ -302,6 +308,22 @@ fn all_exist(s: &Settings) -> Result<Option<Vec<(u64, u64, std::path::PathBuf)>>
         }
     }
     Ok(Some(done))
+}
+
+/// How many images the run makes (this shard's), when the prompts can be read twice and
+/// every line is good; `None` otherwise.
+fn count_images(s: &Settings) -> Option<u64> {
+    if !s.source.checkable() {
+        return None;
+    }
+    let mut index = 0u64;
+    let mut total = 0u64;
+    for item in s.source.items(s.force).ok()? {
+        let jobs = ItemJobs::new(s, &s.sampler, &item.ok()?, index).ok()?;
+        index = jobs.end();
+        total = total.checked_add(jobs.remaining())?;
+    }
+    Some(total)
 }
 
 /// Reads the whole prompt source once before any work: every line parsed and checked, every
