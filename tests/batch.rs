@@ -632,3 +632,35 @@ fn image_lines_count_k_of_n() {
         "{err}"
     );
 }
+
+/// `seed + i` wraps past 2^64 − 1 to 0 (documented), and the JSON lines carry the seeds as
+/// exact integers.
+#[test]
+fn seeds_wrap_at_two_to_the_64() {
+    let d = tmpdir("seed-wrap");
+    let args = with(
+        base_args(&model()),
+        &[
+            "--prompt",
+            "a cat",
+            "--num-images",
+            "2",
+            "--seed",
+            "18446744073709551615",
+            "--out-dir",
+            d.to_str().unwrap(),
+            "--json",
+        ],
+    );
+    let o = run(&args);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let seeds: Vec<u64> = String::from_utf8_lossy(&o.stdout)
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["seed"]
+                .as_u64()
+                .unwrap()
+        })
+        .collect();
+    assert_eq!(seeds, [u64::MAX, 0]);
+}

@@ -44,13 +44,15 @@ pub fn encode_png(
         enc.set_color(png::ColorType::Rgb);
         enc.set_depth(png::BitDepth::Eight);
         if let Some(t) = text {
-            // tEXt is Latin-1 only; prompts are UTF-8, so use iTXt when needed.
-            if t.parameters.is_ascii() {
-                enc.add_text_chunk("parameters".into(), t.parameters.clone())?;
-            } else {
-                enc.add_itxt_chunk("parameters".into(), t.parameters.clone())?;
+            // tEXt is Latin-1 only; prompts are UTF-8, so iTXt when needed (and only then:
+            // ImageMagick 6 and other older readers show tEXt alone).
+            for (key, text) in [("parameters", &t.parameters), ("dmd2", &t.json)] {
+                if text.is_ascii() {
+                    enc.add_text_chunk(key.into(), text.clone())?;
+                } else {
+                    enc.add_itxt_chunk(key.into(), text.clone())?;
+                }
             }
-            enc.add_itxt_chunk("dmd2".into(), t.json.clone())?;
         }
         let mut w = enc.write_header()?;
         w.write_image_data(rgb)?;
@@ -565,6 +567,34 @@ fn stale_pid(name: &str) -> Option<u32> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// ASCII texts go in tEXt chunks (which every reader shows), others in iTXt.
+    #[test]
+    fn text_chunks_are_plain_when_they_can_be() {
+        let chunks = |parameters: &str| {
+            let text = PngText {
+                parameters: parameters.into(),
+                json: format!("{{\"prompt\":{parameters:?}}}"),
+            };
+            let png = encode_png(&[0; 3], 1, 1, Some(&text)).unwrap();
+            let r = png::Decoder::new(std::io::Cursor::new(png))
+                .read_info()
+                .unwrap();
+            let info = r.info();
+            let mut latin1: Vec<String> = info
+                .uncompressed_latin1_text
+                .iter()
+                .map(|t| t.keyword.clone())
+                .collect();
+            let mut utf8: Vec<String> = info.utf8_text.iter().map(|t| t.keyword.clone()).collect();
+            latin1.sort();
+            utf8.sort();
+            (latin1, utf8)
+        };
+        let both = vec!["dmd2".to_string(), "parameters".to_string()];
+        assert_eq!(chunks("a cat"), (both.clone(), vec![]));
+        assert_eq!(chunks("a cät"), (vec![], both));
+    }
 
     #[test]
     fn temp_names() {
