@@ -643,9 +643,7 @@ pub fn conv2d(
     stride: usize,
     vb: VarBuilder,
 ) -> Result<Conv2d> {
-    let weight = vb.get((c_out, c_in, kernel, kernel), "weight")?;
-    let bias = vb.get(c_out, "bias")?;
-    Conv2d::new(weight, Some(bias), kernel, stride)
+    conv2d_with_bias(c_in, c_out, kernel, stride, true, vb)
 }
 
 /// A convolution without bias (TAESD's strided and upsampling convolutions).
@@ -656,8 +654,20 @@ pub fn conv2d_no_bias(
     stride: usize,
     vb: VarBuilder,
 ) -> Result<Conv2d> {
+    conv2d_with_bias(c_in, c_out, kernel, stride, false, vb)
+}
+
+fn conv2d_with_bias(
+    c_in: usize,
+    c_out: usize,
+    kernel: usize,
+    stride: usize,
+    bias: bool,
+    vb: VarBuilder,
+) -> Result<Conv2d> {
     let weight = vb.get((c_out, c_in, kernel, kernel), "weight")?;
-    Conv2d::new(weight, None, kernel, stride)
+    let bias = bias.then(|| vb.get(c_out, "bias")).transpose()?;
+    Conv2d::new(weight, bias, kernel, stride)
 }
 
 pub fn group_norm(groups: usize, channels: usize, eps: f64, vb: VarBuilder) -> Result<GroupNorm> {

@@ -60,16 +60,8 @@ pub(super) fn fetch_diffusers(cfg: &HubConfig, id: &str, rev: Option<&str>) -> R
         return Err(offline_error(cfg, id, rev, "the model"));
     }
     let api = online(cfg, id, rev, "model_index.json")?;
-    let repo = api.repo(Repo::with_revision(
-        id.to_string(),
-        RepoType::Model,
-        rev.to_string(),
-    ));
-    let info = watchdog(cfg, None, move |_| repo.info())
-        .map_err(|e| e.into_error(id, rev, None, cfg))?
-        .map_err(|e| hub_error(e, id, rev, None, cfg))?;
-    let sha = info.sha.clone();
-    let files: BTreeSet<&str> = info.siblings.iter().map(|s| s.rfilename.as_str()).collect();
+    let (sha, listing) = repo_listing(cfg, &api, id, rev)?;
+    let files: BTreeSet<&str> = listing.iter().map(String::as_str).collect();
     if !files.contains("model_index.json") {
         let singles: Vec<&str> = files
             .iter()
@@ -116,6 +108,20 @@ pub(super) fn fetch_diffusers(cfg: &HubConfig, id: &str, rev: Option<&str>) -> R
     Ok(snap)
 }
 
+/// The commit `rev` resolves to and the repo's file list at it (one request, watched).
+fn repo_listing(cfg: &HubConfig, api: &Api, id: &str, rev: &str) -> Result<(String, Vec<String>)> {
+    let repo = api.repo(Repo::with_revision(
+        id.to_string(),
+        RepoType::Model,
+        rev.to_string(),
+    ));
+    let info = watchdog(cfg, None, move |_| repo.info())
+        .map_err(|e| e.into_error(id, rev, None, cfg))?
+        .map_err(|e| hub_error(e, id, rev, None, cfg))?;
+    let files = info.siblings.into_iter().map(|s| s.rfilename).collect();
+    Ok((info.sha, files))
+}
+
 /// The requested ref points at commit `sha`, as huggingface_hub records it; hf-hub also
 /// wrote refs/<sha>, which huggingface_hub never does (removed unless it was there before).
 fn record_ref(cfg: &HubConfig, id: &str, rev: &str, sha: &str, had_sha_ref: bool) -> Result<()> {
@@ -155,16 +161,8 @@ pub(super) fn fetch_vae(cfg: &HubConfig, id: &str, rev: Option<&str>) -> Result<
         return Err(offline_error(cfg, id, rev, "the VAE"));
     }
     let api = online(cfg, id, rev, "config.json")?;
-    let repo = api.repo(Repo::with_revision(
-        id.to_string(),
-        RepoType::Model,
-        rev.to_string(),
-    ));
-    let info = watchdog(cfg, None, move |_| repo.info())
-        .map_err(|e| e.into_error(id, rev, None, cfg))?
-        .map_err(|e| hub_error(e, id, rev, None, cfg))?;
-    let sha = info.sha.clone();
-    let files: BTreeSet<&str> = info.siblings.iter().map(|s| s.rfilename.as_str()).collect();
+    let (sha, listing) = repo_listing(cfg, &api, id, rev)?;
+    let files: BTreeSet<&str> = listing.iter().map(String::as_str).collect();
     let folder = if files.contains("config.json") {
         ""
     } else if files.contains("vae/config.json") {
