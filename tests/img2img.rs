@@ -36,15 +36,11 @@ fn dir() -> PathBuf {
 }
 
 fn cases() -> Vec<Case> {
-    serde_json::from_str(&std::fs::read_to_string(dir().join("cases.json")).unwrap()).unwrap()
+    common::fixture_cases("img2img")
 }
 
 fn refs(name: &str) -> std::collections::HashMap<String, candle_core::Tensor> {
-    candle_core::safetensors::load(
-        dir().join(format!("{name}.safetensors")),
-        &candle_core::Device::Cpu,
-    )
-    .unwrap()
+    common::fixture_refs("img2img", name)
 }
 
 fn bytes_of(t: &candle_core::Tensor) -> Vec<u8> {

@@ -36,15 +36,11 @@ fn dir() -> PathBuf {
 }
 
 fn cases() -> Vec<Case> {
-    serde_json::from_str(&std::fs::read_to_string(dir().join("cases.json")).unwrap()).unwrap()
+    common::fixture_cases("vae")
 }
 
 fn refs(name: &str) -> std::collections::HashMap<String, candle_core::Tensor> {
-    candle_core::safetensors::load(
-        dir().join(format!("{name}.safetensors")),
-        &candle_core::Device::Cpu,
-    )
-    .unwrap()
+    common::fixture_refs("vae", name)
 }
 
 fn image_ref(name: &str) -> Vec<u8> {

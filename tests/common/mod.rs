@@ -14,6 +14,22 @@ pub fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
 }
 
+/// `tests/fixtures/SUB/cases.json`, as the fixture scripts write it.
+pub fn fixture_cases<T: serde::de::DeserializeOwned>(sub: &str) -> Vec<T> {
+    let path = fixtures().join(sub).join("cases.json");
+    serde_json::from_str(&std::fs::read_to_string(&path).unwrap())
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+/// The reference tensors of case `name` in `tests/fixtures/SUB/NAME.safetensors`.
+pub fn fixture_refs(sub: &str, name: &str) -> HashMap<String, Tensor> {
+    candle_core::safetensors::load(
+        fixtures().join(sub).join(format!("{name}.safetensors")),
+        &Device::Cpu,
+    )
+    .unwrap()
+}
+
 #[derive(Debug, Clone, Deserialize)]
 pub struct Case {
     pub name: String,
