@@ -424,14 +424,29 @@ pub fn read_png_settings(path: &Path) -> Result<(ImageSettings, Vec<String>)> {
     let p = parsed.with_context(|| format!("{name}: unreadable parameters chunk"))?;
     let mut warnings = Vec::new();
     let (prompt, tags) = strip_lora_tags(&p.prompt);
-    if !tags.is_empty() {
-        warnings.push(format!(
-            "{name}: LoRAs named in the prompt are not loaded ({}); give --lora FILE:WEIGHT for each",
-            tags.iter()
-                .map(|(n, w)| format!("{n}:{w}"))
-                .collect::<Vec<_>>()
-                .join(", ")
-        ));
+    // `<lora:NAME:W>` tags become LoRAs named NAME (not paths: `gen` looks them up, in
+    // `--lora-dir` by name or by their `Lora hashes` entry), weights as written.
+    let hashes: std::collections::HashMap<&str, &str> = p
+        .get("Lora hashes")
+        .map(|h| {
+            h.split(',')
+                .filter_map(|e| e.split_once(':'))
+                .map(|(n, h)| (n.trim(), h.trim()))
+                .collect()
+        })
+        .unwrap_or_default();
+    let mut loras = Vec::new();
+    for (n, w) in &tags {
+        match w.parse::<f32>() {
+            Ok(weight) if weight.is_finite() => loras.push(LoraRef {
+                path: n.clone(),
+                weight,
+                hash: hashes.get(n.as_str()).map(|h| h.to_string()),
+            }),
+            _ => warnings.push(format!(
+                "{name}: LoRA tag <lora:{n}:{w}> has no usable weight; not loaded"
+            )),
+        }
     }
     if let Some(v) = p.get("VAE")
         && !matches!(v, "None" | "Automatic")
@@ -533,7 +548,7 @@ pub fn read_png_settings(path: &Path) -> Result<(ImageSettings, Vec<String>)> {
         width: w.unwrap_or(1024),
         height: h.unwrap_or(1024),
         model: p.get("Model").unwrap_or("").to_string(),
-        loras: Vec::new(),
+        loras,
         unet: None,
         vae: None,
         vae_hash: None,

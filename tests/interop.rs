@@ -125,9 +125,18 @@ fn from_png_says_what_it_cannot_apply() {
     assert_eq!(s.seed, 123456789012345678);
     assert_eq!(s.prompt, "masterpiece,  a fox");
     let all = warnings.join("\n");
-    for w in ["detail:0.6", "DPM++ 2M", "Karras", "Clip skip 2"] {
+    for w in ["DPM++ 2M", "Karras", "Clip skip 2"] {
         assert!(all.contains(w), "{w}: {all}");
     }
+    // The LoRA tag is kept as a name for `gen` to look up (--lora-dir).
+    assert_eq!(
+        s.loras,
+        [dmd2::metadata::LoraRef {
+            path: "detail".into(),
+            weight: 0.6,
+            hash: None
+        }]
+    );
     // A seed that is not a whole number is an error, not a rounded or clamped number.
     png_with_parameters(&p, "x\nSteps: 4, Seed: -5, Size: 64x64");
     let e = dmd2::metadata::read_png_settings(&p)
@@ -301,4 +310,96 @@ fn jpeg_and_webp_outputs() {
     assert!(err.contains("x.bmp") && err.contains(".bmp"), "{err}");
     assert_eq!(err.trim().lines().count(), 1);
     assert!(!dir.join("x.bmp").exists());
+}
+
+/// `--from-png` with `--lora-dir`: A1111's `<lora:NAME:W>` tags are found by file name, or
+/// by their `Lora hashes` entry (AutoV3) under another name in a subdirectory; the image is
+/// the one `--lora FILE:W` makes. Without `--lora-dir` the tag is reported and left out.
+#[test]
+fn from_png_finds_loras_in_a_dir() {
+    let dir = common::fresh_dir("interop", "lora_dir");
+    let cache = dir.join("cache");
+    let model = common::fixtures().join("tiny").display().to_string();
+    let lora = common::fixtures().join("lora/peft.safetensors");
+    let hash = dmd2::hashes::lora_hash(&lora).unwrap();
+    let by_name = dir.join("by-name");
+    std::fs::create_dir_all(&by_name).unwrap();
+    std::fs::copy(&lora, by_name.join("mylora.safetensors")).unwrap();
+    let by_hash = dir.join("by-hash/sub");
+    std::fs::create_dir_all(&by_hash).unwrap();
+    std::fs::copy(&lora, by_hash.join("renamed.safetensors")).unwrap();
+    let p = dir.join("a1111.png");
+    png_with_parameters(
+        &p,
+        &format!(
+            "a red car <lora:mylora:0.7>\nSteps: 4, Sampler: LCM, Schedule type: Simple, CFG scale: 1, Seed: 9, Size: 64x64, Lora hashes: \"mylora: {hash}\", Model: tiny"
+        ),
+    );
+    let out = |n: &str| dir.join(n).display().to_string();
+    let want = dmd2(
+        &[
+            "gen",
+            "--model",
+            &model,
+            "--prompt",
+            "a red car",
+            "--lora",
+            &format!("{}:0.7", lora.display()),
+            "--seed",
+            "9",
+            "--width",
+            "64",
+            "--height",
+            "64",
+            "-q",
+            "-o",
+            &out("want.png"),
+        ],
+        &cache,
+    );
+    assert!(
+        want.status.success(),
+        "{}",
+        String::from_utf8_lossy(&want.stderr)
+    );
+    let rgb = |n: &str| image::open(dir.join(n)).unwrap().to_rgb8().into_raw();
+    for (sub, name) in [("by-name", "a.png"), ("by-hash", "b.png")] {
+        let o = dmd2(
+            &[
+                "gen",
+                "--from-png",
+                p.to_str().unwrap(),
+                "--model",
+                &model,
+                "--lora-dir",
+                &out(sub),
+                "-q",
+                "-o",
+                &out(name),
+            ],
+            &cache,
+        );
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(o.status.success(), "{err}");
+        assert!(!err.contains("not loaded"), "{sub}: {err}");
+        assert_eq!(rgb(name), rgb("want.png"), "{sub}");
+    }
+    let o = dmd2(
+        &[
+            "gen",
+            "--from-png",
+            p.to_str().unwrap(),
+            "--model",
+            &model,
+            "-o",
+            &out("c.png"),
+        ],
+        &cache,
+    );
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    assert!(
+        err.contains("mylora:0.7") && err.contains("--lora-dir"),
+        "{err}"
+    );
 }

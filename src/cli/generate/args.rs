@@ -35,6 +35,11 @@ pub struct GenArgs {
     /// A directory of embeddings (every .safetensors in it, each named by its file stem).
     #[arg(long, value_name = "DIR")]
     pub embedding_dir: Option<PathBuf>,
+    /// Where `--from-png` looks for the LoRAs an image names (A1111's `<lora:NAME:W>` tags,
+    /// or files of another machine): NAME.safetensors in DIR or below, else the file whose
+    /// AutoV3 hash is the image's `Lora hashes` entry.
+    #[arg(long, value_name = "DIR")]
+    pub lora_dir: Option<PathBuf>,
     /// Use no LoRA, even if the preset names some.
     #[arg(long, conflicts_with = "loras")]
     pub no_lora: bool,

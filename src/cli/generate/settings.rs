@@ -136,10 +136,8 @@ impl Settings {
         } else if !a.loras.is_empty() {
             a.loras.clone()
         } else if let Some(s) = png {
-            s.loras
-                .iter()
-                .map(|l| format!("{}:{}", l.path, l.weight))
-                .collect()
+            let png_path = a.from_png.as_deref().unwrap_or(std::path::Path::new("PNG"));
+            png_loras(&s.loras, a.lora_dir.as_deref(), png_path)?
         } else {
             p.loras.clone().unwrap_or_default()
         };
@@ -409,6 +407,85 @@ fn resolve_sampler(a: &GenArgs, png: Option<&ImageSettings>, p: &Preset) -> Resu
     };
     sampler.validate()?;
     Ok(sampler)
+}
+
+/// The LoRAs a PNG names, as `PATH:WEIGHT`: an existing file as it is; else, in `lora_dir`
+/// (searched to a depth of 4), the file of that name (with `.safetensors` added when it has
+/// no extension), else the one whose AutoV3 hash is the PNG's. What cannot be found is said
+/// in one warning and left out.
+fn png_loras(
+    loras: &[crate::metadata::LoraRef],
+    lora_dir: Option<&std::path::Path>,
+    png: &std::path::Path,
+) -> Result<Vec<String>> {
+    let mut files: Option<Vec<PathBuf>> = None;
+    let mut out = Vec::new();
+    let mut missing = Vec::new();
+    for l in loras {
+        let given = std::path::Path::new(&l.path);
+        let found = if given.is_file() {
+            Some(given.to_path_buf())
+        } else if let Some(dir) = lora_dir {
+            let all = match &mut files {
+                Some(f) => f,
+                None => files
+                    .insert(safetensors_below(dir, 4).with_context(|| {
+                        format!("--lora-dir {}: cannot list it", dir.display())
+                    })?),
+            };
+            let name = given
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            let by_name = all.iter().find(|f| {
+                f.file_name().is_some_and(|n| n.to_string_lossy() == name)
+                    || f.file_stem().is_some_and(|s| s.to_string_lossy() == name)
+            });
+            by_name.cloned().or_else(|| {
+                let want = l.hash.as_deref()?.to_ascii_lowercase();
+                all.iter()
+                    .find(|f| crate::hashes::lora_hash(f).is_ok_and(|h| h == want))
+                    .cloned()
+            })
+        } else {
+            None
+        };
+        match found {
+            Some(p) => out.push(format!("{}:{}", p.display(), l.weight)),
+            None => missing.push(format!("{}:{}", l.path, l.weight)),
+        }
+    }
+    if !missing.is_empty() {
+        let hint = if lora_dir.is_some() {
+            "not found in --lora-dir by name or hash"
+        } else {
+            "give --lora-dir DIR to look them up, or --lora FILE:WEIGHT for each"
+        };
+        crate::stderr!(
+            "warning: {}: LoRAs named in the prompt are not loaded ({}); {hint}",
+            png.display(),
+            missing.join(", ")
+        );
+    }
+    Ok(out)
+}
+
+/// The `.safetensors` files in `dir` and its subdirectories down to `depth`, sorted.
+fn safetensors_below(dir: &std::path::Path, depth: usize) -> std::io::Result<Vec<PathBuf>> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir)? {
+        let p = e?.path();
+        if p.is_dir() && depth > 0 {
+            out.extend(safetensors_below(&p, depth - 1).unwrap_or_default());
+        } else if p.is_file()
+            && p.extension()
+                .is_some_and(|x| x.eq_ignore_ascii_case("safetensors"))
+        {
+            out.push(p);
+        }
+    }
+    out.sort();
+    Ok(out)
 }
 
 fn prompt_source(
