@@ -72,6 +72,9 @@ pub struct ImageSettings {
     /// A1111's `Model hash` (10 hex digits) of a single-file checkpoint.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub model_hash: Option<String>,
+    /// The Hub commit a repo-id `model` resolved to (`--from-png` asks for that commit).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model_revision: Option<String>,
 }
 
 /// An f32 as the shortest decimal that reads back as it (what `--lora x:0.7` said).
@@ -565,6 +568,7 @@ pub fn read_png_settings(path: &Path) -> Result<(ImageSettings, Vec<String>)> {
         mask_blur: None,
         paste_back: false,
         model_hash: p.get("Model hash").map(str::to_string),
+        model_revision: None,
     };
     Ok((settings, warnings))
 }
@@ -601,6 +605,7 @@ mod tests {
             mask_blur: None,
             paste_back: false,
             model_hash: Some("31e35c80fc".into()),
+            model_revision: None,
         }
     }
 

@@ -63,6 +63,37 @@ pub fn resolve_file(spec: &str) -> Result<PathBuf> {
     }
 }
 
+/// The commit of a path inside a Hugging Face cache snapshot
+/// (`…/models--ORG--NAME/snapshots/<40 hex>/…`), the revision a repo id resolved to.
+pub fn snapshot_commit(path: &std::path::Path) -> Option<String> {
+    let parts: Vec<String> = path
+        .components()
+        .map(|c| c.as_os_str().to_string_lossy().into_owned())
+        .collect();
+    parts.windows(3).find_map(|w| {
+        (w[0].starts_with("models--") && w[1] == "snapshots" && cache::is_commit_hash(&w[2]))
+            .then(|| w[2].clone())
+    })
+}
+
+/// `spec` (a repo id, maybe with a file) pinned to commit `rev`, unless it names a revision
+/// already or is not a repo id.
+pub fn pin_revision(spec: &str, rev: &str) -> String {
+    match ModelRef::parse(spec) {
+        Ok(ModelRef::Repo {
+            id,
+            revision: None,
+            file,
+        }) => ModelRef::Repo {
+            id,
+            revision: Some(rev.to_string()),
+            file,
+        }
+        .to_string(),
+        _ => spec.to_string(),
+    }
+}
+
 /// A `--vae` value: a local file or folder, `org/name[@rev]/FILE`, or a VAE repo
 /// `org/name[@rev]` (its top-level `config.json` and weights, or its `vae/`).
 pub fn resolve_vae(spec: &str) -> Result<PathBuf> {
@@ -118,6 +149,33 @@ mod tests {
     use super::files::select_weights;
     use super::*;
     use std::collections::BTreeSet;
+
+    /// The commit of a snapshot path, and a repo id pinned to it (files and revisions kept).
+    #[test]
+    fn snapshot_commits_pin_repo_ids() {
+        let sha = "0123456789abcdef0123456789abcdef01234567";
+        let p = std::path::PathBuf::from(format!(
+            "/c/hub/models--org--name/snapshots/{sha}/unet/x.safetensors"
+        ));
+        assert_eq!(super::snapshot_commit(&p).as_deref(), Some(sha));
+        assert_eq!(
+            super::snapshot_commit(std::path::Path::new("/m/sdxl")),
+            None
+        );
+        assert_eq!(
+            super::pin_revision("org/name", sha),
+            format!("org/name@{sha}")
+        );
+        assert_eq!(
+            super::pin_revision("org/name/sd.safetensors", sha),
+            format!("org/name@{sha}/sd.safetensors")
+        );
+        assert_eq!(super::pin_revision("org/name@v2", sha), "org/name@v2");
+        assert_eq!(
+            super::pin_revision("/local/x.safetensors", sha),
+            "/local/x.safetensors"
+        );
+    }
 
     fn repo(id: &str, rev: Option<&str>, file: Option<&str>) -> ModelRef {
         ModelRef::Repo {

@@ -227,6 +227,7 @@ pub fn run(a: GenArgs) -> Result<()> {
     if model_path.is_file() {
         writer.model_hash = crate::hashes::model_hash(&model_path).ok();
     }
+    writer.model_revision = crate::hub::snapshot_commit(&model_path);
     // A1111's `VAE hash` is the weights file's; a folder's single weights file stands for it.
     writer.vae_hash = vae_path
         .map(|p| match p.is_dir() {

@@ -128,7 +128,13 @@ impl Settings {
         let model = a
             .model
             .clone()
-            .or_else(|| png.map(|s| s.model.clone()))
+            .or_else(|| {
+                // The Hub commit the image was made with, not today's main.
+                png.map(|s| match &s.model_revision {
+                    Some(rev) => crate::hub::pin_revision(&s.model, rev),
+                    None => s.model.clone(),
+                })
+            })
             .or(p.model.clone())
             .context("no model: give --model PATH (or a preset that names one)")?;
         let loras = if a.no_lora {

@@ -41,6 +41,8 @@ pub struct Writer<'a> {
     pub load_seconds: f64,
     /// A1111's `Model hash` of a single-file model, and each LoRA's AutoV3 (local files).
     pub model_hash: Option<String>,
+    /// The Hub commit of a repo-id model.
+    pub model_revision: Option<String>,
     /// A1111's `VAE hash` of a `--vae` weights file.
     pub vae_hash: Option<String>,
     pub lora_hashes: Vec<Option<String>>,
@@ -55,6 +57,7 @@ impl<'a> Writer<'a> {
             precision,
             load_seconds: 0.0,
             model_hash: None,
+            model_revision: None,
             vae_hash: None,
             lora_hashes: Vec::new(),
         }
@@ -108,6 +111,7 @@ impl<'a> Writer<'a> {
             strength: job.start.as_ref().map(|st| st.strength),
             hires: s.hires.clone(),
             model_hash: self.model_hash.clone(),
+            model_revision: self.model_revision.clone(),
             mask_blur: job
                 .start
                 .as_ref()
