@@ -33,8 +33,9 @@ fn base_args(model: &Path) -> Vec<String> {
     .collect()
 }
 
+/// Generous bound: these runs make up to a dozen images, and CI also runs them under qemu.
 fn run(args: &[String]) -> Output {
-    run_dmd2(args, None)
+    run_dmd2_within(args, None, 600)
 }
 
 fn with(mut v: Vec<String>, extra: &[&str]) -> Vec<String> {
