@@ -119,6 +119,11 @@ pub fn user_dir() -> Option<PathBuf> {
 }
 
 /// Every preset: built-in ones, then the user's (which may override a built-in by name).
+/// The built-in presets' names (for shell completions).
+pub fn builtin_names() -> impl Iterator<Item = &'static str> {
+    BUILTIN.iter().map(|(name, _)| *name)
+}
+
 pub fn all() -> Result<Vec<Preset>> {
     let mut out: Vec<Preset> = BUILTIN
         .iter()

@@ -557,7 +557,7 @@ fn cpu_tier_and_kernel_switches() {
 /// seed (and says it), another negative seed is refused; `DMD2_MODEL` and `DMD2_LORA`
 /// (`;`-separated) stand in for `--model` and `--lora`, and flags win over them; `--version`
 /// names the git revision, the features and the CPU kernels; `dmd2 man [SUBCOMMAND]` prints
-/// manual pages.
+/// manual pages; completions offer the preset names.
 #[test]
 fn cli_habits() {
     let dir = tmpdir("habits");
@@ -643,6 +643,12 @@ fn cli_habits() {
     let o = dmd2(&["gen", "a cat", "--model", &model, "--seed", "-2"]);
     assert_eq!(o.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&o.stderr).contains("-1 for a random one"));
+    // Completions offer the built-in preset names.
+    for shell in ["bash", "zsh", "fish"] {
+        let o = dmd2(&["completions", shell]);
+        let script = String::from_utf8_lossy(&o.stdout);
+        assert!(script.contains("dmd2-8step-cfg"), "{shell}");
+    }
     // Manual pages, from the same definitions as --help.
     let o = dmd2(&["man", "gen"]);
     let page = String::from_utf8_lossy(&o.stdout);

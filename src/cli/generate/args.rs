@@ -54,7 +54,7 @@ pub struct GenArgs {
     pub vae: Option<String>,
     /// Named settings (see `dmd2 presets`) or a preset .toml file. With neither --model nor
     /// --preset, the default recipe `dmd2-4step` applies.
-    #[arg(long)]
+    #[arg(long, value_name = "NAME|FILE", value_parser = PresetName, hide_possible_values = true)]
     pub preset: Option<String>,
     /// The prompt; repeatable.
     #[arg(long, short = 'p')]
@@ -216,6 +216,32 @@ pub struct GenArgs {
 pub enum OnError {
     Skip,
     Fail,
+}
+
+/// `--preset`'s values: any name or file (checked when resolved), with the built-in names
+/// offered to shell completions.
+#[derive(Clone)]
+struct PresetName;
+
+impl clap::builder::TypedValueParser for PresetName {
+    type Value = String;
+
+    fn parse_ref(
+        &self,
+        cmd: &clap::Command,
+        arg: Option<&clap::Arg>,
+        value: &std::ffi::OsStr,
+    ) -> Result<String, clap::Error> {
+        clap::builder::StringValueParser::new().parse_ref(cmd, arg, value)
+    }
+
+    fn possible_values(
+        &self,
+    ) -> Option<Box<dyn Iterator<Item = clap::builder::PossibleValue> + '_>> {
+        Some(Box::new(
+            crate::presets::builtin_names().map(clap::builder::PossibleValue::new),
+        ))
+    }
 }
 
 /// `--seed`: a whole number, or -1 for a random one (as A1111 and stable-diffusion.cpp take it).
