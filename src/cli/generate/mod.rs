@@ -37,9 +37,10 @@ pub fn run(a: GenArgs) -> Result<()> {
         check_before_work(&s)?;
     }
     // 1b. --skip-existing with every image already there: nothing to load.
-    if let Some(done) = all_exist(&s)? {
+    let survey = survey(&s);
+    if let Some(done) = survey.as_ref().and_then(|v| v.all_done.as_ref()) {
         let mut counts = Counts::default();
-        for (index, seed, path) in &done {
+        for (index, seed, path) in done {
             if s.json {
                 write::skipped_line(*index, *seed, path)?;
             }
@@ -257,8 +258,8 @@ pub fn run(a: GenArgs) -> Result<()> {
         counts: Counts::default(),
         progress: {
             let mut p = crate::progress::Progress::new(s.quiet);
-            if let Some(n) = count_images(&s) {
-                p.set_total(n);
+            if let Some(v) = &survey {
+                p.set_total(v.total);
             }
             p
         },
@@ -285,46 +286,44 @@ pub fn run(a: GenArgs) -> Result<()> {
     write::outcome(&run.counts)
 }
 
-/// With `--skip-existing` and prompts that can be read twice: every image's (index, seed,
-/// path) when all of their files exist already, else `None` (there is work to do).
-fn all_exist(s: &Settings) -> Result<Option<Vec<(u64, u64, std::path::PathBuf)>>> {
-    if !s.skip_existing || !s.source.checkable() || matches!(s.sink, Sink::Stdout) {
-        return Ok(None);
-    }
-    let mut done = Vec::new();
-    let mut index = 0u64;
-    for item in s.source.items(s.force).map_err(bad_input)? {
-        // A bad line is the normal run's to report.
-        let Ok(item) = item else { return Ok(None) };
-        let Ok(mut jobs) = ItemJobs::new(s, &s.sampler, &item, index) else {
-            return Ok(None);
-        };
-        index = jobs.end();
-        while let Some(i) = jobs.next() {
-            let seed = jobs::seed_of(s, &item, &jobs, i);
-            match jobs::output_path(s, &item, &jobs, i, seed) {
-                Ok(Some(p)) if p.is_file() => done.push((i, seed, p)),
-                _ => return Ok(None),
-            }
-        }
-    }
-    Ok(Some(done))
+/// What one pass over prompts that can be read twice tells before any work: how many images
+/// the run makes (this shard's), and — with `--skip-existing` — every image's (index, seed,
+/// path) when all of their files exist already. `None` when the prompts cannot be read
+/// twice or a line is bad (the normal run reports it).
+struct Survey {
+    total: u64,
+    all_done: Option<Vec<(u64, u64, std::path::PathBuf)>>,
 }
 
-/// How many images the run makes (this shard's), when the prompts can be read twice and
-/// every line is good; `None` otherwise.
-fn count_images(s: &Settings) -> Option<u64> {
+fn survey(s: &Settings) -> Option<Survey> {
     if !s.source.checkable() {
         return None;
     }
+    let mut done = (s.skip_existing && !matches!(s.sink, Sink::Stdout)).then(Vec::new);
     let mut index = 0u64;
     let mut total = 0u64;
     for item in s.source.items(s.force).ok()? {
-        let jobs = ItemJobs::new(s, &s.sampler, &item.ok()?, index).ok()?;
+        let item = item.ok()?;
+        let mut jobs = ItemJobs::new(s, &s.sampler, &item, index).ok()?;
         index = jobs.end();
         total = total.checked_add(jobs.remaining())?;
+        if done.is_some() {
+            while let Some(i) = jobs.next() {
+                let seed = jobs::seed_of(s, &item, &jobs, i);
+                match jobs::output_path(s, &item, &jobs, i, seed) {
+                    Ok(Some(p)) if p.is_file() => done.as_mut()?.push((i, seed, p)),
+                    _ => {
+                        done = None;
+                        break;
+                    }
+                }
+            }
+        }
     }
-    Some(total)
+    Some(Survey {
+        total,
+        all_done: done,
+    })
 }
 
 /// Reads the whole prompt source once before any work: every line parsed and checked, every
