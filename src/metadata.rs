@@ -86,6 +86,27 @@ fn plain() -> PromptSyntax {
     PromptSyntax::Plain
 }
 
+/// How a file goes into an image that may be shared: a local path by its file name (no
+/// directories of this machine), a Hub repo id (`ORG/NAME[@REV][/FILE]`) as it is.
+/// `--from-png` finds names again (`--model-dir`, `--lora-dir`, beside the PNG).
+pub fn shared_name(spec: &str) -> String {
+    if let Ok(crate::hub::ModelRef::Repo { .. }) = crate::hub::ModelRef::parse(spec) {
+        return spec.to_string();
+    }
+    let p = Path::new(spec);
+    // `.` or `dir/..` have no file name of their own: the folder's is taken.
+    let name = p
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .or_else(|| {
+            std::fs::canonicalize(p)
+                .ok()?
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+        });
+    name.unwrap_or_else(|| spec.to_string())
+}
+
 fn display_name(path: &str) -> String {
     Path::new(path)
         .file_stem()
@@ -109,10 +130,10 @@ impl ImageSettings {
         for l in &self.loras {
             s.push_str(&format!(" <lora:{}:{}>", display_name(&l.path), l.weight));
         }
-        if let Some(n) = &self.negative_prompt {
-            s.push_str("\nNegative prompt: ");
-            s.push_str(n);
-        }
+        // Always the line, empty when there is none (an empty SDXL negative is none to A1111
+        // too: it zeroes it, as diffusers does for `None`).
+        s.push_str("\nNegative prompt: ");
+        s.push_str(self.negative_prompt.as_deref().unwrap_or(""));
         let sampler = match self.sampler.kind {
             SamplerKind::Dmd2 => "LCM",
             SamplerKind::Euler => "Euler",
@@ -390,42 +411,196 @@ fn exif_text(path: &Path, bytes: Vec<u8>, jpeg: bool) -> Result<Vec<(String, Str
         .unwrap_or_default())
 }
 
-/// The settings an image was made with: the exact `dmd2` JSON chunk when present, else what
-/// the A1111 `parameters` text says (DMD2 sampler defaults for what it lacks).
+/// The settings an image was made with: the exact `dmd2` JSON chunk when present (with the
+/// edits of its `parameters` text, see [`read_png_settings`]), else what the A1111
+/// `parameters` text says (DMD2 sampler defaults for what it lacks).
 pub fn settings_from_png(path: &Path) -> Result<ImageSettings> {
     Ok(read_png_settings(path)?.0)
 }
 
-/// [`settings_from_png`] and what the user should hear about it: settings of the text that
-/// dmd2 cannot apply (LoRA tags, other samplers and schedules, clip skip) and a `parameters`
-/// text that disagrees with the exact `dmd2` chunk (edited after the image was made).
+/// [`settings_from_png`] and what the user should hear about it, one warning per kind: the
+/// keys of an A1111 text that dmd2 cannot apply or does not know, all in one line; and the
+/// fields where the `parameters` text differs from the exact `dmd2` chunk. The `dmd2` chunk
+/// is used where the two agree; where they differ the text was edited after the image was
+/// made, and the text's values are taken.
 pub fn read_png_settings(path: &Path) -> Result<(ImageSettings, Vec<String>)> {
     let chunks = read_png_text(path)?;
     let name = path.display();
-    let parsed_text = chunks
+    let text = chunks
         .iter()
         .find(|(k, _)| k == "parameters")
         .map(|(_, t)| parse_a1111(t));
-    if let Some((_, json)) = chunks.iter().find(|(k, _)| k == "dmd2") {
-        let exact: ImageSettings = serde_json::from_str(json)
-            .with_context(|| format!("{name}: unreadable dmd2 settings chunk"))?;
-        let mut warnings = Vec::new();
-        if let Some(Ok(p)) = &parsed_text {
-            let (prompt, _) = strip_lora_tags(&p.prompt);
-            let seed = p.get("Seed").and_then(|v| v.parse::<u64>().ok());
-            if prompt != exact.prompt || seed != Some(exact.seed) {
+    let exact = match chunks.iter().find(|(k, _)| k == "dmd2") {
+        Some((_, json)) => Some(
+            serde_json::from_str::<ImageSettings>(json)
+                .with_context(|| format!("{name}: unreadable dmd2 settings chunk"))?,
+        ),
+        None => None,
+    };
+    let mut warnings = Vec::new();
+    let settings = match (exact, text) {
+        (None, None) => bail!("{name}: no generation parameters in this PNG"),
+        (None, Some(p)) => {
+            let p = p.with_context(|| format!("{name}: unreadable parameters chunk"))?;
+            let (s, notes) = from_text(&p, path)?;
+            if !notes.is_empty() {
                 warnings.push(format!(
-                    "{name}: its parameters text differs from its dmd2 settings (edited?); using the dmd2 settings"
+                    "{name}: not applied from its parameters: {}",
+                    notes.join("; ")
                 ));
             }
+            s
         }
-        return Ok((exact, warnings));
-    }
-    let Some(parsed) = parsed_text else {
-        bail!("{name}: no generation parameters in this PNG");
+        (Some(exact), None) => exact,
+        (Some(mut exact), Some(p)) => {
+            match p.and_then(|p| {
+                let (t, _) = from_text(&p, path)?;
+                Ok(merge_edits(&mut exact, &t, &p))
+            }) {
+                Ok(changed) if changed.is_empty() => {}
+                Ok(changed) => warnings.push(format!(
+                    "{name}: its parameters text differs from its dmd2 settings in {} (edited?); using the text's {}",
+                    changed.join(", "),
+                    if changed.len() == 1 { "value" } else { "values" }
+                )),
+                Err(e) => warnings.push(format!(
+                    "{name}: its parameters text cannot be read ({e}); using the dmd2 settings"
+                )),
+            }
+            exact
+        }
     };
-    let p = parsed.with_context(|| format!("{name}: unreadable parameters chunk"))?;
-    let mut warnings = Vec::new();
+    Ok((settings, warnings))
+}
+
+/// An empty negative prompt is none (A1111 zeroes an empty SDXL negative as diffusers does
+/// for `None`).
+fn some_text(n: &Option<String>) -> Option<&str> {
+    n.as_deref().filter(|s| !s.is_empty())
+}
+
+fn step_count(s: &SamplerSpec) -> usize {
+    s.timesteps.as_ref().map_or(s.steps, |t| t.len())
+}
+
+/// Takes into `exact` what the text `t` (parsed from `p`) says differently; returns the
+/// names of the fields that differed. Fields the text does not state are left alone.
+fn merge_edits(exact: &mut ImageSettings, t: &ImageSettings, p: &A1111) -> Vec<&'static str> {
+    let mut changed = Vec::new();
+    if t.prompt != exact.prompt {
+        changed.push("prompt");
+        exact.prompt = t.prompt.clone();
+    }
+    if some_text(&t.negative_prompt) != some_text(&exact.negative_prompt) {
+        changed.push("negative prompt");
+        exact.negative_prompt = t.negative_prompt.clone();
+    }
+    if t.prompt_syntax != exact.prompt_syntax {
+        changed.push("prompt syntax");
+        exact.prompt_syntax = t.prompt_syntax;
+    }
+    if p.get("Seed").is_some() && t.seed != exact.seed {
+        changed.push("seed");
+        exact.seed = t.seed;
+    }
+    if p.get("Sampler").is_some() && t.sampler.kind != exact.sampler.kind {
+        changed.push("sampler");
+        exact.sampler.kind = t.sampler.kind;
+    }
+    if p.get("Steps").is_some() && step_count(&t.sampler) != step_count(&exact.sampler) {
+        changed.push("steps");
+        exact.sampler.steps = t.sampler.steps;
+        exact.sampler.timesteps = t.sampler.timesteps.clone();
+    } else if p.get("Timesteps").is_some() && t.sampler.timesteps != exact.sampler.timesteps {
+        changed.push("timesteps");
+        exact.sampler.timesteps = t.sampler.timesteps.clone();
+    }
+    if p.get("CFG scale").is_some() && t.cfg != exact.cfg {
+        changed.push("CFG scale");
+        exact.cfg = t.cfg;
+    }
+    if p.get("Size").is_some() && (t.width, t.height) != (exact.width, exact.height) {
+        changed.push("size");
+        (exact.width, exact.height) = (t.width, t.height);
+    }
+    if p.get("Model").is_some() && display_name(&t.model) != display_name(&exact.model) {
+        changed.push("model");
+        exact.model = t.model.clone();
+        exact.model_hash = t.model_hash.clone();
+        exact.model_revision = None;
+    }
+    // LoRAs: the tags' names and weights; a LoRA the chunk names keeps its file and hash.
+    let named = |l: &LoraRef| (display_name(&l.path), l.weight);
+    if t.loras.iter().map(named).ne(exact.loras.iter().map(named)) {
+        changed.push("LoRAs");
+        exact.loras = t
+            .loras
+            .iter()
+            .map(|l| {
+                match exact
+                    .loras
+                    .iter()
+                    .find(|e| display_name(&e.path) == display_name(&l.path))
+                {
+                    Some(e) => LoraRef {
+                        weight: l.weight,
+                        ..e.clone()
+                    },
+                    None => l.clone(),
+                }
+            })
+            .collect();
+    }
+    if let Some(st) = p
+        .get("Denoising strength")
+        .and_then(|v| v.parse::<f64>().ok())
+    {
+        match &mut exact.hires {
+            Some(h) if h.strength != st => {
+                changed.push("denoising strength");
+                h.strength = st;
+            }
+            None if exact.strength != Some(st) => {
+                changed.push("denoising strength");
+                exact.strength = Some(st);
+            }
+            _ => {}
+        }
+    }
+    changed
+}
+
+/// The keys of A1111's text that dmd2 reads, or knows to carry nothing to apply.
+const KNOWN_KEYS: &[&str] = &[
+    "Steps",
+    "Sampler",
+    "Schedule type",
+    "CFG scale",
+    "Seed",
+    "Size",
+    "Model hash",
+    "Model",
+    "VAE hash",
+    "VAE",
+    "Timesteps",
+    "Lora hashes",
+    "RNG",
+    "Denoising strength",
+    "Mask blur",
+    "Hires upscale",
+    "Hires steps",
+    "Hires upscaler",
+    "Preset",
+    "Prompt syntax",
+    "Clip skip",
+    "Version",
+];
+
+/// Settings from an A1111 text alone, and a note for each key that is not applied (why) or
+/// not known.
+fn from_text(p: &A1111, path: &Path) -> Result<(ImageSettings, Vec<String>)> {
+    let name = path.display();
+    let mut notes = Vec::new();
     let (prompt, tags) = strip_lora_tags(&p.prompt);
     // `<lora:NAME:W>` tags become LoRAs named NAME (not paths: `gen` looks them up, in
     // `--lora-dir` by name or by their `Lora hashes` entry), weights as written.
@@ -446,30 +621,38 @@ pub fn read_png_settings(path: &Path) -> Result<(ImageSettings, Vec<String>)> {
                 weight,
                 hash: hashes.get(n.as_str()).map(|h| h.to_string()),
             }),
-            _ => warnings.push(format!(
-                "{name}: LoRA tag <lora:{n}:{w}> has no usable weight; not loaded"
-            )),
+            _ => notes.push(format!("LoRA tag <lora:{n}:{w}> (no usable weight)")),
         }
     }
     if let Some(v) = p.get("VAE")
         && !matches!(v, "None" | "Automatic")
     {
-        warnings.push(format!(
-            "{name}: VAE {v:?} is not loaded; give --vae PATH|REPO to decode with it"
+        notes.push(format!(
+            "VAE {v:?} (give --vae PATH|REPO to decode with it)"
         ));
     }
     if let Some(cs) = p.get("Clip skip")
         && cs != "1"
     {
-        warnings.push(format!(
-            "{name}: Clip skip {cs} is not applied (dmd2 reads SDXL's penultimate layers)"
+        notes.push(format!(
+            "Clip skip {cs} (dmd2 reads SDXL's penultimate layers)"
         ));
+    }
+    if let Some(r) = p.get("RNG")
+        && r != "CPU"
+    {
+        notes.push(format!(
+            "RNG {r:?} (dmd2 draws its noise on the CPU, as A1111's \"CPU\")"
+        ));
+    }
+    if let Some(b) = p.get("Mask blur") {
+        notes.push(format!("Mask blur {b} (give --mask and --mask-blur)"));
     }
     let num = |k: &str| -> Result<Option<f64>> {
         p.get(k)
             .map(|v| {
                 v.parse::<f64>()
-                    .with_context(|| format!("{}: {k} is not a number", path.display()))
+                    .with_context(|| format!("{name}: {k} is not a number"))
             })
             .transpose()
     };
@@ -484,8 +667,8 @@ pub fn read_png_settings(path: &Path) -> Result<(ImageSettings, Vec<String>)> {
         Some("DDIM") => SamplerKind::Ddim,
         None | Some("LCM") | Some("DMD2 (LCM)") | Some("lcm") => SamplerKind::Dmd2,
         Some(other) => {
-            warnings.push(format!(
-                "{name}: sampler {other:?} is not one dmd2 has; using dmd2 (--sampler to choose)"
+            notes.push(format!(
+                "Sampler {other:?} (not one dmd2 has; dmd2's own is used, --sampler to choose)"
             ));
             SamplerKind::Dmd2
         }
@@ -494,8 +677,8 @@ pub fn read_png_settings(path: &Path) -> Result<(ImageSettings, Vec<String>)> {
         && let Some(st) = p.get("Schedule type")
         && !matches!(st, "Simple" | "Automatic" | "simple")
     {
-        warnings.push(format!(
-            "{name}: schedule type {st:?} is not applied; DMD2 runs its own timesteps"
+        notes.push(format!(
+            "Schedule type {st:?} (DMD2 runs its own timesteps)"
         ));
     }
     // Seeds are whole numbers: read as such (a float would round big ones).
@@ -514,7 +697,11 @@ pub fn read_png_settings(path: &Path) -> Result<(ImageSettings, Vec<String>)> {
             upscaler: match p.get("Hires upscaler") {
                 Some("Latent") | Some("Latent (bilinear)") => crate::img2img::HiresUpscaler::Latent,
                 Some(u) if u.starts_with("Latent") => crate::img2img::HiresUpscaler::LatentNearest,
-                _ => crate::img2img::HiresUpscaler::Lanczos,
+                None | Some("Lanczos") => crate::img2img::HiresUpscaler::Lanczos,
+                Some(u) => {
+                    notes.push(format!("Hires upscaler {u:?} (dmd2 upscales with Lanczos)"));
+                    crate::img2img::HiresUpscaler::Lanczos
+                }
             },
             strength: num("Denoising strength")?.unwrap_or(crate::img2img::Hires::DEFAULT_STRENGTH),
             steps: match num("Hires steps")? {
@@ -523,6 +710,15 @@ pub fn read_png_settings(path: &Path) -> Result<(ImageSettings, Vec<String>)> {
             },
         }),
     };
+    let strength = match hires {
+        Some(_) => None,
+        None => num("Denoising strength")?,
+    };
+    if let Some(st) = strength {
+        notes.push(format!(
+            "Denoising strength {st} (an img2img setting: it applies with --init-image)"
+        ));
+    }
     let timesteps = p
         .get("Timesteps")
         .map(|t| {
@@ -532,10 +728,21 @@ pub fn read_png_settings(path: &Path) -> Result<(ImageSettings, Vec<String>)> {
         })
         .transpose()
         .ok()
-        .flatten();
+        .flatten()
+        // An edited `Steps` wins over a stale timestep list.
+        .filter(|t| p.get("Steps").is_none() || t.len() == steps);
+    let unknown: Vec<&str> = p
+        .fields
+        .iter()
+        .map(|(k, _)| k.as_str())
+        .filter(|k| !KNOWN_KEYS.contains(k))
+        .collect();
+    if !unknown.is_empty() {
+        notes.push(format!("unknown to dmd2: {}", unknown.join(", ")));
+    }
     let settings = ImageSettings {
         prompt,
-        negative_prompt: p.negative_prompt.clone(),
+        negative_prompt: some_text(&p.negative_prompt).map(str::to_string),
         prompt_syntax: match p.get("Prompt syntax") {
             Some("plain") => PromptSyntax::Plain,
             _ => PromptSyntax::A1111,
@@ -559,18 +766,14 @@ pub fn read_png_settings(path: &Path) -> Result<(ImageSettings, Vec<String>)> {
         precision: None,
         init_image: None,
         mask: None,
-        strength: if hires.is_some() {
-            None
-        } else {
-            num("Denoising strength")?
-        },
+        strength,
         hires,
         mask_blur: None,
         paste_back: false,
         model_hash: p.get("Model hash").map(str::to_string),
         model_revision: None,
     };
-    Ok((settings, warnings))
+    Ok((settings, notes))
 }
 
 #[cfg(test)]

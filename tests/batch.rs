@@ -296,19 +296,36 @@ fn png_to_stdout_metadata_and_from_png() {
     assert_eq!(a.get("CFG scale"), Some("1.5"));
     assert_eq!(a.get("Steps"), Some("4"));
     assert_eq!(a.get("Size"), Some("64x64"));
-    // Regenerate from the PNG alone: bit for bit.
+    // The image names its model by its folder's name, not this machine's path.
+    let model = model();
+    let model_name = model.file_name().unwrap().to_str().unwrap();
+    let exact = dmd2::metadata::settings_from_png(&p).unwrap();
+    assert_eq!(exact.model, model_name);
+    assert!(
+        !chunks
+            .iter()
+            .any(|(_, v)| v.contains(model.to_str().unwrap()))
+    );
+    // From the PNG alone, elsewhere: the model is not here, said in one line naming the PNG.
     let again = d.join("again.png");
-    let o = run(&[
-        "gen",
-        "--from-png",
-        p.to_str().unwrap(),
-        "--device",
-        "cpu",
-        "--quiet",
-        "-o",
-        again.to_str().unwrap(),
-    ]
-    .map(String::from));
+    let from_png = |extra: &[&str]| {
+        let mut args = vec!["gen", "--from-png", p.to_str().unwrap(), "--device", "cpu"];
+        args.extend_from_slice(extra);
+        args.extend_from_slice(&["--quiet", "-o", again.to_str().unwrap()]);
+        run(&args.iter().map(|s| s.to_string()).collect::<Vec<_>>())
+    };
+    let o = from_png(&[]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains(p.to_str().unwrap())
+            && err.contains(model_name)
+            && err.contains("--model-dir"),
+        "{err}"
+    );
+    assert!(!again.exists());
+    // Found by name in --model-dir: bit for bit.
+    let o = from_png(&["--model-dir", model.parent().unwrap().to_str().unwrap()]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     assert_eq!(pixels(&again), pixels(&p));
 }

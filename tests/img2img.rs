@@ -199,7 +199,8 @@ fn gen_starts_from_images() {
     assert!(max_level_diff(&rgb(&p), &bytes_of(&refs(&c.name)["image"])) <= 1);
     let s = dmd2::metadata::settings_from_png(&p).unwrap();
     assert_eq!(s.strength, Some(0.5));
-    assert_eq!(s.init_image.as_ref().unwrap().path, fixture(&c.init));
+    // The file's name, not this machine's path (found again beside the PNG, or given).
+    assert_eq!(s.init_image.as_ref().unwrap().path, c.init);
     assert_eq!(s.init_image.as_ref().unwrap().sha256.len(), 64);
     assert_eq!((s.width, s.height), (80, 64));
     let params = dmd2::metadata::read_png_text(&p).unwrap();
@@ -208,9 +209,10 @@ fn gen_starts_from_images() {
             .iter()
             .any(|(k, v)| k == "parameters" && v.contains("Denoising strength: 0.5"))
     );
-    // --from-png makes it again.
+    // --from-png makes it again, with the init image found beside the PNG; not there, it
+    // is an error naming the PNG and the image.
     let again = out.join("again.png");
-    run(vec![
+    let from_png: Vec<String> = vec![
         "gen".into(),
         "--from-png".into(),
         p.display().to_string(),
@@ -219,7 +221,18 @@ fn gen_starts_from_images() {
         "-q".into(),
         "-o".into(),
         again.display().to_string(),
-    ]);
+    ];
+    let o = dmd2(&from_png.iter().map(String::as_str).collect::<Vec<_>>());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains(&p.display().to_string())
+            && err.contains(&c.init)
+            && err.contains("--init-image"),
+        "{err}"
+    );
+    std::fs::copy(fixture(&c.init), out.join(&c.init)).unwrap();
+    run(from_png);
     assert_eq!(rgb(&again), rgb(&p));
 
     // Inpainting from a JSON line, paths relative to the prompt file.

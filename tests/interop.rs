@@ -119,14 +119,21 @@ fn from_png_says_what_it_cannot_apply() {
     let p = dir.join("a1111.png");
     png_with_parameters(
         &p,
-        "masterpiece, <lora:detail:0.6> a fox\nNegative prompt: blurry\nSteps: 20, Sampler: DPM++ 2M, Schedule type: Karras, CFG scale: 7, Seed: 123456789012345678, Size: 64x64, Clip skip: 2, Model: sd_xl_base_1.0",
+        "masterpiece, <lora:detail:0.6> a fox\nNegative prompt: blurry\nSteps: 20, Sampler: DPM++ 2M, Schedule type: Karras, CFG scale: 7, Seed: 123456789012345678, Size: 64x64, Clip skip: 2, ENSD: 31337, Model: sd_xl_base_1.0, RNG: NV, Face restoration: CodeFormer, Version: v1.10.1",
     );
     let (s, warnings) = dmd2::metadata::read_png_settings(&p).unwrap();
     assert_eq!(s.seed, 123456789012345678);
     assert_eq!(s.prompt, "masterpiece,  a fox");
-    let all = warnings.join("\n");
-    for w in ["DPM++ 2M", "Karras", "Clip skip 2"] {
-        assert!(all.contains(w), "{w}: {all}");
+    // Every key that is not applied or not known, in one warning.
+    assert_eq!(warnings.len(), 1, "{warnings:?}");
+    for w in [
+        "DPM++ 2M",
+        "Karras",
+        "Clip skip 2",
+        "RNG \"NV\"",
+        "unknown to dmd2: ENSD, Face restoration",
+    ] {
+        assert!(warnings[0].contains(w), "{w}: {warnings:?}");
     }
     // The LoRA tag is kept as a name for `gen` to look up (--lora-dir).
     assert_eq!(
@@ -181,14 +188,47 @@ fn from_png_says_what_it_cannot_apply() {
         img.as_raw(),
         64,
         "a dog\nSteps: 1, Sampler: LCM, Seed: 5, Size: 64x64",
+        Some(exact.clone()),
+    );
+    let (s, warnings) = dmd2::metadata::read_png_settings(&made).unwrap();
+    assert_eq!(s.prompt, "a dog");
+    assert_eq!(warnings.len(), 1, "{warnings:?}");
+    assert!(
+        warnings[0].contains("edited") && warnings[0].contains("in prompt ("),
+        "{warnings:?}"
+    );
+    // Where they agree, the exact settings stand (the text has no CFG, spacing, precision).
+    assert_eq!(s.seed, 5);
+    assert_eq!(s.precision.as_deref(), Some("f32"));
+    // Several edits are named together; the unedited text changes nothing.
+    write_png(
+        &made,
+        img.as_raw(),
+        64,
+        "a dog <lora:detail:0.5>\nNegative prompt: ugly\nSteps: 2, Sampler: LCM, Seed: 6, Size: 64x64",
+        Some(exact.clone()),
+    );
+    let (s, warnings) = dmd2::metadata::read_png_settings(&made).unwrap();
+    for f in ["prompt", "negative prompt", "seed", "steps", "LoRAs"] {
+        assert!(warnings[0].contains(f), "{f}: {warnings:?}");
+    }
+    assert_eq!(
+        (s.seed, s.sampler.steps, s.sampler.timesteps.as_ref()),
+        (6, 2, None)
+    );
+    assert_eq!(s.negative_prompt.as_deref(), Some("ugly"));
+    assert_eq!(s.loras[0].path, "detail");
+    let exact_settings: dmd2::metadata::ImageSettings = serde_json::from_str(&exact).unwrap();
+    write_png(
+        &made,
+        img.as_raw(),
+        64,
+        &exact_settings.a1111(),
         Some(exact),
     );
     let (s, warnings) = dmd2::metadata::read_png_settings(&made).unwrap();
-    assert_eq!(s.prompt, "a cat");
-    assert!(
-        warnings.iter().any(|w| w.contains("edited")),
-        "{warnings:?}"
-    );
+    assert!(warnings.is_empty(), "{warnings:?}");
+    assert_eq!(s, exact_settings);
 }
 
 /// The EXIF block is piexif's, byte for byte, and reads back as the text.
@@ -402,4 +442,182 @@ fn from_png_finds_loras_in_a_dir() {
         err.contains("mylora:0.7") && err.contains("--lora-dir"),
         "{err}"
     );
+}
+
+/// `--from-png --model-dir DIR`: an A1111 image's `Model: NAME` is found as NAME.safetensors
+/// in DIR or below, else by its `Model hash` (A1111's: 10 hex of the file's sha256) under
+/// another name; the image is the one `--model FILE` makes. Not found, it is a one-line
+/// error naming the PNG, the model and its hash (exit 2, no file); `DMD2_MODEL_DIR` stands
+/// for the flag.
+#[test]
+fn from_png_finds_the_model_by_name_or_hash() {
+    let dir = common::fresh_dir("interop", "model_dir");
+    let cache = dir.join("cache");
+    let model = common::tiny_single_file();
+    let hash = dmd2::hashes::model_hash(&model).unwrap();
+    let link = |sub: &str, name: &str| {
+        let d = dir.join(sub);
+        std::fs::create_dir_all(&d).unwrap();
+        std::os::unix::fs::symlink(&model, d.join(name)).unwrap();
+    };
+    link("by-name/SDXL", "my_sdxl.safetensors");
+    link("by-hash/SDXL", "renamed.safetensors");
+    let p = dir.join("a1111.png");
+    png_with_parameters(
+        &p,
+        &format!(
+            "a red car\nNegative prompt: \nSteps: 4, Sampler: LCM, Schedule type: Simple, CFG scale: 1, Seed: 9, Size: 64x64, Model hash: {hash}, Model: my_sdxl"
+        ),
+    );
+    let out = |n: &str| dir.join(n).display().to_string();
+    let want = dmd2(
+        &[
+            "gen",
+            "--model",
+            model.to_str().unwrap(),
+            "--prompt",
+            "a red car",
+            "--seed",
+            "9",
+            "--width",
+            "64",
+            "--height",
+            "64",
+            "-q",
+            "-o",
+            &out("want.png"),
+        ],
+        &cache,
+    );
+    assert!(
+        want.status.success(),
+        "{}",
+        String::from_utf8_lossy(&want.stderr)
+    );
+    let rgb = |n: &str| image::open(dir.join(n)).unwrap().to_rgb8().into_raw();
+    for (sub, name) in [("by-name", "a.png"), ("by-hash", "b.png")] {
+        let o = dmd2(
+            &[
+                "gen",
+                "--from-png",
+                p.to_str().unwrap(),
+                "--model-dir",
+                &out(sub),
+                "-o",
+                &out(name),
+            ],
+            &cache,
+        );
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(o.status.success(), "{sub}: {err}");
+        assert_eq!(rgb(name), rgb("want.png"), "{sub}");
+        assert_eq!(err.contains("looking for hash"), sub == "by-hash", "{err}");
+    }
+    // The environment's directory.
+    let o = Command::new(env!("CARGO_BIN_EXE_dmd2"))
+        .args([
+            "gen",
+            "--from-png",
+            p.to_str().unwrap(),
+            "-q",
+            "-o",
+            &out("c.png"),
+        ])
+        .env("XDG_CACHE_HOME", &cache)
+        .env("DMD2_MODEL_DIR", dir.join("by-hash"))
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(rgb("c.png"), rgb("want.png"));
+    // Not found: with and without --model-dir.
+    let empty = dir.join("empty");
+    std::fs::create_dir_all(&empty).unwrap();
+    let d_png = dir.join("d.png");
+    for extra in [vec![], vec!["--model-dir", empty.to_str().unwrap()]] {
+        let mut args = vec!["gen", "--from-png", p.to_str().unwrap()];
+        args.extend(extra.iter().copied());
+        args.extend(["-o", d_png.to_str().unwrap()]);
+        let o = dmd2(&args, &cache);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(2), "{err}");
+        assert_eq!(err.trim().lines().count(), 1, "{err}");
+        for w in [p.to_str().unwrap(), "\"my_sdxl\"", hash.as_str(), "--model"] {
+            assert!(err.contains(w), "{w}: {err}");
+        }
+        assert!(!dir.join("d.png").exists());
+    }
+}
+
+/// What a shared image carries: names and hashes, never this machine's directories (the
+/// `dmd2` chunk and the text); always a `Negative prompt:` line (empty when there is none,
+/// read back as none); `--no-hash` leaves the hashes out; `--json` lines keep the paths as
+/// given.
+#[test]
+fn shared_images_name_files_not_paths() {
+    let dir = common::fresh_dir("interop", "shared");
+    let cache = dir.join("cache");
+    let model = common::tiny_single_file();
+    let lora = common::fixtures().join("lora/peft.safetensors");
+    let run = |extra: &[&str], name: &str| {
+        let mut args = vec![
+            "gen",
+            "--model",
+            model.to_str().unwrap(),
+            "--lora",
+            lora.to_str().unwrap(),
+            "a cat",
+            "--steps",
+            "1",
+            "--width",
+            "64",
+            "--height",
+            "64",
+            "--json",
+            "-q",
+            "-o",
+        ];
+        let out = dir.join(name);
+        let out = out.to_str().unwrap().to_string();
+        args.push(&out);
+        args.extend_from_slice(extra);
+        let o = dmd2(&args, &cache);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let line: serde_json::Value =
+            serde_json::from_str(String::from_utf8_lossy(&o.stdout).trim()).unwrap();
+        (
+            dmd2::metadata::read_png_text(Path::new(&out)).unwrap(),
+            line,
+        )
+    };
+    let (chunks, line) = run(&[], "a.png");
+    let fixtures = common::fixtures().display().to_string();
+    for (k, v) in &chunks {
+        assert!(!v.contains(&fixtures), "{k}: {v}");
+    }
+    let params = &chunks.iter().find(|(k, _)| k == "parameters").unwrap().1;
+    assert!(params.contains("\nNegative prompt: \n"), "{params}");
+    assert!(
+        params.contains("Model hash: ") && params.contains("Lora hashes: "),
+        "{params}"
+    );
+    let s = dmd2::metadata::settings_from_png(&dir.join("a.png")).unwrap();
+    assert_eq!(s.model, model.file_name().unwrap().to_str().unwrap());
+    assert_eq!(s.loras[0].path, "peft.safetensors");
+    assert_eq!(s.negative_prompt, None);
+    assert_eq!(
+        dmd2::metadata::parse_a1111(params)
+            .unwrap()
+            .negative_prompt
+            .as_deref(),
+        Some("")
+    );
+    // --json: this machine's paths, as given.
+    assert_eq!(line["model"], model.to_str().unwrap());
+    assert_eq!(line["loras"][0]["path"], lora.to_str().unwrap());
+    // --no-hash.
+    let (chunks, _) = run(&["--no-hash"], "b.png");
+    let params = &chunks.iter().find(|(k, _)| k == "parameters").unwrap().1;
+    assert!(!params.contains("hash"), "{params}");
+    let s = dmd2::metadata::settings_from_png(&dir.join("b.png")).unwrap();
+    assert_eq!((s.model_hash, s.loras[0].hash.clone()), (None, None));
 }

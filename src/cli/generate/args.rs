@@ -36,10 +36,15 @@ pub struct GenArgs {
     #[arg(long, value_name = "DIR")]
     pub embedding_dir: Option<PathBuf>,
     /// Where `--from-png` looks for the LoRAs an image names (A1111's `<lora:NAME:W>` tags,
-    /// or files of another machine): NAME.safetensors in DIR or below, else the file whose
-    /// AutoV3 hash is the image's `Lora hashes` entry.
-    #[arg(long, value_name = "DIR")]
+    /// dmd2's file names): NAME.safetensors in DIR or below, else the file whose AutoV3 hash
+    /// is the image's `Lora hashes` entry.
+    #[arg(long, value_name = "DIR", env = "DMD2_LORA_DIR")]
     pub lora_dir: Option<PathBuf>,
+    /// Where `--from-png` looks for the model (and a `--unet` or `--vae` file) an image names:
+    /// a file or model folder of that name in DIR or below, else the file whose A1111 hash is
+    /// the image's `Model hash` (`VAE hash`).
+    #[arg(long, value_name = "DIR", env = "DMD2_MODEL_DIR")]
+    pub model_dir: Option<PathBuf>,
     /// Use no LoRA, even if the preset names some.
     #[arg(long, conflicts_with = "loras")]
     pub no_lora: bool,
@@ -172,6 +177,10 @@ pub struct GenArgs {
     /// Skip images whose file exists (resume an interrupted batch).
     #[arg(long)]
     pub skip_existing: bool,
+    /// Write no `Model hash`, `VAE hash` or `Lora hashes` (hashing a new 7 GB checkpoint
+    /// reads it once; the hashes are cached by size and modification time after that).
+    #[arg(long)]
+    pub no_hash: bool,
     /// What a bad prompt line or failed image does: fail (stop) or skip (count, go on).
     /// Default: fail before any work for files, skip for stdin.
     #[arg(long, value_enum)]

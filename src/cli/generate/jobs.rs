@@ -34,7 +34,8 @@ pub struct Start {
 
 fn image_ref(l: &Loaded) -> ImageRef {
     ImageRef {
-        path: l.path.display().to_string(),
+        // The file's name, not this machine's path (`--from-png` looks beside the PNG).
+        path: crate::metadata::shared_name(&l.path.display().to_string()),
         sha256: l.sha256.clone(),
     }
 }

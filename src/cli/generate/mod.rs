@@ -3,6 +3,7 @@
 //! out through [`write`]. [`run`] reads like the work: check, open, load, generate, report.
 
 pub mod args;
+pub mod from_png;
 pub mod jobs;
 pub mod preview;
 pub mod settings;
@@ -225,31 +226,10 @@ pub fn run(a: GenArgs) -> Result<()> {
     // 4. The images, prompt by prompt, in batches of compatible jobs.
     let mut writer = Writer::new(&s, inputs, report.precision.unet.short_name());
     // The hashes A1111 and Civitai name resources by (cached after the first run).
-    if model_path.is_file() {
-        writer.model_hash = crate::hashes::model_hash(&model_path).ok();
-    }
     writer.model_revision = crate::hub::snapshot_commit(&model_path);
-    // A1111's `VAE hash` is the weights file's; a folder's single weights file stands for it.
-    writer.vae_hash = vae_path
-        .map(|p| match p.is_dir() {
-            true => crate::checkpoint::diffusers::weight_files(&p, "diffusion_pytorch_model")
-                .ok()
-                .filter(|f| f.len() == 1)
-                .and_then(|mut f| f.pop()),
-            false => Some(p),
-        })
-        .and_then(|p| crate::hashes::model_hash(&p?).ok());
-    writer.lora_hashes = s
-        .model
-        .loras
-        .iter()
-        .map(|l| {
-            l.path
-                .is_file()
-                .then(|| crate::hashes::lora_hash(&l.path).ok())
-                .flatten()
-        })
-        .collect();
+    if !s.no_hash {
+        resource_hashes(&mut writer, &s, &model_path, vae_path);
+    }
     writer.load_seconds = started.elapsed().as_secs_f64();
     let mut run = Run {
         s: &s,
@@ -629,4 +609,38 @@ impl Run<'_> {
         }
         Ok(())
     }
+}
+
+/// A1111's `Model hash` of a single-file model and `VAE hash` of a VAE file, Civitai's AutoV3
+/// of each local LoRA.
+fn resource_hashes(
+    writer: &mut Writer,
+    s: &Settings,
+    model_path: &std::path::Path,
+    vae_path: Option<std::path::PathBuf>,
+) {
+    if model_path.is_file() {
+        writer.model_hash = crate::hashes::model_hash(model_path).ok();
+    }
+    // A1111's `VAE hash` is the weights file's; a folder's single weights file stands for it.
+    writer.vae_hash = vae_path
+        .map(|p| match p.is_dir() {
+            true => crate::checkpoint::diffusers::weight_files(&p, "diffusion_pytorch_model")
+                .ok()
+                .filter(|f| f.len() == 1)
+                .and_then(|mut f| f.pop()),
+            false => Some(p),
+        })
+        .and_then(|p| crate::hashes::model_hash(&p?).ok());
+    writer.lora_hashes = s
+        .model
+        .loras
+        .iter()
+        .map(|l| {
+            l.path
+                .is_file()
+                .then(|| crate::hashes::lora_hash(&l.path).ok())
+                .flatten()
+        })
+        .collect();
 }

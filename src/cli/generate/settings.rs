@@ -54,6 +54,8 @@ pub struct Settings {
     pub on_error: OnError,
     pub shard: Option<(u64, u64)>,
     pub skip_existing: bool,
+    /// `--no-hash`: no resource hashes in the images' metadata.
+    pub no_hash: bool,
     pub json: bool,
     pub quiet: bool,
     pub verbose: bool,
@@ -125,25 +127,27 @@ impl Settings {
                 _ => what.to_string(),
             }
         };
-        let model = a
-            .model
-            .clone()
-            .or_else(|| {
-                // The Hub commit the image was made with, not today's main.
-                png.map(|s| match &s.model_revision {
-                    Some(rev) => crate::hub::pin_revision(&s.model, rev),
-                    None => s.model.clone(),
-                })
-            })
-            .or(p.model.clone())
-            .context("no model: give --model PATH (or a preset that names one)")?;
+        // The files the PNG names, found here (see [`super::from_png`]).
+        let finder = a.from_png.as_deref().map(|png| super::from_png::Finder {
+            png,
+            model_dir: a.model_dir.as_deref(),
+            lora_dir: a.lora_dir.as_deref(),
+        });
+        let from_png = png.zip(finder.as_ref());
+        let model = match (&a.model, from_png) {
+            (Some(m), _) => m.clone(),
+            (None, Some((s, f))) => f.model(s)?,
+            (None, None) => p
+                .model
+                .clone()
+                .context("no model: give --model PATH (or a preset that names one)")?,
+        };
         let loras = if a.no_lora {
             Vec::new()
         } else if !a.loras.is_empty() {
             a.loras.clone()
-        } else if let Some(s) = png {
-            let png_path = a.from_png.as_deref().unwrap_or(std::path::Path::new("PNG"));
-            png_loras(&s.loras, a.lora_dir.as_deref(), png_path)?
+        } else if let Some((s, f)) = from_png {
+            f.loras(&s.loras)?
         } else {
             p.loras.clone().unwrap_or_default()
         };
@@ -152,16 +156,20 @@ impl Settings {
             .iter()
             .map(|l| l.parse::<LoraSpec>().map_err(anyhow::Error::msg))
             .collect::<Result<Vec<_>>>()?;
-        let unet = a
-            .unet
-            .clone()
-            .or_else(|| png.and_then(|s| s.unet.clone()))
-            .or(p.unet.clone());
-        let vae = a
-            .vae
-            .clone()
-            .or_else(|| png.and_then(|s| s.vae.clone()))
-            .or(p.vae.clone());
+        let unet = match (&a.unet, from_png) {
+            (Some(u), _) => Some(u.clone()),
+            (None, Some((s, f))) => s.unet.as_deref().map(|u| f.unet(u)).transpose()?,
+            (None, None) => p.unet.clone(),
+        };
+        let vae = match (&a.vae, from_png) {
+            (Some(v), _) => Some(v.clone()),
+            (None, Some((s, f))) => s
+                .vae
+                .as_deref()
+                .map(|v| f.vae(v, s.vae_hash.as_deref()))
+                .transpose()?,
+            (None, None) => p.vae.clone(),
+        };
         let sampler = resolve_sampler(&a, png, &p).with_context(|| origin("sampler"))?;
         let spacing_explicit =
             a.timestep_spacing.is_some() || png.is_some() || p.timestep_spacing.is_some();
@@ -216,16 +224,24 @@ impl Settings {
         {
             inputs.push(pr.origin.clone().into());
         }
-        let init_path = a
-            .init_image
-            .clone()
-            .or_else(|| png.and_then(|s| s.init_image.as_ref().map(|r| PathBuf::from(&r.path))));
-        let mask_path = match &a.init_image {
-            Some(_) => a.mask.clone(),
-            None => a
-                .mask
-                .clone()
-                .or_else(|| png.and_then(|s| s.mask.as_ref().map(|r| PathBuf::from(&r.path)))),
+        // The PNG's init image and mask (unless the flags name others), found here.
+        let png_init = match (&a.init_image, from_png) {
+            (None, Some((s, f))) => s.init_image.as_ref().map(|r| (r, f)),
+            _ => None,
+        };
+        let png_mask = match (&a.init_image, &a.mask, from_png) {
+            (None, None, Some((s, f))) => s.mask.as_ref().map(|r| (r, f)),
+            _ => None,
+        };
+        let init_path = match (&a.init_image, png_init) {
+            (Some(i), _) => Some(i.clone()),
+            (None, Some((r, f))) => Some(f.image(r, "init image", "--init-image")?),
+            (None, None) => None,
+        };
+        let mask_path = match (&a.mask, png_mask) {
+            (Some(m), _) => Some(m.clone()),
+            (None, Some((r, f))) => Some(f.image(r, "mask", "--mask")?),
+            (None, None) => None,
         };
         let init_image = init_path
             .as_deref()
@@ -235,6 +251,22 @@ impl Settings {
             .as_deref()
             .map(|p| Loaded::read(p).map(Arc::new))
             .transpose()?;
+        // Found by name: say so when the pixels are not the ones the image started from.
+        for (loaded, r) in [
+            (&init_image, png_init.map(|(r, _)| r)),
+            (&mask, png_mask.map(|(r, _)| r)),
+        ] {
+            if let (Some(l), Some(r), Some(png)) = (loaded, r, &a.from_png)
+                && l.sha256 != r.sha256
+            {
+                crate::stderr!(
+                    "warning: {}: {} is not the image {:?} it was made from (its pixels differ); the result will differ",
+                    png.display(),
+                    l.path.display(),
+                    r.path
+                );
+            }
+        }
         if let (Some(i), Some(m)) = (&init_image, &mask)
             && (i.pixels.width, i.pixels.height) != (m.pixels.width, m.pixels.height)
         {
@@ -301,6 +333,7 @@ impl Settings {
             on_error,
             shard: a.shard,
             skip_existing: a.skip_existing,
+            no_hash: a.no_hash,
             json: a.json,
             quiet: a.quiet,
             verbose: a.verbose,
@@ -413,85 +446,6 @@ fn resolve_sampler(a: &GenArgs, png: Option<&ImageSettings>, p: &Preset) -> Resu
     };
     sampler.validate()?;
     Ok(sampler)
-}
-
-/// The LoRAs a PNG names, as `PATH:WEIGHT`: an existing file as it is; else, in `lora_dir`
-/// (searched to a depth of 4), the file of that name (with `.safetensors` added when it has
-/// no extension), else the one whose AutoV3 hash is the PNG's. What cannot be found is said
-/// in one warning and left out.
-fn png_loras(
-    loras: &[crate::metadata::LoraRef],
-    lora_dir: Option<&std::path::Path>,
-    png: &std::path::Path,
-) -> Result<Vec<String>> {
-    let mut files: Option<Vec<PathBuf>> = None;
-    let mut out = Vec::new();
-    let mut missing = Vec::new();
-    for l in loras {
-        let given = std::path::Path::new(&l.path);
-        let found = if given.is_file() {
-            Some(given.to_path_buf())
-        } else if let Some(dir) = lora_dir {
-            let all = match &mut files {
-                Some(f) => f,
-                None => files
-                    .insert(safetensors_below(dir, 4).with_context(|| {
-                        format!("--lora-dir {}: cannot list it", dir.display())
-                    })?),
-            };
-            let name = given
-                .file_name()
-                .map(|n| n.to_string_lossy().into_owned())
-                .unwrap_or_default();
-            let by_name = all.iter().find(|f| {
-                f.file_name().is_some_and(|n| n.to_string_lossy() == name)
-                    || f.file_stem().is_some_and(|s| s.to_string_lossy() == name)
-            });
-            by_name.cloned().or_else(|| {
-                let want = l.hash.as_deref()?.to_ascii_lowercase();
-                all.iter()
-                    .find(|f| crate::hashes::lora_hash(f).is_ok_and(|h| h == want))
-                    .cloned()
-            })
-        } else {
-            None
-        };
-        match found {
-            Some(p) => out.push(format!("{}:{}", p.display(), l.weight)),
-            None => missing.push(format!("{}:{}", l.path, l.weight)),
-        }
-    }
-    if !missing.is_empty() {
-        let hint = if lora_dir.is_some() {
-            "not found in --lora-dir by name or hash"
-        } else {
-            "give --lora-dir DIR to look them up, or --lora FILE:WEIGHT for each"
-        };
-        crate::stderr!(
-            "warning: {}: LoRAs named in the prompt are not loaded ({}); {hint}",
-            png.display(),
-            missing.join(", ")
-        );
-    }
-    Ok(out)
-}
-
-/// The `.safetensors` files in `dir` and its subdirectories down to `depth`, sorted.
-fn safetensors_below(dir: &std::path::Path, depth: usize) -> std::io::Result<Vec<PathBuf>> {
-    let mut out = Vec::new();
-    for e in std::fs::read_dir(dir)? {
-        let p = e?.path();
-        if p.is_dir() && depth > 0 {
-            out.extend(safetensors_below(&p, depth - 1).unwrap_or_default());
-        } else if p.is_file()
-            && p.extension()
-                .is_some_and(|x| x.eq_ignore_ascii_case("safetensors"))
-        {
-            out.push(p);
-        }
-    }
-    out.sort();
-    Ok(out)
 }
 
 fn prompt_source(

@@ -3,7 +3,7 @@
 
 use super::jobs::Job;
 use super::settings::{Settings, Sink};
-use crate::metadata::{ImageSettings, LoraRef};
+use crate::metadata::{self, ImageSettings, LoraRef};
 use crate::output::{self, FileId, PngText, Target};
 use crate::pipeline::Generated;
 use anyhow::{Result, bail};
@@ -89,20 +89,21 @@ impl<'a> Writer<'a> {
             cfg: req.cfg,
             width: req.width,
             height: req.height,
-            model: self.model.clone(),
+            // Names and hashes, not this machine's paths: the image may be shared.
+            model: metadata::shared_name(&self.model),
             loras: s
                 .model
                 .loras
                 .iter()
                 .enumerate()
                 .map(|(i, l)| LoraRef {
-                    path: l.path.display().to_string(),
+                    path: metadata::shared_name(&l.path.display().to_string()),
                     weight: l.weight,
                     hash: self.lora_hashes.get(i).cloned().flatten(),
                 })
                 .collect(),
-            unet: s.model.unet.clone(),
-            vae: s.model.vae.clone(),
+            unet: s.model.unet.as_deref().map(metadata::shared_name),
+            vae: s.model.vae.as_deref().map(metadata::shared_name),
             vae_hash: self.vae_hash.clone(),
             preset: s.preset.clone(),
             precision: Some(self.precision.to_string()),
@@ -119,6 +120,21 @@ impl<'a> Writer<'a> {
                 .map(|_| s.mask_blur),
             paste_back: job.start.as_ref().is_some_and(|st| st.mask.is_some()) && s.paste_back,
         }
+    }
+
+    /// The run's LoRAs with their paths as given, for `--json` lines.
+    fn loras_as_given(&self) -> Vec<LoraRef> {
+        self.settings
+            .model
+            .loras
+            .iter()
+            .enumerate()
+            .map(|(i, l)| LoraRef {
+                path: l.path.display().to_string(),
+                weight: l.weight,
+                hash: self.lora_hashes.get(i).cloned().flatten(),
+            })
+            .collect()
     }
 
     /// Writes one finished image and its JSON line; returns the seconds the write took.
@@ -140,7 +156,7 @@ impl<'a> Writer<'a> {
         }
         let write_s = t.elapsed().as_secs_f64();
         if self.settings.json {
-            self.json_line(job, target, img, &settings, write_s)?;
+            self.json_line(job, target, img, write_s)?;
         }
         Ok(write_s)
     }
@@ -150,7 +166,6 @@ impl<'a> Writer<'a> {
         job: &Job,
         target: Option<&Target>,
         img: &Generated,
-        settings: &ImageSettings,
         write_s: f64,
     ) -> Result<()> {
         let steps = job
@@ -171,8 +186,9 @@ impl<'a> Writer<'a> {
             "sampler": job.req.sampler.kind.name(),
             "width": job.req.width,
             "height": job.req.height,
+            // This machine's own paths as given (the PNG has names).
             "model": self.model,
-            "loras": settings.loras,
+            "loras": self.loras_as_given(),
             "preset": self.settings.preset,
             "seconds": {
                 "load": self.load_seconds,
