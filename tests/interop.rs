@@ -621,3 +621,55 @@ fn shared_images_name_files_not_paths() {
     let s = dmd2::metadata::settings_from_png(&dir.join("b.png")).unwrap();
     assert_eq!((s.model_hash, s.loras[0].hash.clone()), (None, None));
 }
+
+/// The real `sd-parsers` reads dmd2's text as A1111's: what it read from two PNGs dmd2 wrote
+/// (`scripts/make_sd_parsers_fixture.py`, run by hand) is the generator, sampler, schedule,
+/// model name and hash, prompts and negative prompts dmd2 meant; and dmd2 still writes those
+/// very texts from the same arguments (the Version field aside).
+#[test]
+fn sd_parsers_reads_our_text() {
+    let dir = common::fresh_dir("interop", "sd_parsers");
+    let fixture = common::fixtures().join("sd_parsers/cases.json");
+    let all: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fixture).unwrap()).unwrap();
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let without_version = |t: &str| t.split(", Version: ").next().unwrap().to_string();
+    for (name, case) in all["cases"].as_object().unwrap() {
+        let args: Vec<String> = serde_json::from_value(case["args"].clone()).unwrap();
+        let out = dir.join(format!("{name}.png"));
+        let o = Command::new(env!("CARGO_BIN_EXE_dmd2"))
+            .args(&args)
+            .args(["-o", out.to_str().unwrap()])
+            .current_dir(root)
+            .env("XDG_CACHE_HOME", dir.join("cache"))
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let ours = parameters(&out);
+        let theirs = case["parameters"].as_str().unwrap();
+        assert_eq!(without_version(&ours), without_version(theirs), "{name}");
+        // What sd-parsers understood of it.
+        assert_eq!(case["generator"], "AUTOMATIC1111", "{name}");
+        assert_eq!(case["sampler"], "LCM", "{name}");
+        assert_eq!(case["sampler_parameters"]["scheduler"], "Simple", "{name}");
+        let model = root.join("tests/fixtures/tiny.safetensors");
+        let hash = dmd2::hashes::model_hash(&model).unwrap();
+        assert_eq!(case["model"]["name"], "tiny", "{name}");
+        assert_eq!(case["model"]["hash"], hash.as_str(), "{name}");
+        let s = dmd2::metadata::settings_from_png(&out).unwrap();
+        assert_eq!(
+            case["sampler_parameters"]["seed"],
+            s.seed.to_string(),
+            "{name}"
+        );
+        let prompt = case["prompts"][0].as_str().unwrap();
+        assert_eq!(
+            dmd2::metadata::strip_lora_tags(prompt).0,
+            s.prompt,
+            "{name}"
+        );
+        let negatives: Vec<String> =
+            serde_json::from_value(case["negative_prompts"].clone()).unwrap();
+        assert_eq!(negatives.first().cloned(), s.negative_prompt, "{name}");
+    }
+}
