@@ -593,6 +593,8 @@ const KNOWN_KEYS: &[&str] = &[
     "Preset",
     "Prompt syntax",
     "Clip skip",
+    "TI hashes",
+    "Emphasis",
     "Version",
 ];
 
@@ -643,6 +645,19 @@ fn from_text(p: &A1111, path: &Path) -> Result<(ImageSettings, Vec<String>)> {
     {
         notes.push(format!(
             "RNG {r:?} (dmd2 draws its noise on the CPU, as A1111's \"CPU\")"
+        ));
+    }
+    if let Some(ti) = p.get("TI hashes") {
+        notes.push(format!(
+            "TI hashes {ti:?} (give --embedding FILE or --embedding-dir DIR for the embeddings the prompts name)"
+        ));
+    }
+    // A1111's default emphasis is what dmd2's A1111 syntax does.
+    if let Some(e) = p.get("Emphasis")
+        && e != "Original"
+    {
+        notes.push(format!(
+            "Emphasis {e:?} (dmd2 weights as A1111's \"Original\")"
         ));
     }
     if let Some(b) = p.get("Mask blur") {

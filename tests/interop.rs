@@ -673,3 +673,53 @@ fn sd_parsers_reads_our_text() {
         assert_eq!(negatives.first().cloned(), s.negative_prompt, "{name}");
     }
 }
+
+/// A PNG exactly as A1111 saves one (`scripts/make_a1111_png_fixture.py`: PIL's text chunk,
+/// A1111's key order, a hires txt2img with a LoRA, a VAE, an embedding, clip skip): every
+/// field is accounted for — applied (prompt without the LoRA tag, negative prompt, steps, CFG,
+/// seed beyond 2^32, size, model name and hash, the LoRA with its hash, the hires pass) or
+/// named, all in one warning, with why (sampler, schedule, VAE, clip skip, upscaler,
+/// embeddings, emphasis).
+#[test]
+fn an_a1111_png_is_read_field_by_field() {
+    let png = common::fixtures().join("a1111_png/hires_lora.png");
+    let (s, warnings) = dmd2::metadata::read_png_settings(&png).unwrap();
+    assert_eq!(
+        s.prompt,
+        "masterpiece, a (red:1.2) fox in snow, 雪,  [blurry]"
+    );
+    assert_eq!(s.negative_prompt.as_deref(), Some("easynegative, lowres"));
+    assert_eq!(s.prompt_syntax, dmd2::prompt_syntax::PromptSyntax::A1111);
+    assert_eq!(
+        (s.sampler.steps, s.cfg, s.seed, s.width, s.height),
+        (20, 7.0, 1234567890123, 832, 1216)
+    );
+    assert_eq!(
+        (s.model.as_str(), s.model_hash.as_deref()),
+        ("sd_xl_base_1.0", Some("31e35c80fc"))
+    );
+    assert_eq!(
+        s.loras,
+        [dmd2::metadata::LoraRef {
+            path: "detail_tweaker".into(),
+            weight: 0.8,
+            hash: Some("1a2b3c4d5e6f".into())
+        }]
+    );
+    let h = s.hires.expect("the hires pass");
+    assert_eq!((h.scale, h.steps, h.strength), (1.5, 10, 0.4));
+    assert_eq!(s.strength, None);
+    assert_eq!(warnings.len(), 1, "{warnings:?}");
+    for w in [
+        "Sampler \"DPM++ 2M\"",
+        "Schedule type \"Karras\"",
+        "VAE \"sdxl_vae.safetensors\"",
+        "Clip skip 2",
+        "Hires upscaler \"R-ESRGAN 4x+\"",
+        "TI hashes",
+        "Emphasis \"No norm\"",
+    ] {
+        assert!(warnings[0].contains(w), "{w}: {warnings:?}");
+    }
+    assert!(!warnings[0].contains("unknown"), "{warnings:?}");
+}
