@@ -352,6 +352,29 @@ fn jpeg_and_webp_outputs() {
     assert!(!dir.join("x.bmp").exists());
 }
 
+/// The image the `--from-png` lookups must make again: "a red car", seed 9, 64², `extra`.
+fn make_red_car(model: &str, extra: &[&str], out: &str, cache: &Path) {
+    let mut args = vec![
+        "gen",
+        "--model",
+        model,
+        "--prompt",
+        "a red car",
+        "--seed",
+        "9",
+        "--width",
+        "64",
+        "--height",
+        "64",
+        "-q",
+        "-o",
+        out,
+    ];
+    args.extend_from_slice(extra);
+    let o = dmd2(&args, cache);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+}
+
 /// `--from-png` with `--lora-dir`: A1111's `<lora:NAME:W>` tags are found by file name, or
 /// by their `Lora hashes` entry (AutoV3) under another name in a subdirectory; the image is
 /// the one `--lora FILE:W` makes. Without `--lora-dir` the tag is reported and left out.
@@ -376,32 +399,8 @@ fn from_png_finds_loras_in_a_dir() {
         ),
     );
     let out = |n: &str| dir.join(n).display().to_string();
-    let want = dmd2(
-        &[
-            "gen",
-            "--model",
-            &model,
-            "--prompt",
-            "a red car",
-            "--lora",
-            &format!("{}:0.7", lora.display()),
-            "--seed",
-            "9",
-            "--width",
-            "64",
-            "--height",
-            "64",
-            "-q",
-            "-o",
-            &out("want.png"),
-        ],
-        &cache,
-    );
-    assert!(
-        want.status.success(),
-        "{}",
-        String::from_utf8_lossy(&want.stderr)
-    );
+    let lora_arg = format!("{}:0.7", lora.display());
+    make_red_car(&model, &["--lora", &lora_arg], &out("want.png"), &cache);
     let rgb = |n: &str| image::open(dir.join(n)).unwrap().to_rgb8().into_raw();
     for (sub, name) in [("by-name", "a.png"), ("by-hash", "b.png")] {
         let o = dmd2(
@@ -470,30 +469,7 @@ fn from_png_finds_the_model_by_name_or_hash() {
         ),
     );
     let out = |n: &str| dir.join(n).display().to_string();
-    let want = dmd2(
-        &[
-            "gen",
-            "--model",
-            model.to_str().unwrap(),
-            "--prompt",
-            "a red car",
-            "--seed",
-            "9",
-            "--width",
-            "64",
-            "--height",
-            "64",
-            "-q",
-            "-o",
-            &out("want.png"),
-        ],
-        &cache,
-    );
-    assert!(
-        want.status.success(),
-        "{}",
-        String::from_utf8_lossy(&want.stderr)
-    );
+    make_red_car(model.to_str().unwrap(), &[], &out("want.png"), &cache);
     let rgb = |n: &str| image::open(dir.join(n)).unwrap().to_rgb8().into_raw();
     for (sub, name) in [("by-name", "a.png"), ("by-hash", "b.png")] {
         let o = dmd2(
