@@ -522,6 +522,33 @@ fn from_png_finds_the_model_by_name_or_hash() {
         }
         assert!(!dir.join("d.png").exists());
     }
+    // A text without `Model:`: a preset's model fills it in.
+    let bare = dir.join("bare.png");
+    png_with_parameters(
+        &bare,
+        "a red car\nSteps: 4, Sampler: LCM, CFG scale: 1, Seed: 9, Size: 64x64",
+    );
+    let preset = dir.join("mine.toml");
+    std::fs::write(
+        &preset,
+        format!("model = {:?}\n", model.display().to_string()),
+    )
+    .unwrap();
+    let o = dmd2(
+        &[
+            "gen",
+            "--from-png",
+            bare.to_str().unwrap(),
+            "--preset",
+            preset.to_str().unwrap(),
+            "-q",
+            "-o",
+            &out("e.png"),
+        ],
+        &cache,
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(rgb("e.png"), rgb("want.png"));
 }
 
 /// What a shared image carries: names and hashes, never this machine's directories (the

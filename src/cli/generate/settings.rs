@@ -134,10 +134,14 @@ impl Settings {
             lora_dir: a.lora_dir.as_deref(),
         });
         let from_png = png.zip(finder.as_ref());
+        // What the PNG leaves open (another tool's text without `Model:`, a dmd2 image made
+        // with the model's own VAE) the preset still fills in.
         let model = match (&a.model, from_png) {
             (Some(m), _) => m.clone(),
-            (None, Some((s, f))) => f.model(s)?,
-            (None, None) => p
+            (None, Some((s, f))) if !s.model.trim().is_empty() || p.model.is_none() => {
+                f.model(s)?
+            }
+            _ => p
                 .model
                 .clone()
                 .context("no model: give --model PATH (or a preset that names one)")?,
@@ -158,7 +162,12 @@ impl Settings {
             .collect::<Result<Vec<_>>>()?;
         let unet = match (&a.unet, from_png) {
             (Some(u), _) => Some(u.clone()),
-            (None, Some((s, f))) => s.unet.as_deref().map(|u| f.unet(u)).transpose()?,
+            (None, Some((s, f))) => s
+                .unet
+                .as_deref()
+                .map(|u| f.unet(u))
+                .transpose()?
+                .or(p.unet.clone()),
             (None, None) => p.unet.clone(),
         };
         let vae = match (&a.vae, from_png) {
@@ -167,7 +176,8 @@ impl Settings {
                 .vae
                 .as_deref()
                 .map(|v| f.vae(v, s.vae_hash.as_deref()))
-                .transpose()?,
+                .transpose()?
+                .or(p.vae.clone()),
             (None, None) => p.vae.clone(),
         };
         let sampler = resolve_sampler(&a, png, &p).with_context(|| origin("sampler"))?;
