@@ -2,8 +2,12 @@
 committed, so tests/interop.rs checks dmd2's text against a parser it never runs in CI.
 
     cargo build --release
+    cargo test --release --test single_file_map    # writes target/tmp/fixtures/tiny.safetensors
     pip install sd-parsers==0.6
-    python scripts/make_sd_parsers_fixture.py target/release/dmd2
+    python scripts/make_sd_parsers_fixture.py target/release/dmd2 target/tmp/fixtures/tiny.safetensors
+
+The model is the tiny fixture as one single-file checkpoint (tests/common's tiny_single_file(),
+written the same way every time), named TINY_SINGLE_FILE in the committed arguments.
 
 Writes tests/fixtures/sd_parsers/cases.json: per case dmd2's arguments, the `parameters` text
 it wrote and what sd-parsers read from it. The test makes the same images with those
@@ -22,7 +26,7 @@ ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "tests" / "fixtures" / "sd_parsers"
 
 # Paths relative to the repository root; the test runs from there.
-COMMON = ["--model", "tests/fixtures/tiny.safetensors", "--width", "64", "--height", "64", "-q"]
+COMMON = ["--model", "TINY_SINGLE_FILE", "--width", "64", "--height", "64", "-q"]
 CASES = {
     # A LoRA (a tag in the prompt, its AutoV3 in `Lora hashes`), a negative prompt, CFG.
     "lora_negative": [
@@ -37,10 +41,11 @@ CASES = {
 }
 
 
-def parse(binary, args):
+def parse(binary, tiny, args):
     with tempfile.TemporaryDirectory() as d:
         png = Path(d) / "dmd2.png"
-        subprocess.run([binary, *args, "-o", str(png)], cwd=ROOT, check=True)
+        run = [tiny if a == "TINY_SINGLE_FILE" else a for a in args]
+        subprocess.run([binary, *run, "-o", str(png)], cwd=ROOT, check=True)
         info = ParserManager().parse(str(png))
     if info is None:
         sys.exit("sd-parsers found no generation data")
@@ -59,9 +64,9 @@ def parse(binary, args):
 
 
 def main():
-    binary = sys.argv[1]
+    binary, tiny = sys.argv[1], str(Path(sys.argv[2]).resolve())
     OUT.mkdir(parents=True, exist_ok=True)
-    cases = {name: parse(binary, args) for name, args in CASES.items()}
+    cases = {name: parse(binary, tiny, args) for name, args in CASES.items()}
     cases = {"sd_parsers_version": "0.6", "cases": cases}
     (OUT / "cases.json").write_text(json.dumps(cases, indent=1, sort_keys=True) + "\n")
 
