@@ -188,7 +188,9 @@ pub struct GenArgs {
     /// Take only images whose index ≡ K (mod N), e.g. 0/4.
     #[arg(long, value_name = "K/N", value_parser = parse_shard)]
     pub shard: Option<(u64, u64)>,
-    /// Regenerate the image whose settings this PNG carries (flags override them).
+    /// Regenerate the image whose settings this PNG (or A1111 JPEG/WebP) carries; flags
+    /// override them. The files it names are found as given, in --model-dir / --lora-dir by
+    /// name or hash, or (init image, mask) beside it.
     #[arg(long, value_name = "IMAGE.png")]
     pub from_png: Option<PathBuf>,
     #[arg(long, value_enum, default_value_t = DeviceChoice::Auto)]
