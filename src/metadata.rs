@@ -140,11 +140,7 @@ impl ImageSettings {
             SamplerKind::EulerA => "Euler a",
             SamplerKind::Ddim => "DDIM",
         };
-        let steps = self
-            .sampler
-            .timesteps
-            .as_ref()
-            .map_or(self.sampler.steps, |t| t.len());
+        let steps = self.sampler.step_count();
         let mut kv = vec![
             ("Steps", steps.to_string()),
             ("Sampler", sampler.to_string()),
@@ -479,10 +475,6 @@ fn some_text(n: &Option<String>) -> Option<&str> {
     n.as_deref().filter(|s| !s.is_empty())
 }
 
-fn step_count(s: &SamplerSpec) -> usize {
-    s.timesteps.as_ref().map_or(s.steps, |t| t.len())
-}
-
 /// Takes into `exact` what the text `t` (parsed from `p`) says differently; returns the
 /// names of the fields that differed. Fields the text does not state are left alone.
 fn merge_edits(exact: &mut ImageSettings, t: &ImageSettings, p: &A1111) -> Vec<&'static str> {
@@ -507,7 +499,7 @@ fn merge_edits(exact: &mut ImageSettings, t: &ImageSettings, p: &A1111) -> Vec<&
         changed.push("sampler");
         exact.sampler.kind = t.sampler.kind;
     }
-    if p.get("Steps").is_some() && step_count(&t.sampler) != step_count(&exact.sampler) {
+    if p.get("Steps").is_some() && t.sampler.step_count() != exact.sampler.step_count() {
         changed.push("steps");
         exact.sampler.steps = t.sampler.steps;
         exact.sampler.timesteps = t.sampler.timesteps.clone();

@@ -105,6 +105,11 @@ pub struct SamplerSpec {
 }
 
 impl SamplerSpec {
+    /// The number of steps it runs: the explicit timesteps', else `steps`.
+    pub fn step_count(&self) -> usize {
+        self.timesteps.as_ref().map_or(self.steps, |t| t.len())
+    }
+
     /// DMD2 over an explicit timestep list.
     pub fn dmd2(timesteps: Vec<usize>) -> Self {
         Self {

@@ -273,11 +273,7 @@ pub fn output_path(
         Sink::Stdout => None,
         Sink::File(p) => Some(p.clone()),
         Sink::Dir { dir, template } => {
-            let steps = jobs
-                .sampler
-                .timesteps
-                .as_ref()
-                .map_or(jobs.sampler.steps, |t| t.len());
+            let steps = jobs.sampler.step_count();
             let fields = NameFields {
                 index,
                 seed,

@@ -400,10 +400,7 @@ fn resolve_hires(
     if !(scale > 1.0 && scale <= 8.0) {
         bail!("--hires-scale must be above 1 and at most 8, not {scale}");
     }
-    let first_steps = sampler
-        .timesteps
-        .as_ref()
-        .map_or(sampler.steps, |t| t.len());
+    let first_steps = sampler.step_count();
     let h = Hires {
         scale,
         upscaler: a

@@ -168,12 +168,7 @@ impl<'a> Writer<'a> {
         img: &Generated,
         write_s: f64,
     ) -> Result<()> {
-        let steps = job
-            .req
-            .sampler
-            .timesteps
-            .as_ref()
-            .map_or(job.req.sampler.steps, |t| t.len());
+        let steps = job.req.sampler.step_count();
         let line = serde_json::json!({
             "path": shown(target),
             "index": job.index,
