@@ -37,6 +37,19 @@ fn lora_hash_in(path: &Path, cache: Option<&Path>) -> Result<String> {
     Ok(full[..12].to_string())
 }
 
+/// The file a weights path's A1111 hash is of: a file itself; a diffusers component folder's
+/// single weights file (A1111's `VAE hash` of a VAE folder is that file's), none when the
+/// folder has several or none.
+pub fn weights_file(path: &Path) -> Option<PathBuf> {
+    if !path.is_dir() {
+        return Some(path.to_path_buf());
+    }
+    crate::checkpoint::diffusers::weight_files(path, "diffusion_pytorch_model")
+        .ok()
+        .filter(|f| f.len() == 1)
+        .and_then(|mut f| f.pop())
+}
+
 fn sha256_from(path: &Path, offset: u64) -> Result<String> {
     let mut f =
         std::fs::File::open(path).with_context(|| format!("{}: cannot open", path.display()))?;

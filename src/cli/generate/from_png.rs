@@ -222,16 +222,10 @@ impl Kind {
     }
 }
 
-/// A candidate's hash: a file's own; a component folder's single weights file's (A1111's
-/// `VAE hash` of a diffusers VAE folder is that file's).
+/// A candidate file's or component folder's hash is `hash`'s (see
+/// [`crate::hashes::weights_file`]).
 fn hash_matches(hash: &Hash, candidate: &Path) -> bool {
-    if candidate.is_file() {
-        return hash.matches(candidate);
-    }
-    crate::checkpoint::diffusers::weight_files(candidate, "diffusion_pytorch_model")
-        .ok()
-        .filter(|f| f.len() == 1)
-        .is_some_and(|f| hash.matches(&f[0]))
+    crate::hashes::weights_file(candidate).is_some_and(|f| hash.matches(&f))
 }
 
 /// The file or folder in `dir` (or below) that can be a `kind` called `name` (its file name

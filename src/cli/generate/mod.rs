@@ -228,7 +228,7 @@ pub fn run(a: GenArgs) -> Result<()> {
     // The hashes A1111 and Civitai name resources by (cached after the first run).
     writer.model_revision = crate::hub::snapshot_commit(&model_path);
     if !s.no_hash {
-        resource_hashes(&mut writer, &s, &model_path, vae_path);
+        resource_hashes(&mut writer, &s, &model_path, vae_path.as_deref());
     }
     writer.load_seconds = started.elapsed().as_secs_f64();
     let mut run = Run {
@@ -617,21 +617,14 @@ fn resource_hashes(
     writer: &mut Writer,
     s: &Settings,
     model_path: &std::path::Path,
-    vae_path: Option<std::path::PathBuf>,
+    vae_path: Option<&std::path::Path>,
 ) {
     if model_path.is_file() {
         writer.model_hash = crate::hashes::model_hash(model_path).ok();
     }
-    // A1111's `VAE hash` is the weights file's; a folder's single weights file stands for it.
     writer.vae_hash = vae_path
-        .map(|p| match p.is_dir() {
-            true => crate::checkpoint::diffusers::weight_files(&p, "diffusion_pytorch_model")
-                .ok()
-                .filter(|f| f.len() == 1)
-                .and_then(|mut f| f.pop()),
-            false => Some(p),
-        })
-        .and_then(|p| crate::hashes::model_hash(&p?).ok());
+        .and_then(crate::hashes::weights_file)
+        .and_then(|f| crate::hashes::model_hash(&f).ok());
     writer.lora_hashes = s
         .model
         .loras
