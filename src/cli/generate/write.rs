@@ -91,17 +91,7 @@ impl<'a> Writer<'a> {
             height: req.height,
             // Names and hashes, not this machine's paths: the image may be shared.
             model: metadata::shared_name(&self.model),
-            loras: s
-                .model
-                .loras
-                .iter()
-                .enumerate()
-                .map(|(i, l)| LoraRef {
-                    path: metadata::shared_name(&l.path.display().to_string()),
-                    weight: l.weight,
-                    hash: self.lora_hashes.get(i).cloned().flatten(),
-                })
-                .collect(),
+            loras: self.lora_refs(|p| metadata::shared_name(&p.display().to_string())),
             unet: s.model.unet.as_deref().map(metadata::shared_name),
             vae: s.model.vae.as_deref().map(metadata::shared_name),
             vae_hash: self.vae_hash.clone(),
@@ -122,15 +112,16 @@ impl<'a> Writer<'a> {
         }
     }
 
-    /// The run's LoRAs with their paths as given, for `--json` lines.
-    fn loras_as_given(&self) -> Vec<LoraRef> {
+    /// The run's LoRAs, weights and hashes, each path as `path` shows it (a shared name in
+    /// the PNG, as given in `--json` lines).
+    fn lora_refs(&self, path: impl Fn(&Path) -> String) -> Vec<LoraRef> {
         self.settings
             .model
             .loras
             .iter()
             .enumerate()
             .map(|(i, l)| LoraRef {
-                path: l.path.display().to_string(),
+                path: path(&l.path),
                 weight: l.weight,
                 hash: self.lora_hashes.get(i).cloned().flatten(),
             })
@@ -183,7 +174,7 @@ impl<'a> Writer<'a> {
             "height": job.req.height,
             // This machine's own paths as given (the PNG has names).
             "model": self.model,
-            "loras": self.loras_as_given(),
+            "loras": self.lora_refs(|p| p.display().to_string()),
             "preset": self.settings.preset,
             "seconds": {
                 "load": self.load_seconds,
