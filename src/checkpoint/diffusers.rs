@@ -10,8 +10,13 @@ use anyhow::{Context, Result, bail};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+/// A diffusers pipeline folder: `model_index.json`, or at least a `unet/` folder.
+pub fn is_model_folder(dir: &Path) -> bool {
+    dir.join("model_index.json").exists() || dir.join(Component::Unet.folder()).is_dir()
+}
+
 pub fn open(dir: &Path) -> Result<ModelParts> {
-    if !dir.join("model_index.json").exists() && !dir.join(Component::Unet.folder()).is_dir() {
+    if !is_model_folder(dir) {
         bail!(
             "{}: not a diffusers model folder (no model_index.json)",
             dir.display()

@@ -215,7 +215,7 @@ impl Kind {
     /// (`config.json`) for a UNet or VAE; a LoRA is a file.
     fn folder(self, dir: &Path) -> bool {
         match self {
-            Kind::Model => dir.join("model_index.json").is_file() || dir.join("unet").is_dir(),
+            Kind::Model => crate::checkpoint::diffusers::is_model_folder(dir),
             Kind::Unet | Kind::Vae => dir.join("config.json").is_file(),
             Kind::Lora => false,
         }
