@@ -543,9 +543,10 @@ fn merge_edits(exact: &mut ImageSettings, t: &ImageSettings, p: &A1111) -> Vec<&
             })
             .collect();
     }
+    // The text's strength, as `from_text` read it: its hires pass's, else img2img's.
     if let Some(st) = p
         .get("Denoising strength")
-        .and_then(|v| v.parse::<f64>().ok())
+        .and(t.hires.as_ref().map_or(t.strength, |h| Some(h.strength)))
     {
         match &mut exact.hires {
             Some(h) if h.strength != st => {
