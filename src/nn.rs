@@ -5,8 +5,8 @@
 //! because these are the hot paths the CPU kernels optimise.
 
 use crate::kernels::gemm::{
-    Epilogue, Exec, Lhs, Operand, PackedA, PackedB, PackedF32, Product, Rhs, Src, gemm_add,
-    gemm_uninit,
+    Epilogue, Exec, Lhs, Operand, PackedA, PackedB, PanelValue, Panels, Product, Rhs, Src,
+    gemm_add, gemm_uninit,
 };
 use candle_core::{CpuStorage, DType, Device, Module, Result, Storage, Tensor};
 use candle_nn::{Conv2dConfig, LayerNorm, VarBuilder};
@@ -59,10 +59,11 @@ fn pack_bf16<T>(
     Ok(Some(pack(&flat, rows, cols)))
 }
 
-/// Packs a CPU f32 linear weight (`[n, k]`) for the own GEMM's f32 kernels; `None` for other
-/// weights or under `DMD2_KERNELS=candle` (the layer then keeps its tensor).
-fn pack_f32(w: &Tensor) -> Result<Option<PackedF32>> {
-    if w.dtype() != DType::F32
+/// Packs a CPU linear weight (`[n, k]`) of element type `T` (f32, or f16 as stored in the
+/// file) into the own GEMM's panels; `None` for other weights or under `DMD2_KERNELS=candle`
+/// (the layer then keeps its tensor).
+fn pack_panels<T: PanelValue + candle_core::WithDType>(w: &Tensor) -> Result<Option<Panels<T>>> {
+    if w.dtype() != T::DTYPE
         || !matches!(w.device(), Device::Cpu)
         || !crate::kernels::own()
         || w.rank() != 2
@@ -72,13 +73,16 @@ fn pack_f32(w: &Tensor) -> Result<Option<PackedF32>> {
     let (n, k) = w.dims2()?;
     let w = w.contiguous()?;
     let (storage, layout) = w.storage_and_layout();
-    let packed = match (&*storage, layout.contiguous_offsets()) {
-        (Storage::Cpu(CpuStorage::F32(data)), Some((a, b))) => {
-            PackedF32::from_transposed(&data[a..b], n, k)
-        }
-        _ => return Ok(None),
+    let Some((a, b)) = layout.contiguous_offsets() else {
+        return Ok(None);
     };
-    Ok(Some(packed))
+    let Storage::Cpu(cpu) = &*storage else {
+        return Ok(None);
+    };
+    let Ok(data) = T::cpu_storage_as_slice(cpu) else {
+        return Ok(None);
+    };
+    Ok(Some(Panels::from_transposed(&data[a..b], n, k)))
 }
 
 /// A layer's weight: a tensor, or (own CPU kernels) packed once for the GEMM, in which case
@@ -335,7 +339,10 @@ pub struct Linear {
 #[derive(Clone)]
 enum LinearPack {
     Bf16(PackedB),
-    F32(PackedF32),
+    F32(Panels<f32>),
+    /// A weight stored in f16 (an f32 run of an fp16 checkpoint): half the memory of f32,
+    /// widened exactly in every product, so the results are those of the f32 weight.
+    F16(Panels<half::f16>),
 }
 
 impl LinearPack {
@@ -343,6 +350,7 @@ impl LinearPack {
         match self {
             LinearPack::Bf16(p) => (p.rows(), p.cols()),
             LinearPack::F32(p) => (p.rows(), p.cols()),
+            LinearPack::F16(p) => (p.rows(), p.cols()),
         }
     }
 }
@@ -352,7 +360,10 @@ impl Linear {
         let dims = weight.dims().to_vec();
         let packed = match pack_bf16(&weight, PackedB::from_transposed)? {
             Some(p) => Some(LinearPack::Bf16(p)),
-            None => pack_f32(&weight)?.map(LinearPack::F32),
+            None => match pack_panels(&weight)? {
+                Some(p) => Some(LinearPack::F32(p)),
+                None => pack_panels(&weight)?.map(LinearPack::F16),
+            },
         };
         let weight = match packed {
             Some(p) => Weight::Packed {
@@ -420,6 +431,7 @@ impl Linear {
             Weight::Packed { packed, .. } => with_cpu_f32(inputs, |d| match &**packed {
                 LinearPack::Bf16(p) => f(d, Rhs::Packed(p), Product::Bf16),
                 LinearPack::F32(p) => f(d, Rhs::PackedF32(p), Product::F32),
+                LinearPack::F16(p) => f(d, Rhs::PackedF16(p), Product::F32),
             }),
             Weight::Tensor(w) => {
                 let in_dim = w.dim(1)?;

@@ -842,9 +842,7 @@ pub fn estimate_bytes(
     cfg: bool,
     vae_tile_px: Option<usize>,
 ) -> u64 {
-    let bytes = |c: &crate::weights::ComponentWeights, p: Precision| -> u64 {
-        c.numel() * p.weight_bytes() as u64
-    };
+    let bytes = |c: &crate::weights::ComponentWeights, p: Precision| -> u64 { c.bytes_in(p) };
     let unet_w = bytes(&parts.unet, precision.unet);
     let vae_w = bytes(&parts.vae, precision.vae);
     let text_w =

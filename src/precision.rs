@@ -41,6 +41,11 @@ pub struct Precision {
     pub vectors: DType,
     /// Activations passed between layers.
     pub activations: DType,
+    /// CPU f32 runs with the own kernels: linear weights stored in f16 in the file (and not
+    /// changed by a LoRA) are kept in f16 and widened exactly in every product — the same
+    /// results as f32 weights with half their memory, and half the fresh memory to fault in
+    /// while loading ([`crate::kernels::gemm::PackedF16`]).
+    pub f16_linear_as_stored: bool,
 }
 
 impl Precision {
@@ -51,14 +56,22 @@ impl Precision {
             matrices: dtype,
             vectors: dtype,
             activations: dtype,
+            f16_linear_as_stored: false,
         }
     }
+
+    /// f32, with linear weights stored in f16 kept so: the CPU's f32 path (own kernels).
+    pub const CPU_F32: Precision = Precision {
+        f16_linear_as_stored: true,
+        ..Precision::F32
+    };
 
     /// bf16 matrices, f32 everything else: the CPU's bf16 path.
     pub const CPU_BF16: Precision = Precision {
         matrices: DType::BF16,
         vectors: DType::F32,
         activations: DType::F32,
+        f16_linear_as_stored: false,
     };
 
     /// The dtype a tensor of this rank is kept in.
@@ -91,6 +104,7 @@ impl Precision {
             (DType::BF16, DType::F32) => "bf16 (bf16 weights, f32 accumulation)",
             (DType::BF16, _) => "bf16",
             (DType::F16, _) => "f16",
+            _ if self.f16_linear_as_stored => "f32 (f16-stored linear weights widened exactly)",
             _ => "f32",
         }
     }
@@ -112,6 +126,11 @@ impl RunPrecision {
         text: Precision::F32,
     };
 
+    /// Whether the UNet computes with f32 weights (as stored or widened from f16).
+    pub fn is_f32(&self) -> bool {
+        self.unet.matrices == DType::F32
+    }
+
     /// Resolves `--dtype` for a device and a UNet of `unet_params` parameters.
     pub fn resolve(choice: DtypeChoice, device: &Device, unet_params: u64) -> Result<Self> {
         if device.is_cpu() {
@@ -129,6 +148,8 @@ impl RunPrecision {
             };
             let p = if bf16 {
                 Precision::CPU_BF16
+            } else if crate::kernels::own() {
+                Precision::CPU_F32
             } else {
                 Precision::F32
             };
@@ -200,20 +221,30 @@ mod tests {
     #[test]
     fn cpu_choices() {
         let cpu = Device::Cpu;
+        // f32 with the own kernels keeps f16-stored linear weights in f16 (the same results).
+        let cpu_f32 = if crate::kernels::own() {
+            Precision::CPU_F32
+        } else {
+            Precision::F32
+        };
         let r = RunPrecision::resolve(DtypeChoice::F32, &cpu, 3_000_000_000).unwrap();
-        assert_eq!(r, RunPrecision::F32);
+        assert_eq!(
+            (r.unet, r.vae, r.text),
+            (cpu_f32, Precision::F32, Precision::F32)
+        );
+        assert!(r.is_f32());
         let r = RunPrecision::resolve(DtypeChoice::Bf16, &cpu, 1000).unwrap();
         assert_eq!(r.unet, Precision::CPU_BF16);
         assert_eq!(r.vae, Precision::F32);
         assert_eq!(r.text, Precision::F32);
         // Small models stay f32 under auto; big ones follow the CPU.
         let r = RunPrecision::resolve(DtypeChoice::Auto, &cpu, 1000).unwrap();
-        assert_eq!(r, RunPrecision::F32);
+        assert_eq!(r.unet, cpu_f32);
         let r = RunPrecision::resolve(DtypeChoice::Auto, &cpu, 2_600_000_000).unwrap();
         let want = if crate::kernels::Tier::current().has(crate::kernels::Level::Avx512Bf16) {
             Precision::CPU_BF16
         } else {
-            Precision::F32
+            cpu_f32
         };
         assert_eq!(r.unet, want);
         let e = RunPrecision::resolve(DtypeChoice::F16, &cpu, 1000).unwrap_err();

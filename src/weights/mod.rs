@@ -339,6 +339,11 @@ impl ComponentWeights {
         VarBuilder::from_backend(backend, precision.matrices, dev.clone())
     }
 
+    /// The dtype a tensor is stored in, by model name.
+    pub fn stored_dtype(&self, name: &str) -> Option<safetensors::Dtype> {
+        self.files.dtype_of(&self.map.get(name)?.source)
+    }
+
     /// Rank of a tensor as the model sees it (after its transform).
     pub fn rank_of(&self, name: &str) -> Option<usize> {
         let m = self.map.get(name)?;
@@ -361,6 +366,36 @@ impl ComponentWeights {
             .sum()
     }
 
+    /// Bytes the weights take in memory under `precision`: each stored tensor once, at its
+    /// rank's width, f16-kept matrices at two bytes (an upper bound otherwise, as
+    /// [`Precision::weight_bytes`]).
+    pub fn bytes_in(&self, precision: Precision) -> u64 {
+        let shapes = self.files.shapes();
+        let mut seen = std::collections::BTreeSet::new();
+        let mut total = 0u64;
+        for (name, m) in &self.map {
+            if !seen.insert(m.source.as_str()) {
+                continue;
+            }
+            let Some(shape) = shapes.get(&m.source) else {
+                continue;
+            };
+            let numel = shape.iter().product::<usize>() as u64;
+            let rank = self.rank_of(name).unwrap_or(shape.len());
+            let kept_f16 = precision.f16_linear_as_stored
+                && rank == 2
+                && !self.patches.contains_key(name)
+                && self.stored_dtype(name) == Some(safetensors::Dtype::F16);
+            let width = if kept_f16 {
+                2
+            } else {
+                precision.weight_bytes() as u64
+            };
+            total += numel * width;
+        }
+        total
+    }
+
     pub fn describe(&self) -> String {
         self.files.describe()
     }
@@ -369,6 +404,24 @@ impl ComponentWeights {
 struct Backend(Arc<ComponentWeights>, Precision);
 
 impl Backend {
+    /// The dtype `name` loads in: its rank's ([`Precision::dtype_for_rank`]), except that a
+    /// matrix stored in f16 and not patched stays f16 where the precision says so (an f32
+    /// run's linear weights, widened exactly by the GEMM; every rank-2 tensor the UNet has is
+    /// a linear layer's weight).
+    fn dtype_of(&self, name: &str, rank: usize) -> DType {
+        let dtype = self.1.dtype_for_rank(rank);
+        if self.1.f16_linear_as_stored
+            && rank == 2
+            && dtype == DType::F32
+            && !self.0.patches.contains_key(name)
+            && self.0.stored_dtype(name) == Some(safetensors::Dtype::F16)
+        {
+            DType::F16
+        } else {
+            dtype
+        }
+    }
+
     fn load(&self, name: &str, dtype: DType, dev: &Device) -> Result<Tensor> {
         self.0.load(name, dtype, dev).map_err(|e| match e {
             Error::CannotFindTensor { .. } => Error::Msg(format!("missing tensor {name}")),
@@ -386,7 +439,7 @@ impl candle_nn::var_builder::SimpleBackend for Backend {
         _: DType,
         dev: &Device,
     ) -> Result<Tensor> {
-        let t = self.load(name, self.1.dtype_for_rank(s.rank()), dev)?;
+        let t = self.load(name, self.dtype_of(name, s.rank()), dev)?;
         if t.shape() != &s {
             return Err(Error::Msg(format!(
                 "tensor {name} has shape {:?}, the model expects {:?}",
@@ -399,7 +452,7 @@ impl candle_nn::var_builder::SimpleBackend for Backend {
 
     fn get_unchecked(&self, name: &str, _: DType, dev: &Device) -> Result<Tensor> {
         let rank = self.0.rank_of(name).unwrap_or(2);
-        self.load(name, self.1.dtype_for_rank(rank), dev)
+        self.load(name, self.dtype_of(name, rank), dev)
     }
 
     fn contains_tensor(&self, name: &str) -> bool {

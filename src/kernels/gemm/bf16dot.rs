@@ -82,6 +82,22 @@ unsafe impl Kernel for Dot {
                     out[p * NR..(p + 1) * NR].copy_from_slice(pb.pair_row(j0, p0 + p));
                 }
             }
+            Rhs::PackedF16(pb) => {
+                // As below, through f32 (f16 → f32 is exact, then rounded to bf16).
+                for p in 0..kc {
+                    let e = 2 * (p0 + p);
+                    let dst = &mut out[p * NR..(p + 1) * NR];
+                    for (j, d) in dst.iter_mut().enumerate() {
+                        let lo = bf16_bits(pb.get(e, j0 + j)) as u32;
+                        let hi = if e + 1 < k {
+                            bf16_bits(pb.get(e + 1, j0 + j)) as u32
+                        } else {
+                            0
+                        };
+                        *d = lo | hi << 16;
+                    }
+                }
+            }
             Rhs::PackedF32(pb) => {
                 // Rows 2p and 2p + 1 of the panel, rounded and paired (zero past k).
                 for p in 0..kc {
@@ -116,7 +132,7 @@ unsafe impl Kernel for Dot {
     fn b_in_place(&self, b: Rhs, j0: usize) -> Option<*const u32> {
         match b {
             Rhs::Packed(pb) => Some(pb.data[(j0 / NR) * pb.k.div_ceil(2) * NR..].as_ptr()),
-            Rhs::Strided(_) | Rhs::PackedF32(_) => None,
+            Rhs::Strided(_) | Rhs::PackedF32(_) | Rhs::PackedF16(_) => None,
         }
     }
 

@@ -1,9 +1,9 @@
-//! Matrix products on the CPU: `C (+)= A · B + epilogue`, C f32, each operand f32 or bf16,
-//! strided or packed once at load, computed by the micro-kernel of a [`Tier`].
+//! Matrix products on the CPU: `C (+)= A · B + epilogue`, C f32, each operand f32 or bf16
+//! (a right operand also f16), strided or packed once at load, computed by the micro-kernel of a [`Tier`].
 //!
 //! Two products, whatever the tier (the contract the tests check on every tier the machine
 //! can run):
-//! - [`Product::F32`]: the operands as they are (bf16 operands widened exactly), f32
+//! - [`Product::F32`]: the operands as they are (bf16 and f16 operands widened exactly), f32
 //!   multiply-adds;
 //! - [`Product::Bf16`]: both operands rounded to bf16 (round to nearest even) first, products
 //!   accumulated in f32 — what AVX-512 BF16's `vdpbf16ps` computes, and what the other tiers
@@ -26,7 +26,7 @@ mod portable;
 #[cfg(target_arch = "x86_64")]
 use super::tier::Level;
 use super::tier::Tier;
-use half::bf16;
+use half::{bf16, f16};
 use rayon::prelude::*;
 
 /// Rows per panel of a [`PackedA`] (the bf16 dot-product kernel's micro-tile height).
@@ -231,22 +231,48 @@ impl PackedB {
     }
 }
 
-/// A right operand (`[k × n]`) packed once in f32 in panels of [`NR`] columns:
-/// `data[panel][p][j]` — an f32 linear layer's `Wᵀ`, transposed once at load instead of by
-/// every product (the transposing pack was an eighth of a step's time), and read in place by
-/// the kernel whose tile is [`NR`] wide.
+/// A value a [`Panels`] operand holds: f32, or f16 widened exactly to f32 when packed.
+pub trait PanelValue: crate::memory::Plain {
+    fn widen(self) -> f32;
+}
+
+impl PanelValue for f32 {
+    #[inline(always)]
+    fn widen(self) -> f32 {
+        self
+    }
+}
+
+impl PanelValue for f16 {
+    #[inline(always)]
+    fn widen(self) -> f32 {
+        self.to_f32()
+    }
+}
+
+/// A right operand (`[k × n]`) packed once in panels of [`NR`] columns: `data[panel][p][j]`
+/// — a linear layer's `Wᵀ`, transposed once at load instead of by every product (the
+/// transposing pack was an eighth of a step's time). In f32 ([`PackedF32`]) the kernel whose
+/// tile is [`NR`] wide reads it in place; in f16 ([`PackedF16`], a weight stored in f16 in
+/// the file, half the memory) each product widens the rows of a block exactly while packing
+/// it, so the f32 product's results are the same bits.
 #[derive(Clone)]
-pub struct PackedF32 {
-    data: Vec<f32>,
+pub struct Panels<T> {
+    data: Vec<T>,
     k: usize,
     n: usize,
 }
 
-impl PackedF32 {
-    /// `Wᵀ` of a row-major f32 `W` (`[n × k]`, a linear layer's weight).
-    pub fn from_transposed(w: &[f32], n: usize, k: usize) -> Self {
-        assert_eq!(w.len(), n * k, "PackedF32: {n}x{k} needs {} values", n * k);
-        let mut data = crate::memory::zeroed_vec::<f32>(n.div_ceil(NR) * k * NR);
+/// f32 panels, read in place by the AVX-512 kernel.
+pub type PackedF32 = Panels<f32>;
+/// f16 panels, widened to f32 as each product packs its blocks.
+pub type PackedF16 = Panels<f16>;
+
+impl<T: PanelValue> Panels<T> {
+    /// `Wᵀ` of a row-major `W` (`[n × k]`, a linear layer's weight).
+    pub fn from_transposed(w: &[T], n: usize, k: usize) -> Self {
+        assert_eq!(w.len(), n * k, "Panels: {n}x{k} needs {} values", n * k);
+        let mut data = crate::memory::zeroed_vec::<T>(n.div_ceil(NR) * k * NR);
         // Panels in parallel; within one, blocks of 16 k values: each of the panel's rows of W
         // is read a cache line at a time, the 16 × NR block written stays in L1.
         const PB: usize = 16;
@@ -278,12 +304,12 @@ impl PackedF32 {
     }
 
     /// Row `p` of the panel holding columns `j0..j0 + NR` (`j0` a multiple of [`NR`]).
-    fn panel_row(&self, j0: usize, p: usize) -> &[f32] {
+    fn panel_row(&self, j0: usize, p: usize) -> &[T] {
         &self.data[(j0 / NR) * self.k * NR + p * NR..][..NR]
     }
 
     fn get(&self, r: usize, c: usize) -> f32 {
-        self.panel_row(c / NR * NR, r)[c % NR]
+        self.panel_row(c / NR * NR, r)[c % NR].widen()
     }
 }
 
@@ -337,6 +363,7 @@ pub enum Rhs<'a> {
     Strided(Operand<'a>),
     Packed(&'a PackedB),
     PackedF32(&'a PackedF32),
+    PackedF16(&'a PackedF16),
 }
 
 impl Rhs<'_> {
@@ -346,6 +373,7 @@ impl Rhs<'_> {
             Rhs::Strided(o) => o.at(r, c, round),
             Rhs::Packed(p) => p.get(r, c),
             Rhs::PackedF32(p) => maybe_round(p.get(r, c), round),
+            Rhs::PackedF16(p) => maybe_round(p.get(r, c), round),
         }
     }
 }
@@ -524,6 +552,12 @@ unsafe fn gemm_raw(
             b.k,
             b.n
         ),
+        Rhs::PackedF16(b) => assert!(
+            b.k == k && b.n == n,
+            "gemm: packed f16 b is {}x{}, not {k}x{n}",
+            b.k,
+            b.n
+        ),
     }
     epi.check(m, n);
     let job = engine::Job {
@@ -597,6 +631,9 @@ mod tests {
         let op = |data, rs, cs| Operand { data, rs, cs };
         let bt: Vec<f32> = (0..k * n).map(|i| bv[(i % k) * n + i / k]).collect();
         let pf = PackedF32::from_transposed(&bt, n, k);
+        // B stored in f16 (an f16 checkpoint's weight), and the same values in f32.
+        let bt_h: Vec<f16> = bt.iter().map(|&x| f16::from_f32(x)).collect();
+        let ph = PackedF16::from_transposed(&bt_h, n, k);
         for x in execs(threads) {
             let round = x.product == Product::Bf16;
             // Packed from f32 operands in both layouts (as attention packs K and V).
@@ -613,11 +650,13 @@ mod tests {
                 (7, false),
                 (8, false),
                 (9, true),
+                (10, false),
+                (11, true),
             ] {
                 // Which operands are bf16 (stored rounded): those the reference rounds even
                 // in an f32 product.
                 let (a, a_bf16) = match variant {
-                    0 | 3 | 5..=9 => (Lhs::Strided(op(Src::F32(&av), k, 1)), false),
+                    0 | 3 | 5..=11 => (Lhs::Strided(op(Src::F32(&av), k, 1)), false),
                     1 => (Lhs::Strided(op(Src::Bf16(&a16), k, 1)), true),
                     4 => (Lhs::Packed(&pa), true),
                     _ => (Lhs::Strided(op(Src::F32(&at), 1, m)), false),
@@ -630,8 +669,10 @@ mod tests {
                     6 => (Rhs::Packed(&pb_t), true),
                     7 => (Rhs::Packed(&pb_r), true),
                     8 | 9 => (Rhs::PackedF32(&pf), false),
+                    10 | 11 => (Rhs::PackedF16(&ph), false),
                     _ => (Rhs::Strided(op(Src::F32(&bt), 1, k)), false),
                 };
+                let b_f16 = variant >= 10;
                 let ld = n + 3;
                 let mut dst = vec![f32::NAN; m * ld];
                 for i in 0..m {
@@ -639,7 +680,10 @@ mod tests {
                 }
                 gemm(x, [m, n, k], (&mut dst, ld), accumulate, a, b);
                 let ra = |v: f32| (if round || a_bf16 { round_bf16(v) } else { v }) as f64;
-                let rb = |v: f32| (if round || b_bf16 { round_bf16(v) } else { v }) as f64;
+                let rb = |v: f32| {
+                    let v = if b_f16 { f16::from_f32(v).to_f32() } else { v };
+                    (if round || b_bf16 { round_bf16(v) } else { v }) as f64
+                };
                 for i in 0..m {
                     for j in 0..n {
                         let (mut want, mut mag) = (0f64, 0f64);
@@ -779,6 +823,51 @@ mod tests {
         check(200, 70, 517, 2);
         // Tall: more row panels than one task takes.
         check(800, 40, 20, 2);
+    }
+
+    /// f16 panels widened while packing give the bits of f32 panels of the same values, on
+    /// every tier and thread count: an f16-stored weight changes no result of an f32 run.
+    #[test]
+    fn f16_panels_give_the_f32_panels_bits() {
+        for &(m, n, k) in &[(1, 1, 1), (7, 65, 3), (13, 130, 257), (300, 200, 600)] {
+            let av = rand_vec(m * k, 5);
+            let w_h: Vec<f16> = rand_vec(n * k, 6)
+                .iter()
+                .map(|&x| f16::from_f32(x))
+                .collect();
+            let w: Vec<f32> = w_h.iter().map(|x| x.to_f32()).collect();
+            let pf = PackedF32::from_transposed(&w, n, k);
+            let ph = PackedF16::from_transposed(&w_h, n, k);
+            let bias = rand_vec(n, 8);
+            let a = Lhs::Strided(Operand {
+                data: Src::F32(&av),
+                rs: k,
+                cs: 1,
+            });
+            for threads in [1, 2] {
+                for tier in Tier::runnable() {
+                    let x = Exec {
+                        tier,
+                        product: Product::F32,
+                        threads,
+                    };
+                    let epi = Epilogue {
+                        col_bias: Some(&bias),
+                        ..Default::default()
+                    };
+                    let run = |b: Rhs| {
+                        let mut c = vec![0f32; m * n];
+                        gemm_add(x, [m, n, k], (&mut c, n), false, epi, a, b);
+                        c.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
+                    };
+                    assert!(
+                        run(Rhs::PackedF32(&pf)) == run(Rhs::PackedF16(&ph)),
+                        "m{m} n{n} k{k} {}",
+                        name(&x)
+                    );
+                }
+            }
+        }
     }
 
     #[test]

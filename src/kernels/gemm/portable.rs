@@ -3,6 +3,7 @@
 
 use super::engine::{Kernel, TileEpilogue};
 use super::{Lhs, Operand, Rhs, Src, maybe_round};
+use half::slice::HalfFloatSliceExt;
 
 /// f32 micro-tiles of 4 × 16 (bf16 products: operands rounded while packed).
 pub(super) struct Portable {
@@ -181,6 +182,21 @@ pub(super) fn pack_b_f32(
                     }
                 } else {
                     dst[..cols].copy_from_slice(src);
+                }
+            }
+        }
+        Rhs::PackedF16(pb) => {
+            // As above, widened exactly (F16C or the like where the CPU has it).
+            let panel = j0 / super::NR * super::NR;
+            let off = j0 - panel;
+            for (p, dst) in out.chunks_exact_mut(nr).enumerate() {
+                let src = &pb.panel_row(panel, p0 + p)[off..off + cols];
+                let dst = &mut dst[..cols];
+                src.convert_to_f32_slice(dst);
+                if round {
+                    for d in dst.iter_mut() {
+                        *d = super::round_bf16(*d);
+                    }
                 }
             }
         }
