@@ -1,6 +1,6 @@
 //! Speed benchmarks at SDXL base's full size with random weights (no download).
 //!
-//! cargo run --release --example bench -- [gemm|unet|vae|taesd|text|all] [--size 512] [--batch 1] [--runs 3] [--dtype f32|bf16]
+//! cargo run --release --example bench -- [gemm|unet|vae|taesd|text|all] [--size 512] [--batch 1] [--runs 3] [--dtype f32|f32-f16|bf16]
 //!
 //! `vae` is SDXL's VAE decode, `taesd` the tiny VAE's (TAESDXL's shapes, `--vae taesdxl`).
 //!
@@ -219,11 +219,15 @@ fn main() -> Result<()> {
         .and_then(|i| args.get(i + 1))
     {
         Some(d) if d == "bf16" => Precision::CPU_BF16,
-        Some(d) if d != "f32" => anyhow::bail!("--dtype must be f32 or bf16"),
+        // f32 with the linear weights in f16, as `gen --dtype f32` keeps an fp16 checkpoint's.
+        Some(d) if d == "f32-f16" => Precision::CPU_F32,
+        Some(d) if d != "f32" => anyhow::bail!("--dtype must be f32, f32-f16 or bf16"),
         _ => Precision::F32,
     };
     let tag = if precision == Precision::F32 {
         "f32"
+    } else if precision == Precision::CPU_F32 {
+        "f32, f16 linear weights"
     } else {
         "bf16"
     };

@@ -28,7 +28,12 @@ impl candle_nn::var_builder::SimpleBackend for RandomBackend {
         } else {
             Tensor::zeros(s, DType::F32, dev)?
         };
-        let dtype = self.0.map_or(dtype, |p| p.dtype_for_rank(rank));
+        let dtype = match self.0 {
+            // An f32 run of an fp16 checkpoint: linear weights as stored.
+            Some(p) if p.f16_linear_as_stored && rank == 2 => DType::F16,
+            Some(p) => p.dtype_for_rank(rank),
+            None => dtype,
+        };
         t.to_dtype(dtype)
     }
 

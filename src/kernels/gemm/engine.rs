@@ -214,7 +214,9 @@ pub(super) unsafe fn run<K: Kernel>(kern: &K, job: Job) {
     }
     let m_panels = m.div_ceil(K::MR);
     let n_panels = n.div_ceil(K::NR);
-    let b_direct = kern.b_in_place(job.b, 0).is_some();
+    // B read in place, or packed from panels at the cost of a copy (f16 panels widened): the
+    // tasks can be cut by rows too, each packing only the B blocks it multiplies.
+    let b_direct = kern.b_in_place(job.b, 0).is_some() || matches!(job.b, Rhs::PackedF16(_));
     // Split the work over the threads unless it is too small to pay for it.
     let work = if threads > 1 && (m as u128) * (n as u128) * (k as u128) >= 1 << 20 {
         threads

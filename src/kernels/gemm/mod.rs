@@ -829,7 +829,14 @@ mod tests {
     /// every tier and thread count: an f16-stored weight changes no result of an f32 run.
     #[test]
     fn f16_panels_give_the_f32_panels_bits() {
-        for &(m, n, k) in &[(1, 1, 1), (7, 65, 3), (13, 130, 257), (300, 200, 600)] {
+        // The last is tall enough for tasks of row blocks (more than MC_PANELS row panels).
+        for &(m, n, k) in &[
+            (1, 1, 1),
+            (7, 65, 3),
+            (13, 130, 257),
+            (300, 200, 600),
+            (900, 130, 300),
+        ] {
             let av = rand_vec(m * k, 5);
             let w_h: Vec<f16> = rand_vec(n * k, 6)
                 .iter()
