@@ -91,14 +91,18 @@ pub struct ClipTextModel {
 
 impl ClipTextModel {
     pub fn new(c: &ClipConfig, vb: VarBuilder) -> Result<Self> {
-        let token_embedding = candle_nn::embedding(
-            c.vocab_size,
-            c.hidden_size,
-            vb.pp("embeddings.token_embedding"),
-        )?;
+        // The tables in the model's dtype: an f32 run may hand them over as stored in f16
+        // (as it keeps linear weights, `Precision::f16_linear_as_stored`); they are looked
+        // up, not multiplied, so they are widened here once.
+        let token_table = vb
+            .pp("embeddings.token_embedding")
+            .get((c.vocab_size, c.hidden_size), "weight")?
+            .to_dtype(vb.dtype())?;
+        let token_embedding = Embedding::new(token_table, c.hidden_size);
         let position_embedding = vb
             .pp("embeddings.position_embedding")
-            .get((c.max_position_embeddings, c.hidden_size), "weight")?;
+            .get((c.max_position_embeddings, c.hidden_size), "weight")?
+            .to_dtype(vb.dtype())?;
         let layers = (0..c.num_hidden_layers)
             .map(|i| Layer::new(c, vb.pp(format!("encoder.layers.{i}"))))
             .collect::<Result<Vec<_>>>()?;

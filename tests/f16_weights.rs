@@ -3,7 +3,8 @@
 //! every product: half the memory, nothing to convert at load. This proves that the weights
 //! really are kept in f16 (so two different paths are compared), that a LoRA's patched
 //! weights are not (they are f32 sums), and that the images and latents are the f32 path's
-//! bit for bit, on the single-file tiny model (written in f16), with and without LoRAs.
+//! bit for bit, on the single-file tiny model (written in f16), with and without LoRAs; the
+//! text encoders' linear weights likewise.
 
 mod common;
 
@@ -13,10 +14,12 @@ use dmd2::checkpoint::{self, ModelParts};
 use dmd2::lora::{self, LoraSpec};
 use dmd2::pipeline::Pipeline;
 use dmd2::precision::{Precision, RunPrecision};
+use dmd2::weights::ComponentWeights;
 
 const CPU_F32: RunPrecision = RunPrecision {
     unet: Precision::CPU_F32,
-    ..RunPrecision::F32
+    vae: Precision::F32,
+    text: Precision::CPU_F32,
 };
 
 fn open(specs: &[LoraSpec]) -> ModelParts {
@@ -25,16 +28,19 @@ fn open(specs: &[LoraSpec]) -> ModelParts {
     parts
 }
 
-/// The UNet's rank-2 tensors by the dtype `precision` loads them in.
-fn matrix_dtypes(parts: &ModelParts, precision: Precision) -> Vec<(String, DType)> {
-    let vb = parts.unet.var_builder(precision, &Device::Cpu);
-    parts
-        .unet
-        .map
+/// A component's rank-2 tensors by the dtype `precision` loads them in.
+fn dtypes_of(c: &std::sync::Arc<ComponentWeights>, precision: Precision) -> Vec<(String, DType)> {
+    let vb = c.var_builder(precision, &Device::Cpu);
+    c.map
         .keys()
-        .filter(|n| parts.unet.rank_of(n) == Some(2))
+        .filter(|n| c.rank_of(n) == Some(2))
         .map(|n| (n.clone(), vb.get_unchecked(n).unwrap().dtype()))
         .collect()
+}
+
+/// The UNet's rank-2 tensors by the dtype `precision` loads them in.
+fn matrix_dtypes(parts: &ModelParts, precision: Precision) -> Vec<(String, DType)> {
+    dtypes_of(&parts.unet, precision)
 }
 
 #[test]
@@ -64,6 +70,12 @@ fn linear_weights_stay_f16_unless_patched() {
         parts.unet.bytes_in(Precision::F32) - parts.unet.bytes_in(Precision::CPU_F32),
         2 * linear
     );
+    // The text encoders' matrices too (their embedding tables are widened by the model).
+    for te in [&parts.text_encoder, &parts.text_encoder_2] {
+        let d = dtypes_of(te, Precision::CPU_F32);
+        assert!(!d.is_empty());
+        assert!(d.iter().all(|(_, d)| *d == DType::F16));
+    }
     // The plain f32 precision widens them at load, as before.
     assert!(
         matrix_dtypes(&parts, Precision::F32)
