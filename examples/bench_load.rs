@@ -371,7 +371,8 @@ fn child(model: &Path, lora: Option<&Path>, dtype: DType) -> Result<()> {
             vae: Precision::CPU_BF16,
             text: Precision::F32,
         },
-        DType::F32 => RunPrecision::F32,
+        // As `gen --dtype f32` resolves it (f16-stored linear weights kept in f16).
+        DType::F32 => RunPrecision::resolve(dmd2::precision::DtypeChoice::F32, &Device::Cpu, 0)?,
         d => {
             let p = Precision::uniform(d);
             RunPrecision {

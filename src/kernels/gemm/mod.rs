@@ -1,5 +1,6 @@
 //! Matrix products on the CPU: `C (+)= A · B + epilogue`, C f32, each operand f32 or bf16
-//! (a right operand also f16), strided or packed once at load, computed by the micro-kernel of a [`Tier`].
+//! (a right operand also f16), strided or packed once at load, computed by the micro-kernel
+//! of a [`Tier`].
 //!
 //! Two products, whatever the tier (the contract the tests check on every tier the machine
 //! can run):
