@@ -109,8 +109,9 @@ enum Text {
     Encoders(ClipTextModel, ClipTextModel),
     Encoded {
         prompts: std::collections::HashMap<(PromptSyntax, String), Conditioning>,
-        /// The empty prompt's, which pads prompts of fewer chunks than their neighbours.
-        empty: Conditioning,
+        /// The empty prompt's, which pads prompts of fewer chunks than their neighbours;
+        /// `None` when all the prompts have as many chunks (nothing is ever padded).
+        empty: Option<Conditioning>,
     },
 }
 
@@ -198,7 +199,18 @@ impl Pipeline {
                         slot.insert(encoders.encode(syntax, p)?);
                     }
                 }
-                let empty = encoders.encode_empty()?;
+                // Padding (the empty prompt's conditioning) is needed only between prompts
+                // of different chunk counts; a run whose prompts all have as many (the usual
+                // single prompt) skips a pass of both encoders.
+                let mut counts = std::collections::BTreeSet::new();
+                for c in encoded.values() {
+                    counts.insert(c.chunks()?);
+                }
+                let empty = if counts.len() > 1 {
+                    Some(encoders.encode_empty()?)
+                } else {
+                    None
+                };
                 // Done with the encoders: freed here, before the UNet is read (SDXL's are
                 // 3.3 GB in f32), not at the end of this function.
                 drop((te, te2));
@@ -296,7 +308,9 @@ impl Pipeline {
     pub fn encode_empty(&self) -> Result<Conditioning> {
         match &self.text {
             Text::Encoders(te1, te2) => self.encoders(te1, te2).encode_empty(),
-            Text::Encoded { empty, .. } => Ok(empty.clone()),
+            Text::Encoded { empty, .. } => empty.clone().context(
+                "the empty prompt was not encoded: the prompts this pipeline was loaded for all have as many chunks",
+            ),
         }
     }
 

@@ -420,3 +420,38 @@ fn zero_weights_stay_finite() {
         assert!(v.iter().all(|x| x.is_finite()), "{prompt}");
     }
 }
+
+/// A pipeline loaded for known prompts (as `gen` loads one) encodes the empty prompt — what
+/// pads the shorter of a prompt and its negative — only when their chunk counts differ, and
+/// then exactly as a pipeline that keeps its encoders does; a lone prompt skips that pass.
+#[test]
+fn empty_prompt_encoded_up_front_only_when_padding_can_happen() {
+    let open = || dmd2::checkpoint::open(&Source::Folder.path()).unwrap();
+    let short = "a cat";
+    let long = "a cat sitting on a red sofa, ".repeat(12);
+    let syntax = PromptSyntax::A1111;
+    let one =
+        Pipeline::load_for_prompts(open(), &Device::Cpu, RunPrecision::F32, &[(syntax, short)])
+            .unwrap();
+    assert!(
+        one.encode_empty().is_err(),
+        "a lone prompt needs no padding"
+    );
+    let two = Pipeline::load_for_prompts(
+        open(),
+        &Device::Cpu,
+        RunPrecision::F32,
+        &[(syntax, short), (syntax, &long)],
+    )
+    .unwrap();
+    let a = two.encode_prompt(syntax, short).unwrap();
+    let b = two.encode_prompt(syntax, &long).unwrap();
+    assert!(a.chunks().unwrap() < b.chunks().unwrap());
+    let got = two.encode_empty().unwrap();
+    let want = Pipeline::load(open(), &Device::Cpu, RunPrecision::F32)
+        .unwrap()
+        .encode_empty()
+        .unwrap();
+    assert_close("empty context", &got.context, &want.context, 0.0);
+    assert_close("empty pooled", &got.pooled, &want.pooled, 0.0);
+}
