@@ -339,6 +339,18 @@ impl ComponentWeights {
         VarBuilder::from_backend(backend, precision.matrices, dev.clone())
     }
 
+    /// Whether `precision` keeps tensor `name` (of `rank` as the model sees it) in f16 as
+    /// stored instead of its rank's dtype: an f32 run's matrices stored in f16 and not
+    /// patched (every rank-2 tensor of the models is a linear layer's weight, or a CLIP
+    /// embedding table the model widens itself).
+    pub fn kept_in_f16(&self, name: &str, rank: usize, precision: Precision) -> bool {
+        precision.f16_linear_as_stored
+            && rank == 2
+            && precision.dtype_for_rank(rank) == DType::F32
+            && !self.patches.contains_key(name)
+            && self.stored_dtype(name) == Some(safetensors::Dtype::F16)
+    }
+
     /// The dtype a tensor is stored in, by model name.
     pub fn stored_dtype(&self, name: &str) -> Option<safetensors::Dtype> {
         self.files.dtype_of(&self.map.get(name)?.source)
@@ -382,11 +394,7 @@ impl ComponentWeights {
             };
             let numel = shape.iter().product::<usize>() as u64;
             let rank = self.rank_of(name).unwrap_or(shape.len());
-            let kept_f16 = precision.f16_linear_as_stored
-                && rank == 2
-                && !self.patches.contains_key(name)
-                && self.stored_dtype(name) == Some(safetensors::Dtype::F16);
-            let width = if kept_f16 {
+            let width = if self.kept_in_f16(name, rank, precision) {
                 2
             } else {
                 precision.weight_bytes() as u64
@@ -404,21 +412,14 @@ impl ComponentWeights {
 struct Backend(Arc<ComponentWeights>, Precision);
 
 impl Backend {
-    /// The dtype `name` loads in: its rank's ([`Precision::dtype_for_rank`]), except that a
-    /// matrix stored in f16 and not patched stays f16 where the precision says so (an f32
-    /// run's linear weights, widened exactly by the GEMM; every rank-2 tensor the UNet has is
-    /// a linear layer's weight).
+    /// The dtype `name` loads in: its rank's ([`Precision::dtype_for_rank`]), or f16 as
+    /// stored ([`ComponentWeights::kept_in_f16`]: an f32 run's linear weights, widened
+    /// exactly by the GEMM).
     fn dtype_of(&self, name: &str, rank: usize) -> DType {
-        let dtype = self.1.dtype_for_rank(rank);
-        if self.1.f16_linear_as_stored
-            && rank == 2
-            && dtype == DType::F32
-            && !self.0.patches.contains_key(name)
-            && self.0.stored_dtype(name) == Some(safetensors::Dtype::F16)
-        {
+        if self.0.kept_in_f16(name, rank, self.1) {
             DType::F16
         } else {
-            dtype
+            self.1.dtype_for_rank(rank)
         }
     }
 
