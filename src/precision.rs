@@ -83,6 +83,15 @@ impl Precision {
         }
     }
 
+    /// Whether a tensor of this rank stored as `stored` is kept so instead of in its rank's
+    /// dtype: an f32 run's matrices stored in f16 ([`Precision::f16_linear_as_stored`]).
+    pub fn keeps_stored_f16(&self, rank: usize, stored: DType) -> bool {
+        self.f16_linear_as_stored
+            && rank == 2
+            && self.dtype_for_rank(rank) == DType::F32
+            && stored == DType::F16
+    }
+
     /// Bytes per parameter, counting every tensor as a matrix (an upper bound).
     pub fn weight_bytes(&self) -> usize {
         self.matrices
@@ -261,5 +270,12 @@ mod tests {
         assert_eq!(Precision::CPU_BF16.dtype_for_rank(2), DType::BF16);
         assert_eq!(Precision::CPU_BF16.dtype_for_rank(1), DType::F32);
         assert_eq!(Precision::CPU_BF16.dtype_for_rank(0), DType::F32);
+        // Only an f32 run's f16-stored matrices stay as stored.
+        assert!(Precision::CPU_F32.keeps_stored_f16(2, DType::F16));
+        assert!(!Precision::CPU_F32.keeps_stored_f16(4, DType::F16));
+        assert!(!Precision::CPU_F32.keeps_stored_f16(1, DType::F16));
+        assert!(!Precision::CPU_F32.keeps_stored_f16(2, DType::BF16));
+        assert!(!Precision::F32.keeps_stored_f16(2, DType::F16));
+        assert!(!Precision::CPU_BF16.keeps_stored_f16(2, DType::F16));
     }
 }

@@ -29,8 +29,8 @@ impl candle_nn::var_builder::SimpleBackend for RandomBackend {
             Tensor::zeros(s, DType::F32, dev)?
         };
         let dtype = match self.0 {
-            // An f32 run of an fp16 checkpoint: linear weights as stored.
-            Some(p) if p.f16_linear_as_stored && rank == 2 => DType::F16,
+            // As if from an fp16 checkpoint: what an f32 run keeps as stored stays f16.
+            Some(p) if p.keeps_stored_f16(rank, DType::F16) => DType::F16,
             Some(p) => p.dtype_for_rank(rank),
             None => dtype,
         };

@@ -344,11 +344,9 @@ impl ComponentWeights {
     /// patched (every rank-2 tensor of the models is a linear layer's weight, or a CLIP
     /// embedding table the model widens itself).
     pub fn kept_in_f16(&self, name: &str, rank: usize, precision: Precision) -> bool {
-        precision.f16_linear_as_stored
-            && rank == 2
-            && precision.dtype_for_rank(rank) == DType::F32
+        self.stored_dtype(name) == Some(safetensors::Dtype::F16)
+            && precision.keeps_stored_f16(rank, DType::F16)
             && !self.patches.contains_key(name)
-            && self.stored_dtype(name) == Some(safetensors::Dtype::F16)
     }
 
     /// The dtype a tensor is stored in, by model name.
